@@ -1,0 +1,321 @@
+"""Pursuit kernels: sparse codes of activations over a dictionary of unit-norm atoms.
+
+Both encoders return a :class:`SparseCode` — ``(indices, values)`` of shape ``[..., k]`` — never a
+dense tokens x atoms matrix (ask for one with :meth:`SparseCode.to_dense`):
+
+* :func:`matching_pursuit` is ITDA's encoder as the paper's code runs it: exactly ``k`` iterations,
+  each picks the atom with the largest ``|correlation|`` with the residual, records the *signed*
+  correlation and subtracts it; an atom may be picked again (its slots then add up).
+* :func:`orthogonal_matching_pursuit` picks atoms the same way but refits all coefficients by least
+  squares over the support after each step (incremental Cholesky), with scikit-learn's
+  ``orthogonal_mp_gram`` semantics, including its early stop on linear dependence.
+
+Slots that carry no atom (OMP stopped early, or a zero input) have value 0 and index 0.
+
+Work is done in chunks of tokens sized by a memory budget, so at most one chunk's tokens x atoms
+buffers exist at a time. With a precomputed Gram matrix ``G = atoms @ atoms.T`` MP runs in
+correlation space: one matmul per token, then ``k`` row updates ``c -= v * G[j]`` (n·d + k·n work
+per token instead of the reference's k·n·d). This module knows only torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = [
+    "GRAM_MAX_BYTES",
+    "SparseCode",
+    "check_atoms",
+    "compute_dtype",
+    "decode",
+    "matching_pursuit",
+    "mp_values",
+    "omp_values",
+    "orthogonal_matching_pursuit",
+    "reference_matching_pursuit",
+]
+
+#: Working-memory budget for one chunk of tokens (bytes).
+CHUNK_BYTES = 256 * 2**20
+#: Largest Gram matrix built automatically (bytes); 1 GiB is 16,384 fp32 atoms.
+GRAM_MAX_BYTES = 2**30
+
+GramArg = Tensor | None | Literal["auto"]
+
+
+class SparseCode(NamedTuple):
+    """Sparse codes: ``k`` (atom index, coefficient) slots per input vector."""
+
+    indices: Int[Tensor, "*batch k"]
+    values: Float[Tensor, "*batch k"]
+
+    def to_dense(self, n_atoms: int) -> Float[Tensor, "*batch n_atoms"]:
+        """Dense codes; slots naming the same atom add up (MP may pick an atom twice)."""
+        out = self.values.new_zeros(*self.values.shape[:-1], n_atoms)
+        return out.scatter_add_(-1, self.indices, self.values)
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: the promoted input dtype, but never below float32."""
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_atoms(atoms: Tensor, *, unit_tol: float | None = None) -> None:
+    """Raise if ``atoms`` is not a non-empty, finite [n, d] float matrix with unit-norm rows."""
+    if not isinstance(atoms, Tensor) or not atoms.is_floating_point():
+        raise TypeError(f"atoms must be a floating-point tensor, got {type(atoms).__name__}"
+                        + (f" of dtype {atoms.dtype}" if isinstance(atoms, Tensor) else ""))
+    if atoms.ndim != 2:
+        raise ValueError(f"atoms must have shape [n_atoms, d], got {tuple(atoms.shape)}")
+    if atoms.shape[0] == 0:
+        raise ValueError("empty dictionary: atoms has 0 rows; build or add atoms before encoding")
+    if not bool(torch.isfinite(atoms).all()):
+        raise ValueError("atoms contain NaN or Inf")
+    if unit_tol is None:
+        unit_tol = 1e-2 if atoms.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    dev = (atoms.float().norm(dim=1) - 1).abs().max().item()
+    if dev > unit_tol:
+        raise ValueError(
+            f"atoms must have unit L2 norm (max |norm - 1| = {dev:.3g}); "
+            "normalise them first, e.g. torch.nn.functional.normalize(atoms, dim=1)"
+        )
+
+
+def _check_inputs(x: Tensor, atoms: Tensor, k: int, gram: GramArg) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(
+            "x must be a floating-point tensor of activations, got "
+            + (f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
+        )
+    check_atoms(atoms)
+    if x.shape[-1:] != atoms.shape[1:]:
+        raise ValueError(
+            f"d_in mismatch: x has last dimension {x.shape[-1] if x.ndim else None} "
+            f"but the atoms have dimension {atoms.shape[1]}"
+        )
+    if x.device != atoms.device:
+        raise ValueError(f"x is on {x.device} but atoms are on {atoms.device}; move one of them")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf activations")
+    if isinstance(gram, Tensor) and gram.shape != (atoms.shape[0], atoms.shape[0]):
+        raise ValueError(f"gram must have shape {(atoms.shape[0],) * 2}, got {tuple(gram.shape)}")
+    if gram is not None and not isinstance(gram, Tensor) and gram != "auto":
+        raise ValueError(f"gram must be a tensor, None or 'auto', got {gram!r}")
+
+
+def _resolve_gram(gram: GramArg, atoms: Tensor, n_tokens: int, k: int, dtype: torch.dtype) -> Tensor | None:
+    """Use a given Gram matrix; for 'auto', build one only when it fits and pays for itself."""
+    if isinstance(gram, Tensor):
+        return gram.to(dtype)
+    if gram is None:
+        return None
+    n = atoms.shape[0]
+    fits = n * n * torch.finfo(dtype).bits // 8 <= GRAM_MAX_BYTES
+    pays = n_tokens * k >= n  # n²·d to build vs. the (k-1)·n·d per token it saves
+    if fits and pays:
+        a = atoms.to(dtype)
+        return a @ a.T
+    return None
+
+
+def _chunks(n_tokens: int, n_atoms: int, floats_per_atom: int, itemsize: int, chunk_size: int | None):
+    size = chunk_size or max(1, CHUNK_BYTES // max(1, n_atoms * floats_per_atom * itemsize))
+    for start in range(0, n_tokens, size):
+        yield slice(start, min(start + size, n_tokens))
+
+
+def _mp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Tensor, Tensor]:
+    """MP on one chunk [T, d] in compute dtype; Gram path updates correlations, else the residual."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
+    val = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
+    if gram is not None:
+        corr = x @ atoms.T
+        for t in range(k):
+            j = corr.abs().argmax(dim=1)
+            v = corr[rows, j]
+            idx[:, t], val[:, t] = j, v
+            corr.addcmul_(gram.index_select(0, j), v.unsqueeze(1), value=-1.0)
+    else:
+        resid = x.clone()
+        for t in range(k):
+            corr = resid @ atoms.T
+            j = corr.abs().argmax(dim=1)
+            v = corr[rows, j]
+            idx[:, t], val[:, t] = j, v
+            resid.addcmul_(atoms.index_select(0, j), v.unsqueeze(1), value=-1.0)
+    return idx, val
+
+
+def _omp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Batched OMP (Cholesky of the support Gram, grown one row per step) on one chunk [T, d]."""
+    T, n = x.shape[0], atoms.shape[0]
+    dev, dt = x.device, x.dtype
+    eps = torch.finfo(dt).eps
+    rows = torch.arange(T, device=dev)
+    c0 = x @ atoms.T
+    alpha = c0.clone()
+    idx = torch.zeros(T, k, dtype=torch.long, device=dev)
+    live = torch.zeros(T, k, dtype=torch.bool, device=dev)
+    chol = torch.zeros(T, k, k, dtype=dt, device=dev)
+    g_rows = torch.zeros(T, k, n, dtype=dt, device=dev)
+    active = torch.ones(T, dtype=torch.bool, device=dev)
+    scale = (x * x).sum(dim=1)
+    gamma = torch.zeros(T, 1, dtype=dt, device=dev)
+    for t in range(k):
+        j = alpha.abs().argmax(dim=1)
+        a = alpha[rows, j]
+        g = gram.index_select(0, j) if gram is not None else atoms.index_select(0, j) @ atoms.T
+        # sklearn stops when the pick is already in the support or its correlation vanishes;
+        # we scale the "vanishes" test by |x|^2 so that small-norm inputs are not cut off.
+        stop = (a * a) <= eps * scale
+        if t > 0:
+            stop |= (idx[:, :t] == j.unsqueeze(1)).any(dim=1) & live[:, t - 1]
+            b = g.gather(1, idx[:, :t]) * live[:, :t]
+            w = torch.linalg.solve_triangular(chol[:, :t, :t], b.unsqueeze(-1), upper=False).squeeze(-1)
+            lkk = g[rows, j] - (w * w).sum(dim=1)
+            stop |= lkk <= eps
+        else:
+            w = None
+            lkk = g[rows, j]
+        active &= ~stop
+        live[:, t] = active
+        idx[:, t] = torch.where(active, j, 0)
+        if w is not None:
+            chol[:, t, :t] = w * active.unsqueeze(1)
+        chol[:, t, t] = torch.where(active, lkk.clamp_min(eps).sqrt(), 1.0)
+        g_rows[:, t] = g * active.unsqueeze(1)
+        rhs = c0.gather(1, idx[:, : t + 1]) * live[:, : t + 1]
+        gamma = torch.cholesky_solve(rhs.unsqueeze(-1), chol[:, : t + 1, : t + 1]).squeeze(-1)
+        if t + 1 < k:
+            alpha = c0 - torch.bmm(gamma.unsqueeze(1), g_rows[:, : t + 1]).squeeze(1)
+    return idx, gamma * live
+
+
+def _pursue(kind: str, x: Tensor, atoms: Tensor, k: int, gram: GramArg, chunk_size: int | None) -> SparseCode:
+    _check_inputs(x, atoms, k, gram)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dt = compute_dtype(x.dtype, atoms.dtype)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    a = atoms.to(dt)
+    g = _resolve_gram(gram, a, flat.shape[0], k, dt)
+    idx = torch.empty(flat.shape[0], k, dtype=torch.long, device=x.device)
+    val = torch.empty(flat.shape[0], k, dtype=x.dtype, device=x.device)
+    # buffers per token, in units of n floats: MP ~3 (corr, |corr|, a gathered row); OMP adds k rows.
+    per_atom = 3 if kind == "mp" else k + 4
+    kernel = _mp_chunk if kind == "mp" else _omp_chunk
+    with torch.no_grad():
+        for sl in _chunks(flat.shape[0], a.shape[0], per_atom, a.element_size(), chunk_size):
+            i, v = kernel(flat[sl].to(dt), a, k, g)
+            idx[sl], val[sl] = i, v.to(x.dtype)
+    return SparseCode(idx.reshape(*lead, k), val.reshape(*lead, k))
+
+
+def matching_pursuit(
+    x: Float[Tensor, "*batch d"],
+    atoms: Float[Tensor, "n d"],
+    k: int,
+    *,
+    gram: GramArg = "auto",
+    chunk_size: int | None = None,
+) -> SparseCode:
+    """Signed matching pursuit with exactly ``k`` iterations (ITDA's encoder).
+
+    ``atoms`` must have unit-norm rows. ``gram`` may be a precomputed ``atoms @ atoms.T``, ``None``
+    (residual updates, no n x n matrix) or ``"auto"`` (build one when it fits and pays off).
+    Returns ``(indices, values)`` of shape ``[*batch, k]``, slots in selection order.
+    """
+    return _pursue("mp", x, atoms, k, gram, chunk_size)
+
+
+def orthogonal_matching_pursuit(
+    x: Float[Tensor, "*batch d"],
+    atoms: Float[Tensor, "n d"],
+    k: int,
+    *,
+    gram: GramArg = "auto",
+    chunk_size: int | None = None,
+) -> SparseCode:
+    """Orthogonal matching pursuit with at most ``k`` atoms (least-squares refit each step).
+
+    Matches ``sklearn.linear_model.orthogonal_mp_gram(G, atoms @ x, n_nonzero_coefs=k)``: the same
+    supports in the same order and the same coefficients, including its early stop when the next
+    atom is already in the support or linearly dependent on it. Unused slots have value 0.
+    """
+    return _pursue("omp", x, atoms, k, gram, chunk_size)
+
+
+def decode(code: SparseCode, atoms: Float[Tensor, "n d"]) -> Float[Tensor, "*batch d"]:
+    """Reconstruction ``sum_t values[..., t] * atoms[indices[..., t]]`` without a dense code matrix."""
+    k = code.indices.shape[-1]
+    lead = code.indices.shape[:-1]
+    out = F.embedding_bag(
+        code.indices.reshape(-1, k),
+        atoms,
+        per_sample_weights=code.values.reshape(-1, k).to(atoms.dtype),
+        mode="sum",
+    )
+    return out.reshape(*lead, atoms.shape[1])
+
+
+def mp_values(
+    x: Float[Tensor, "*batch d"], atoms: Float[Tensor, "n d"], indices: Int[Tensor, "*batch k"]
+) -> Float[Tensor, "*batch k"]:
+    """MP coefficients for a given selection order, as a differentiable function of ``x``.
+
+    Given the picks ``j_1..j_k``, MP's coefficients solve the unit lower-triangular system
+    ``v_t + sum_{s<t} <a_jt, a_js> v_s = <a_jt, x>``; this lets gradients flow through ``encode``.
+    """
+    sel = atoms[indices]  # [*batch, k, d]
+    b = (sel @ x.unsqueeze(-1)).squeeze(-1)
+    lower = torch.tril(sel @ sel.transpose(-1, -2), diagonal=-1)
+    eye = torch.eye(indices.shape[-1], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(
+        lower + eye, b.unsqueeze(-1), upper=False, unitriangular=True
+    ).squeeze(-1)
+
+
+def omp_values(
+    x: Float[Tensor, "*batch d"], atoms: Float[Tensor, "n d"], code: SparseCode
+) -> Float[Tensor, "*batch k"]:
+    """OMP's least-squares coefficients over a given support, differentiable in ``x``.
+
+    Slots whose value is exactly 0 are treated as unused (identity rows in the normal equations).
+    """
+    live = code.values != 0
+    sel = atoms[code.indices] * live.unsqueeze(-1)
+    gram = sel @ sel.transpose(-1, -2)
+    gram = gram + torch.diag_embed((~live).to(gram.dtype))
+    b = (sel @ x.unsqueeze(-1)).squeeze(-1)
+    return torch.linalg.solve(gram, b.unsqueeze(-1)).squeeze(-1)
+
+
+def reference_matching_pursuit(
+    x: Float[Tensor, "tokens d"], atoms: Float[Tensor, "n d"], k: int
+) -> Float[Tensor, "tokens n"]:
+    """The paper's Algorithm 2, literally: ``k`` full matmuls per batch and dense codes.
+
+    Slow and memory-hungry by design; it is the yardstick for tests and benchmarks.
+    """
+    resid = x.clone()
+    codes = x.new_zeros(x.shape[0], atoms.shape[0])
+    rows = torch.arange(x.shape[0], device=x.device)
+    for _ in range(k):
+        corr = resid @ atoms.T
+        best = corr.abs().argmax(dim=-1)
+        coef = corr[rows, best]
+        codes[rows, best] += coef
+        resid = resid - coef[:, None] * atoms[best]
+    return codes

@@ -1,0 +1,420 @@
+"""ITDA as a sae_lens SAE: architecture "itda", registered with sae_lens on import.
+
+The decoder is the dictionary: ``W_dec`` holds unit-norm atoms ``[d_sae, d_in]``; ``W_enc`` is the
+tied transpose (a property, never zeros); ``b_dec`` is zero and unused. ``encode`` runs signed
+matching pursuit (or OMP) with ``cfg.k`` steps and returns dense codes like every sae_lens SAE;
+``encode_sparse`` returns ``(indices, values)``. Each atom's provenance — ``atom_labels``
+``(sequence index, token position)`` in the token stream the builder read, and ``atom_token_ids`` —
+is an int64 buffer that survives ``save_model`` / ``SAE.load_from_disk``.
+
+This is the only module that knows sae_lens internals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from sae_lens import SAE, SAEConfig
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
+from sae_lens.util import str_to_dtype
+from torch import Tensor, nn
+from typing_extensions import override
+
+from itda_lens.pursuit import (
+    GRAM_MAX_BYTES,
+    SparseCode,
+    decode,
+    matching_pursuit,
+    mp_values,
+    omp_values,
+    orthogonal_matching_pursuit,
+)
+
+ARCHITECTURE = "itda"
+_INT_BUFFERS = ("atom_labels", "atom_token_ids")
+_SAVE_ID_KEY = "itda_save_id"
+
+
+@dataclass
+class ITDAConfig(SAEConfig):
+    """Config of an ITDA dictionary: ``k`` pursuit steps with encoder ``"mp"`` (ITDA) or ``"omp"``."""
+
+    k: int = 40
+    encoder: Literal["mp", "omp"] = "mp"
+    apply_b_dec_to_input: bool = False
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @override
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        if self.d_sae < 1:
+            raise ValueError("empty dictionary: an ITDA needs at least one atom (d_sae >= 1)")
+        if self.encoder not in ("mp", "omp"):
+            raise ValueError(f"encoder must be 'mp' or 'omp', got {self.encoder!r}")
+        if self.apply_b_dec_to_input:
+            raise ValueError("ITDA has no decoder bias: apply_b_dec_to_input must be False")
+        if self.normalize_activations != "none":
+            raise ValueError(
+                "ITDA codes scale with their input (pursuit is scale-equivariant), so "
+                f"normalize_activations must be 'none', got {self.normalize_activations!r}"
+            )
+
+
+def hook_layer_of(hook_name: str | None) -> int | None:
+    """Layer index in a TransformerLens hook name (``blocks.3.hook_resid_post`` -> 3)."""
+    match = re.search(r"blocks\.(\d+)\.", hook_name or "")
+    return int(match.group(1)) if match else None
+
+
+def _to_bytes(t: Tensor) -> Tensor:
+    """int64 -> uint8 planes [..., 8]: 0..255 is exact in every float dtype the loader casts to."""
+    return t.to(torch.int64).contiguous().view(torch.uint8).reshape(*t.shape, 8)
+
+
+def _from_bytes(t: Tensor) -> Tensor:
+    return t.round().to(torch.uint8).contiguous().view(torch.int64).reshape(t.shape[:-1])
+
+
+class ITDA(SAE[ITDAConfig]):
+    """A dictionary of real activations used as a tied SAE with a pursuit encoder."""
+
+    atom_labels: Int[Tensor, "d_sae 2"]
+    atom_token_ids: Int[Tensor, "d_sae"]
+
+    def __init__(self, cfg: ITDAConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._gram_cache: tuple[tuple[Any, ...], Tensor] | None = None
+
+    @override
+    def initialize_weights(self) -> None:
+        d_sae, d_in = self.cfg.d_sae, self.cfg.d_in
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw), requires_grad=False)
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, **kw), requires_grad=False)
+        self.register_buffer("atom_labels", torch.full((d_sae, 2), -1, dtype=torch.long, device=self.device))
+        self.register_buffer("atom_token_ids", torch.full((d_sae,), -1, dtype=torch.long, device=self.device))
+
+    @property
+    def W_enc(self) -> Float[Tensor, "d_in d_sae"]:  # type: ignore[override]
+        """Tied encoder: the atoms as columns (what sae_lens / SAEBench weight metrics read)."""
+        return self.W_dec.T
+
+    @override
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "W_enc":
+            raise AttributeError("ITDA's W_enc is tied to W_dec.T; set W_dec (unit-norm atoms) instead")
+        super().__setattr__(name, value)
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    # --- encoding -------------------------------------------------------------------------
+
+    def _gram(self) -> Tensor | None:
+        """Cached ``W_dec @ W_dec.T`` (fp32 or wider) when it fits the budget; rebuilt if W_dec changes."""
+        w = self.W_dec
+        dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        if w.shape[0] ** 2 * torch.finfo(dt).bits // 8 > GRAM_MAX_BYTES or w.device.type == "meta":
+            return None
+        # `.data` edits (as sae_lens's folds do) bypass the version counter, so the key also
+        # carries an O(n·d) content fingerprint; any single changed entry changes it.
+        probe_in = torch.linspace(1.0, 2.0, w.shape[1], dtype=torch.float64, device=w.device)
+        probe_out = torch.linspace(1.0, 3.0, w.shape[0], dtype=torch.float64, device=w.device)
+        fingerprint = float((w.detach().double() @ probe_in) @ probe_out)
+        key = (w.data_ptr(), w._version, w.device, dt, w.shape, fingerprint)
+        if self._gram_cache is None or self._gram_cache[0] != key:
+            a = w.detach().to(dt)
+            self._gram_cache = (key, a @ a.T)
+        return self._gram_cache[1]
+
+    def _pursue(self, sae_in: Tensor) -> SparseCode:
+        if sae_in.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"d_in mismatch: this ITDA expects activations of size {self.cfg.d_in} "
+                f"(hook {self.cfg.metadata.hook_name}), got shape {tuple(sae_in.shape)}"
+            )
+        atoms = self.W_dec.detach()
+        fn = matching_pursuit if self.cfg.encoder == "mp" else orthogonal_matching_pursuit
+        code = fn(sae_in.detach(), atoms, self.cfg.k, gram=self._gram())
+        if torch.is_grad_enabled() and sae_in.requires_grad:
+            # Same picks, coefficients recomputed as a differentiable function of the input.
+            x = sae_in.to(atoms.dtype)
+            vals = mp_values(x, atoms, code.indices) if self.cfg.encoder == "mp" else omp_values(x, atoms, code)
+            code = SparseCode(code.indices, vals.to(sae_in.dtype))
+        return code
+
+    def encode_sparse(self, x: Float[Tensor, "... d_in"]) -> SparseCode:
+        """Sparse codes ``(indices, values)`` of shape ``[..., k]`` (fires ``hook_sae_input`` only)."""
+        return self._pursue(self.process_sae_in(x))
+
+    @override
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Dense codes, as sae_lens expects; fires ``hook_sae_acts_pre`` and ``hook_sae_acts_post``.
+
+        ``hook_sae_acts_pre`` carries the correlations with the atoms (``x @ W_enc``), computed only
+        when something is hooked there; editing them does not change the pursuit.
+        """
+        sae_in = self.process_sae_in(x)
+        if self.hook_sae_acts_pre._forward_hooks:
+            self.hook_sae_acts_pre(sae_in @ self.W_enc)
+        code = self._pursue(sae_in)
+        return self.hook_sae_acts_post(code.to_dense(self.cfg.d_sae))
+
+    @override
+    def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        out = feature_acts.to(self.W_dec.dtype) @ self.W_dec
+        out = self.hook_sae_recons(out)
+        out = self.run_time_activation_norm_fn_out(out)
+        return self.reshape_fn_out(out, self.d_head)
+
+    def decode_sparse(self, code: SparseCode) -> Float[Tensor, "... d_in"]:
+        """Reconstruction from sparse codes (no hooks, no dense code matrix)."""
+        return decode(code, self.W_dec)
+
+    # --- folding: none of it applies to a tied, unit-norm pursuit dictionary -------------------
+
+    @override
+    def fold_W_dec_norm(self) -> None:
+        raise NotImplementedError("ITDA atoms are unit-norm and tied; there is no decoder norm to fold")
+
+    @override
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        raise NotImplementedError(
+            "ITDA needs no activation scaling: pursuit codes scale with their input"
+        )
+
+    @override
+    def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
+        raise NotImplementedError("ITDA's encoder is tied to its atoms; whitening cannot be folded in")
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_atoms(
+        cls,
+        atoms: Float[Tensor, "n d"],
+        k: int = 40,
+        *,
+        labels: Int[Tensor, "n 2"] | None = None,
+        token_ids: Int[Tensor, " n"] | None = None,
+        encoder: Literal["mp", "omp"] = "mp",
+        hook_name: str | None = None,
+        model_name: str | None = None,
+        context_size: int | None = None,
+        prepend_bos: bool = True,
+        dataset_path: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> ITDA:
+        """An ITDA whose atoms are the given vectors, normalised to unit length on the way in.
+
+        ``labels`` are ``(sequence index, token position)`` per atom and ``token_ids`` the token
+        each atom was read at (``-1`` where unknown). Zero, NaN or Inf vectors are refused.
+        """
+        if not isinstance(atoms, Tensor) or not atoms.is_floating_point():
+            raise TypeError("atoms must be a floating-point tensor [n_atoms, d_in]")
+        if atoms.ndim != 2:
+            raise ValueError(f"atoms must have shape [n_atoms, d_in], got {tuple(atoms.shape)}")
+        if atoms.shape[0] == 0:
+            raise ValueError("empty dictionary: from_atoms needs at least one atom")
+        if not bool(torch.isfinite(atoms).all()):
+            raise ValueError("atoms contain NaN or Inf")
+        norms = atoms.double().norm(dim=1)
+        zero = (norms == 0).nonzero().flatten()
+        if len(zero):
+            raise ValueError(f"zero vectors cannot be atoms (rows {zero[:10].tolist()})")
+        n, d_in = atoms.shape
+        labels = _int_tensor(labels, (n, 2), "labels")
+        token_ids = _int_tensor(token_ids, (n,), "token_ids")
+        dtype = str_to_dtype(dtype) if dtype is not None else atoms.dtype
+        device = torch.device(device) if device is not None else atoms.device
+        meta: dict[str, Any] = {
+            "hook_name": hook_name,
+            "hook_layer": hook_layer_of(hook_name),
+            "model_name": model_name,
+            "context_size": context_size,
+            "prepend_bos": prepend_bos,
+            "dataset_path": dataset_path,
+            "hook_head_index": None,
+            "model_from_pretrained_kwargs": {},
+        }
+        meta.update(metadata or {})
+        if meta.get("hook_layer") is None:
+            meta["hook_layer"] = hook_layer_of(meta.get("hook_name"))
+        cfg = ITDAConfig(d_in=d_in, d_sae=n, k=k, encoder=encoder, dtype=_dtype_str(dtype), device=str(device))
+        for key, value in meta.items():
+            cfg.metadata[key] = value
+        itda = cls(cfg)
+        unit = (atoms.double() / norms.unsqueeze(1)).to(device=device, dtype=dtype)
+        itda.W_dec.data.copy_(unit)
+        itda.atom_labels.copy_(labels)
+        itda.atom_token_ids.copy_(token_ids)
+        return itda
+
+    def crop(self, n_atoms: int) -> ITDA:
+        """A new ITDA with the first ``n_atoms`` atoms (insertion order), as the paper crops widths."""
+        if not 1 <= n_atoms <= self.cfg.d_sae:
+            raise ValueError(f"n_atoms must be in [1, {self.cfg.d_sae}], got {n_atoms}")
+        return type(self).from_atoms(
+            self.W_dec.detach()[:n_atoms],
+            self.cfg.k,
+            labels=self.atom_labels[:n_atoms],
+            token_ids=self.atom_token_ids[:n_atoms],
+            encoder=self.cfg.encoder,
+            metadata={
+                **{k: v for k, v in self.cfg.metadata.to_dict().items() if k != _SAVE_ID_KEY},
+                "cropped_from": self.cfg.d_sae,
+            },
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    # --- saving and loading ---------------------------------------------------------------
+
+    @override
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        for key in _INT_BUFFERS:
+            state_dict[key] = _to_bytes(state_dict[key])
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Undo the loader's float cast of provenance and check the weights belong to this cfg."""
+        required = ("W_dec", "b_dec", *_INT_BUFFERS)
+        missing = [key for key in required if key not in state_dict]
+        if missing:
+            raise ValueError(f"not a complete ITDA save: the weights file lacks {missing}")
+        expected_id = self.cfg.metadata.get(_SAVE_ID_KEY)
+        saved_id = state_dict.pop(_SAVE_ID_KEY, None)
+        if expected_id is not None:
+            if saved_id is None or bytes(saved_id.round().to(torch.uint8).tolist()).hex() != expected_id:
+                raise ValueError(
+                    "cfg.json and sae_weights.safetensors come from different saves "
+                    "(an interrupted or mixed save); re-save the ITDA"
+                )
+        w = state_dict["W_dec"]
+        if tuple(w.shape) != (self.cfg.d_sae, self.cfg.d_in):
+            raise ValueError(
+                f"W_dec has shape {tuple(w.shape)} but cfg.json says d_sae={self.cfg.d_sae}, d_in={self.cfg.d_in}"
+            )
+        for key in _INT_BUFFERS:
+            value = state_dict[key]
+            state_dict[key] = _from_bytes(value) if value.ndim == getattr(self, key).ndim + 1 else value.round().long()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("corrupt ITDA weights: W_dec contains NaN or Inf")
+        tol = 1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if (w.float().norm(dim=1) - 1).abs().max().item() > tol:
+            raise ValueError("corrupt ITDA weights: atoms in W_dec are not unit-norm")
+
+    @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Save as ``cfg.json`` + ``sae_weights.safetensors``; atomic per file, with a shared save id
+        so that a crash between the two writes can never load as a wrong dictionary."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_id = uuid.uuid4().hex
+        state = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
+        self.process_state_dict_for_saving(state)
+        state[_SAVE_ID_KEY] = torch.tensor(list(bytes.fromhex(save_id)), dtype=torch.uint8)
+        cfg_dict = self.cfg.to_dict()
+        cfg_dict["metadata"] = {**cfg_dict["metadata"], _SAVE_ID_KEY: save_id}
+        weights_path, cfg_path = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
+        _atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
+        _atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(cfg_dict, indent=2)))
+        return weights_path, cfg_path
+
+    @override
+    @classmethod
+    def load_from_disk(cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any) -> ITDA:  # type: ignore[override]
+        """Load an ITDA folder, with clear errors for folders that are not ITDAs or are damaged."""
+        check_itda_folder(path)
+        return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
+
+
+def check_itda_folder(path: str | Path) -> dict[str, Any]:
+    """Validate an ITDA save folder before loading; return its cfg dict."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no ITDA folder at {path}")
+    cfg_path, weights_path = path / SAE_CFG_FILENAME, path / SAE_WEIGHTS_FILENAME
+    if not cfg_path.is_file():
+        raise ValueError(f"{path} is not an ITDA folder: it has no {SAE_CFG_FILENAME}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt {cfg_path}: {err}") from err
+    if not isinstance(cfg, dict) or cfg.get("architecture") != ARCHITECTURE:
+        arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+        raise ValueError(f"{path} is not an ITDA: its cfg.json has architecture {arch!r}")
+    if not weights_path.is_file():
+        raise ValueError(f"{path} is incomplete: {SAE_WEIGHTS_FILENAME} is missing")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            keys = set(f.keys())
+            for key in keys:  # reading every tensor catches truncated payloads
+                f.get_slice(key)[:]
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"corrupt or truncated weights file {weights_path}: {err}") from err
+    return cfg
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _int_tensor(value: Tensor | None, shape: tuple[int, ...], name: str) -> Tensor:
+    if value is None:
+        return torch.full(shape, -1, dtype=torch.long)
+    value = torch.as_tensor(value)
+    if value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    return value.to(torch.long).cpu()
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _register() -> None:
+    """Register "itda" with sae_lens; idempotent under re-import, loud if another class owns it."""
+    current = SAE_CLASS_REGISTRY.get(ARCHITECTURE)
+    if current is None:
+        register_sae_class(ARCHITECTURE, ITDA, ITDAConfig)
+    elif current[0].__module__ == ITDA.__module__ and current[0].__qualname__ == ITDA.__qualname__:
+        SAE_CLASS_REGISTRY[ARCHITECTURE] = (ITDA, ITDAConfig)
+    else:
+        raise RuntimeError(
+            f"sae_lens architecture {ARCHITECTURE!r} is already registered by "
+            f"{current[0].__module__}.{current[0].__qualname__}"
+        )
+
+
+_register()
