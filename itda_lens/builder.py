@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens.hook_points import HookedRootModule
+from transformer_lens import HookedRootModule
 
 from itda_lens.dictionary import AtomStore
 from itda_lens.pursuit import decode, matching_pursuit, orthogonal_matching_pursuit

@@ -29,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "GRAM_MAX_BYTES",
+    "UNIT_NORM_TOL",
     "SparseCode",
     "check_atoms",
     "compute_dtype",
@@ -44,6 +45,9 @@ __all__ = [
 CHUNK_BYTES = 256 * 2**20
 #: Largest Gram matrix built automatically (bytes); 1 GiB is 16,384 fp32 atoms.
 GRAM_MAX_BYTES = 2**30
+#: Allowed |norm - 1| of an atom: loose enough for half-precision rounding, tight enough to catch
+#: dictionaries that were never normalised.
+UNIT_NORM_TOL = 1e-2
 
 GramArg = Tensor | None | Literal["auto"]
 
@@ -68,7 +72,7 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def check_atoms(atoms: Tensor, *, unit_tol: float | None = None) -> None:
+def check_atoms(atoms: Tensor) -> None:
     """Raise if ``atoms`` is not a non-empty, finite [n, d] float matrix with unit-norm rows."""
     if not isinstance(atoms, Tensor) or not atoms.is_floating_point():
         raise TypeError(f"atoms must be a floating-point tensor, got {type(atoms).__name__}"
@@ -79,10 +83,8 @@ def check_atoms(atoms: Tensor, *, unit_tol: float | None = None) -> None:
         raise ValueError("empty dictionary: atoms has 0 rows; build or add atoms before encoding")
     if not bool(torch.isfinite(atoms).all()):
         raise ValueError("atoms contain NaN or Inf")
-    if unit_tol is None:
-        unit_tol = 1e-2 if atoms.dtype in (torch.float16, torch.bfloat16) else 1e-4
     dev = (atoms.float().norm(dim=1) - 1).abs().max().item()
-    if dev > unit_tol:
+    if dev > UNIT_NORM_TOL:
         raise ValueError(
             f"atoms must have unit L2 norm (max |norm - 1| = {dev:.3g}); "
             "normalise them first, e.g. torch.nn.functional.normalize(atoms, dim=1)"

@@ -34,6 +34,7 @@ from typing_extensions import override
 
 from itda_lens.pursuit import (
     GRAM_MAX_BYTES,
+    UNIT_NORM_TOL,
     SparseCode,
     decode,
     matching_pursuit,
@@ -146,12 +147,20 @@ class ITDA(SAE[ITDAConfig]):
             self._gram_cache = (key, a @ a.T)
         return self._gram_cache[1]
 
-    def _pursue(self, sae_in: Tensor) -> SparseCode:
-        if sae_in.shape[-1] != self.cfg.d_in:
+    @override
+    def process_sae_in(self, sae_in: Tensor) -> Tensor:
+        if not isinstance(sae_in, Tensor) or sae_in.ndim == 0:
+            raise TypeError(f"activations must be a float tensor [..., {self.cfg.d_in}], got {type(sae_in).__name__}")
+        width = sae_in.shape[-2] * sae_in.shape[-1] if self.hook_z_reshaping_mode and sae_in.ndim > 1 else sae_in.shape[-1]
+        if not sae_in.is_floating_point() or width != self.cfg.d_in:
             raise ValueError(
-                f"d_in mismatch: this ITDA expects activations of size {self.cfg.d_in} "
-                f"(hook {self.cfg.metadata.hook_name}), got shape {tuple(sae_in.shape)}"
+                f"d_in mismatch: this ITDA expects float activations of size {self.cfg.d_in} "
+                f"(hook {self.cfg.metadata.hook_name}), got {getattr(sae_in, 'dtype', type(sae_in))} "
+                f"of shape {tuple(sae_in.shape)}"
             )
+        return super().process_sae_in(sae_in)
+
+    def _pursue(self, sae_in: Tensor) -> SparseCode:
         atoms = self.W_dec.detach()
         fn = matching_pursuit if self.cfg.encoder == "mp" else orthogonal_matching_pursuit
         code = fn(sae_in.detach(), atoms, self.cfg.k, gram=self._gram())
@@ -321,8 +330,7 @@ class ITDA(SAE[ITDAConfig]):
             state_dict[key] = _from_bytes(value) if value.ndim == getattr(self, key).ndim + 1 else value.round().long()
         if not bool(torch.isfinite(w).all()):
             raise ValueError("corrupt ITDA weights: W_dec contains NaN or Inf")
-        tol = 1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4
-        if (w.float().norm(dim=1) - 1).abs().max().item() > tol:
+        if (w.float().norm(dim=1) - 1).abs().max().item() > UNIT_NORM_TOL:
             raise ValueError("corrupt ITDA weights: atoms in W_dec are not unit-norm")
 
     @override

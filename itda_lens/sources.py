@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 from torch import Tensor
-from transformer_lens.hook_points import HookedRootModule
+from transformer_lens import HookedRootModule
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
 TokenInput = Tensor | Iterable[Tensor] | Any  # Any: datasets.Dataset / IterableDataset

@@ -1,0 +1,84 @@
+"""Reading dictionaries: atom usage on data, and atoms shown as tokens in their source context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from itda_lens.sae import ITDA
+from itda_lens.sources import hook_activations, stop_at_layer, token_batches
+
+
+@dataclass
+class AtomUsage:
+    """How often each atom is used (non-zero code) on some tokens, and its strongest example."""
+
+    counts: Int[Tensor, " d_sae"]
+    n_tokens: int
+    top_value: Float[Tensor, " d_sae"]
+    top_where: Int[Tensor, "d_sae 2"]  # (sequence, position) of the largest |code| per atom
+
+
+def atom_usage(itda: ITDA, model: Any, tokens: Int[Tensor, "n seq"], *, batch_size: int = 32) -> AtomUsage:
+    """Encode ``tokens`` at the ITDA's hook and count each atom's use (excluding BOS/PAD positions)."""
+    hook = itda.cfg.metadata.hook_name
+    stop = stop_at_layer([hook])
+    tok = getattr(model, "tokenizer", None)
+    skip = {i for i in (getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None)) if i is not None}
+    d_sae = itda.cfg.d_sae
+    counts = torch.zeros(d_sae, dtype=torch.long)
+    top_value = torch.zeros(d_sae)
+    top_where = torch.full((d_sae, 2), -1, dtype=torch.long)
+    n_tokens, offset = 0, 0
+    for batch in token_batches(tokens, batch_size):
+        acts = hook_activations(model, batch, [hook], stop)[hook]
+        b, s = batch.shape
+        code = itda.encode_sparse(acts.reshape(b * s, -1))
+        keep = ~torch.isin(batch.reshape(-1), torch.tensor(sorted(skip), dtype=torch.long))
+        idx, val = code.indices[keep].cpu(), code.values[keep].abs().float().cpu()
+        flat_idx, flat_val = idx.flatten(), val.flatten()
+        flat_row = torch.arange(idx.shape[0]).repeat_interleave(idx.shape[1])
+        m = flat_val > 0  # an atom picked twice for one token counts once
+        pairs = torch.unique(flat_row[m] * d_sae + flat_idx[m])
+        counts += torch.bincount(pairs % d_sae, minlength=d_sae)
+        best = torch.zeros(d_sae).scatter_reduce(0, flat_idx, flat_val, "amax")
+        hit = (flat_val == best[flat_idx]) & (flat_val > 0)
+        first = torch.full((d_sae,), idx.shape[0], dtype=torch.long)
+        first = first.scatter_reduce(0, flat_idx[hit], flat_row[hit], "amin")
+        better = best > top_value
+        where = torch.stack([torch.arange(b).repeat_interleave(s) + offset, torch.arange(s).repeat(b)], 1)[keep]
+        top_where[better] = where[first[better]]
+        top_value = torch.maximum(top_value, best)
+        n_tokens += int(keep.sum())
+        offset += b
+    return AtomUsage(counts, n_tokens, top_value, top_where)
+
+
+def in_context(tokenizer: Any, sequence: Int[Tensor, " seq"], pos: int, window: int = 8) -> str:
+    """``...left [[token]] right...`` around ``pos``, decoded with the tokenizer."""
+    def text(ids: Tensor) -> str:
+        return tokenizer.decode(ids.tolist()).replace("\n", "\\n") if ids.numel() else ""
+
+    left = text(sequence[max(0, pos - window) : pos])
+    right = text(sequence[pos + 1 : pos + 1 + window // 2])
+    return f"{left}[[{text(sequence[pos : pos + 1])}]]{right}"
+
+
+def replay_sequences(tokens: Any, wanted: set[int], *, context_size: int | None, tokenizer: Any) -> dict[int, Tensor]:
+    """The sequences with the given stream indices, replaying the same batching the builder used."""
+    found: dict[int, Tensor] = {}
+    if not wanted:
+        return found
+    last, offset = max(wanted), 0
+    for batch in token_batches(tokens, 64, context_size=context_size, tokenizer=tokenizer):
+        for i in range(batch.shape[0]):
+            if offset + i in wanted:
+                found[offset + i] = batch[i]
+        offset += batch.shape[0]
+        if offset > last:
+            break
+    return found

@@ -1,0 +1,146 @@
+"""``itda-lens``: build and inspect ITDA dictionaries from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from itda_lens.analysis import atom_usage, in_context, replay_sequences
+from itda_lens.builder import build_itda
+from itda_lens.models import resolve_model, resolve_tokens
+from itda_lens.sae import ITDA
+from itda_lens.sources import token_batches
+
+
+def _add_build(sub: Any) -> None:
+    p = sub.add_parser("build", help="build ITDA dictionaries at one or more hook points")
+    p.add_argument("--model", required=True, help="model folder, or a TransformerLens pretrained name (hub)")
+    p.add_argument("--hook", action="append", required=True, help="hook point, e.g. blocks.2.hook_resid_post (repeatable)")
+    p.add_argument("--data", required=True, help=".pt/.npy token file, a datasets save_to_disk folder, or a hub dataset name")
+    p.add_argument("--split", default="train")
+    p.add_argument("--k", type=int, default=40, help="pursuit steps (L0)")
+    p.add_argument("--cos-threshold", type=float, default=0.8, help="add an activation when cos(x, recon) is below this")
+    p.add_argument("--max-atoms", type=int, default=None)
+    p.add_argument("--encoder", choices=["mp", "omp"], default="mp")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--context-size", type=int, default=None, help="tokens per sequence (text data: default 128)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted build from OUT/checkpoint")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per hook when several)")
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    model = resolve_model(args.model, device=args.device)
+    tokens = resolve_tokens(args.data, split=args.split)
+    result = build_itda(
+        model, tokens, args.hook, k=args.k, cos_threshold=args.cos_threshold, max_atoms=args.max_atoms,
+        encoder=args.encoder, batch_size=args.batch_size, context_size=args.context_size,
+        max_tokens=args.max_tokens, device=args.device, checkpoint_dir=out / "checkpoint",
+        checkpoint_every=args.checkpoint_every, resume=args.resume, model_name=args.model,
+        dataset_path=args.data,
+    )
+    itdas = {args.hook[0]: result} if isinstance(result, ITDA) else result
+    for hook, itda in itdas.items():
+        folder = out if len(itdas) == 1 else out / hook
+        itda.save_model(folder)
+        print(f"saved ITDA at {hook}: {itda.cfg.d_sae} atoms (k={itda.cfg.k}) -> {folder}")
+    print(f"next: itda-lens inspect {out if len(itdas) == 1 else out / args.hook[0]}")
+    return 0
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="summarise a saved ITDA and show its atoms as tokens in context")
+    p.add_argument("dir")
+    p.add_argument("--top", type=int, default=10, help="how many atoms to show")
+    p.add_argument("--model", default=None, help="override the model named in the ITDA's metadata")
+    p.add_argument("--data", default=None, help="override the token data named in the ITDA's metadata")
+    p.add_argument("--usage-seqs", type=int, default=32, help="sequences encoded to rank atoms by use")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _summary(itda: ITDA, folder: str) -> dict[str, Any]:
+    meta = itda.cfg.metadata
+    return {
+        "folder": folder,
+        "n_atoms": itda.cfg.d_sae,
+        "d_in": itda.cfg.d_in,
+        "k": itda.cfg.k,
+        "encoder": itda.cfg.encoder,
+        "hook_name": meta.hook_name,
+        "model_name": meta.model_name,
+        "context_size": meta.context_size,
+        "dataset_path": meta.dataset_path,
+        "builder": {k: v for k, v in (meta.get("itda_builder") or {}).items() if k != "growth"},
+    }
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    itda = ITDA.load_from_disk(args.dir)
+    summary = _summary(itda, args.dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        print(f"{key:>13}: {value}")
+    meta = itda.cfg.metadata
+    model_spec, data_spec = args.model or meta.model_name, args.data or meta.dataset_path
+    model = tokens = None
+    try:
+        model = resolve_model(model_spec) if model_spec else None
+        tokens = resolve_tokens(data_spec) if data_spec else None
+    except Exception as err:  # the atoms can still be listed without model or data
+        print(f"(cannot load model/data for context: {err}; pass --model / --data)")
+    tokenizer = getattr(model, "tokenizer", None)
+    atoms = list(range(min(args.top, itda.cfg.d_sae)))
+    counts = None
+    if model is not None and tokens is not None:
+        sample = next(token_batches(tokens, args.usage_seqs, context_size=meta.context_size, tokenizer=tokenizer))
+        usage = atom_usage(itda, model, sample)
+        counts = usage.counts
+        atoms = torch.argsort(counts, descending=True, stable=True)[: args.top].tolist()
+        print(f"\ntop {len(atoms)} atoms by use on {usage.n_tokens} tokens of {data_spec}:")
+    else:
+        print(f"\nfirst {len(atoms)} atoms (give --model and --data to rank by use):")
+    seqs = replay_sequences(tokens, {int(itda.atom_labels[a, 0]) for a in atoms}, context_size=meta.context_size,
+                            tokenizer=tokenizer) if tokens is not None else {}
+    for a in atoms:
+        seq, pos = itda.atom_labels[a].tolist()
+        tid = int(itda.atom_token_ids[a])
+        token = repr(tokenizer.decode([tid])) if tokenizer is not None and tid >= 0 else str(tid)
+        used = f" used {int(counts[a])}x" if counts is not None else ""
+        ctx = f"  {in_context(tokenizer, seqs[seq], pos)}" if tokenizer is not None and seq in seqs else ""
+        print(f"  atom {a:>6} (seq {seq}, pos {pos}) token {token}{used}{ctx}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="itda-lens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    _add_inspect(sub)
+    return parser
+
+
+COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        print(f"itda-lens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

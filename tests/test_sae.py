@@ -1,0 +1,296 @@
+"""ITDA as an sae_lens SAE: hooks, HookedSAETransformer workflows, save/load, evals, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from sae_lens import SAE, HookedSAETransformer
+from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.registry import SAE_CLASS_REGISTRY
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.activations_store import ActivationsStore
+
+import itda_lens
+from itda_lens import ITDA, build_itda
+from itda_lens.pursuit import matching_pursuit, orthogonal_matching_pursuit
+from itda_lens.sae import _register
+
+from tests.helpers import BOS, PAD, SEQ, make_tokens
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def itda(model: HookedSAETransformer) -> ITDA:
+    return build_itda(model, make_tokens(48), HOOK, k=8, cos_threshold=0.8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def acts(model: HookedSAETransformer) -> torch.Tensor:
+    _, cache = model.run_with_cache(make_tokens(4, seed=9), names_filter=[HOOK])
+    return cache[HOOK]
+
+
+def test_from_atoms_normalises_and_keeps_provenance() -> None:
+    atoms = torch.randn(5, 6) * 7
+    labels = torch.tensor([[0, 1], [0, 2], [3, 4], [9, 9], [2**40, 5]])
+    itda = ITDA.from_atoms(atoms, k=3, labels=labels, token_ids=torch.arange(5), hook_name="blocks.4.hook_resid_post")
+    torch.testing.assert_close(itda.W_dec.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(itda.W_dec, F.normalize(atoms, dim=1))
+    assert itda.atom_labels.dtype == torch.long and (itda.atom_labels == labels).all()
+    assert itda.cfg.metadata.hook_layer == 4 and itda.cfg.d_sae == 5 and itda.cfg.k == 3
+    assert (itda.b_dec == 0).all() and not itda.cfg.apply_b_dec_to_input
+
+
+@pytest.mark.parametrize(
+    ("atoms", "kwargs", "err", "match"),
+    [
+        (torch.zeros(0, 4), {}, ValueError, "empty dictionary"),
+        (torch.tensor([[1.0, 0.0], [0.0, 0.0]]), {}, ValueError, "zero vectors"),
+        (torch.tensor([[1.0, float("nan")]]), {}, ValueError, "NaN"),
+        (torch.ones(4), {}, ValueError, "shape"),
+        (torch.ones(2, 3, dtype=torch.long), {}, TypeError, "floating-point"),
+        (torch.ones(2, 3), {"labels": torch.zeros(3, 2, dtype=torch.long)}, ValueError, "labels must have shape"),
+        (torch.ones(2, 3), {"labels": torch.zeros(2, 2)}, TypeError, "integer"),
+        (torch.ones(2, 3), {"k": 0}, ValueError, "k must be"),
+        (torch.ones(2, 3), {"encoder": "lasso"}, ValueError, "encoder"),
+    ],
+)
+def test_from_atoms_refuses_bad_input(atoms, kwargs, err, match) -> None:
+    with pytest.raises(err, match=match):
+        ITDA.from_atoms(atoms, **kwargs)
+
+
+def test_w_enc_is_the_tied_transpose(itda: ITDA) -> None:
+    assert itda.W_enc.shape == (itda.cfg.d_in, itda.cfg.d_sae)
+    assert torch.equal(itda.W_enc, itda.W_dec.T) and itda.W_enc.abs().sum() > 0
+    with pytest.raises(AttributeError, match="tied"):
+        itda.W_enc = torch.nn.Parameter(torch.zeros(2, 2))
+
+
+def test_encode_is_signed_mp_and_matches_encode_sparse(itda: ITDA, acts: torch.Tensor) -> None:
+    dense = itda.encode(acts)
+    assert dense.shape == (*acts.shape[:-1], itda.cfg.d_sae)
+    code = itda.encode_sparse(acts)
+    assert code.indices.shape == (*acts.shape[:-1], 8)
+    torch.testing.assert_close(dense, code.to_dense(itda.cfg.d_sae))
+    ref = matching_pursuit(acts, itda.W_dec, 8, gram=None)
+    torch.testing.assert_close(code.values, ref.values, atol=1e-5, rtol=1e-5)
+    assert (dense < 0).any(), "ITDA codes are signed"
+    assert ((dense != 0).sum(-1) <= 8).all()
+    torch.testing.assert_close(itda.decode_sparse(code), itda.decode(dense), atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_fire_on_the_sae(itda: ITDA, acts: torch.Tensor) -> None:
+    _, cache = itda.run_with_cache(acts)
+    for name in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_output"):
+        assert name in cache
+    torch.testing.assert_close(cache["hook_sae_acts_pre"], acts @ itda.W_enc)
+    torch.testing.assert_close(cache["hook_sae_recons"], itda.decode(cache["hook_sae_acts_post"]))
+
+
+def test_cache_and_error_term_reproduce_clean_logits(model: HookedSAETransformer, itda: ITDA) -> None:
+    toks = make_tokens(4, seed=5)
+    clean = model(toks)
+    logits, cache = model.run_with_cache_with_saes(toks, saes=[itda], use_error_term=True)
+    torch.testing.assert_close(logits, clean, atol=1e-4, rtol=1e-4)
+    assert cache[f"{HOOK}.hook_sae_acts_post"].shape == (4, SEQ, itda.cfg.d_sae)
+    assert f"{HOOK}.hook_sae_error" in cache
+    spliced = model.run_with_saes(toks, saes=[itda])
+    assert not torch.allclose(spliced, clean, atol=1e-3), "without the error term the ITDA reconstruction is used"
+    assert model.acts_to_saes == {}
+
+
+def test_feature_intervention_changes_output(model: HookedSAETransformer, itda: ITDA) -> None:
+    toks = make_tokens(2, seed=6)
+    clean = model(toks)
+    _, cache = model.run_with_cache_with_saes(toks, saes=[itda])
+    latent = int(cache[f"{HOOK}.hook_sae_acts_post"].abs().sum((0, 1)).argmax())
+
+    def ablate(acts: torch.Tensor, hook) -> torch.Tensor:
+        acts[..., latent] = 0
+        return acts
+
+    model.add_sae(itda, use_error_term=True)
+    try:
+        same = model(toks)
+        edited = model.run_with_hooks(toks, fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", ablate)])
+    finally:
+        model.reset_saes()
+    torch.testing.assert_close(same, clean, atol=1e-4, rtol=1e-4)
+    assert (edited - clean).abs().max() > 1e-3
+    torch.testing.assert_close(model(toks), clean)
+
+
+def test_gradients_flow_through_encode(itda: ITDA, acts: torch.Tensor) -> None:
+    sae = itda.crop(itda.cfg.d_sae).to(torch.float64)
+    x0 = acts[0, 3:7].detach().double()
+    u, w = torch.randn_like(x0), torch.randn_like(x0)
+    x = x0.clone().requires_grad_(True)
+    (sae(x) * w).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # for fixed picks the output is linear in x: autograd matches a central finite difference
+    eps = 1e-6
+    fd = ((sae(x0 + eps * u) * w).sum() - (sae(x0 - eps * u) * w).sum()) / (2 * eps)
+    torch.testing.assert_close((x.grad * u).sum(), fd, rtol=1e-5, atol=1e-8)
+
+
+def test_save_load_round_trip(itda: ITDA, acts: torch.Tensor, tmp_path: Path) -> None:
+    itda.save_model(tmp_path / "out")
+    back = SAE.load_from_disk(tmp_path / "out")
+    assert type(back) is ITDA
+    assert back.cfg.k == itda.cfg.k and back.cfg.metadata.hook_name == HOOK
+    assert back.atom_labels.dtype == torch.long and torch.equal(back.atom_labels, itda.atom_labels)
+    assert torch.equal(back.atom_token_ids, itda.atom_token_ids)
+    assert torch.equal(back.encode(acts), itda.encode(acts))
+    assert back.cfg.metadata.itda_builder["tokens_seen"] == itda.cfg.metadata.itda_builder["tokens_seen"]
+
+
+def test_provenance_survives_half_precision_save(tmp_path: Path) -> None:
+    labels = torch.tensor([[123_456_789, 127], [-1, -1], [2**33 + 1, 4095]])
+    itda = ITDA.from_atoms(torch.randn(3, 8), k=2, labels=labels, token_ids=torch.tensor([50256, 70000, -1]), dtype="bfloat16")
+    itda.save_model(tmp_path)
+    back = ITDA.load_from_disk(tmp_path)
+    assert back.W_dec.dtype == torch.bfloat16
+    assert torch.equal(back.atom_labels, labels) and back.atom_token_ids.tolist() == [50256, 70000, -1]
+
+
+def test_mixed_save_never_loads(itda: ITDA, tmp_path: Path) -> None:
+    itda.save_model(tmp_path / "a")
+    itda.crop(itda.cfg.d_sae).save_model(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "sae_weights.safetensors", tmp_path / "a" / "sae_weights.safetensors")
+    with pytest.raises(ValueError, match="different saves"):
+        SAE.load_from_disk(tmp_path / "a")
+
+
+def test_damaged_or_foreign_folders_give_clear_errors(itda: ITDA, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no ITDA folder"):
+        ITDA.load_from_disk(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no cfg\.json"):
+        ITDA.load_from_disk(tmp_path / "empty")
+    itda.save_model(tmp_path / "trunc")
+    weights = tmp_path / "trunc" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        ITDA.load_from_disk(tmp_path / "trunc")
+    itda.save_model(tmp_path / "other")
+    cfg = json.loads((tmp_path / "other" / "cfg.json").read_text())
+    (tmp_path / "other" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "topk"}))
+    with pytest.raises(ValueError, match="not an ITDA"):
+        ITDA.load_from_disk(tmp_path / "other")
+    (tmp_path / "other" / "cfg.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        ITDA.load_from_disk(tmp_path / "other")
+    itda.save_model(tmp_path / "nowt")
+    (tmp_path / "nowt" / "sae_weights.safetensors").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        ITDA.load_from_disk(tmp_path / "nowt")
+
+
+def test_registration_is_idempotent_and_guards_conflicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    _register()
+    _register()
+    assert SAE_CLASS_REGISTRY["itda"][0] is ITDA
+    monkeypatch.setitem(SAE_CLASS_REGISTRY, "itda", (SAE, itda_lens.ITDAConfig))
+    with pytest.raises(RuntimeError, match="already registered"):
+        _register()
+
+
+def test_reimport_in_a_fresh_process_is_safe(itda: ITDA, tmp_path: Path) -> None:
+    itda.save_model(tmp_path)
+    code = (
+        "import importlib, itda_lens, itda_lens.sae as s; importlib.reload(s); importlib.reload(itda_lens);"
+        "from sae_lens import SAE; print(type(SAE.load_from_disk(r'%s')).__name__)" % tmp_path
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ITDA"
+
+
+def test_folds_that_do_not_apply_raise(itda: ITDA) -> None:
+    with pytest.raises(NotImplementedError):
+        itda.fold_W_dec_norm()
+    with pytest.raises(NotImplementedError):
+        itda.fold_activation_norm_scaling_factor(2.0)
+
+
+def test_omp_encoder_option(acts: torch.Tensor) -> None:
+    atoms = torch.randn(40, acts.shape[-1])
+    itda = ITDA.from_atoms(atoms, k=5, encoder="omp")
+    code = itda.encode_sparse(acts)
+    ref = orthogonal_matching_pursuit(acts, itda.W_dec, 5)
+    torch.testing.assert_close(code.values, ref.values, atol=1e-4, rtol=1e-4)
+
+
+def test_encode_bad_input(itda: ITDA) -> None:
+    with pytest.raises(ValueError, match="d_in mismatch"):
+        itda.encode(torch.randn(3, itda.cfg.d_in + 1))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        itda.encode(torch.full((3, itda.cfg.d_in), float("inf")))
+
+
+def test_zero_activation_encodes_to_zero(itda: ITDA) -> None:
+    assert (itda.encode(torch.zeros(2, itda.cfg.d_in)) == 0).all()
+
+
+def test_gram_cache_follows_in_place_edits(itda: ITDA, acts: torch.Tensor) -> None:
+    copy = itda.crop(itda.cfg.d_sae)
+    before = copy.encode(acts)
+    perm = torch.randperm(copy.cfg.d_sae, generator=torch.Generator().manual_seed(0))
+    copy.W_dec.data.copy_(copy.W_dec.data[perm])  # .data edits do not bump the version counter
+    after = copy.encode(acts)
+    torch.testing.assert_close(after, before[..., perm], atol=1e-4, rtol=1e-4)
+
+
+def test_crop_keeps_first_atoms(itda: ITDA) -> None:
+    small = itda.crop(10)
+    assert small.cfg.d_sae == 10 and torch.equal(small.W_dec, itda.W_dec[:10])
+    assert torch.equal(small.atom_labels, itda.atom_labels[:10])
+    with pytest.raises(ValueError):
+        itda.crop(0)
+
+
+def _store(model: HookedSAETransformer, sae: ITDA) -> ActivationsStore:
+    ds = Dataset.from_dict({"tokens": make_tokens(32, seed=11).tolist()})
+    return ActivationsStore.from_sae(model, sae, dataset=ds, streaming=False, store_batch_size_prompts=8,
+                                     context_size=SEQ, n_batches_in_buffer=4, total_tokens=10_000)
+
+
+def test_sae_lens_run_evals_gives_finite_metrics(model: HookedSAETransformer, itda: ITDA) -> None:
+    cfg = EvalConfig(batch_size_prompts=8, n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=2,
+                     compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
+                     compute_variance_metrics=True, compute_featurewise_density_statistics=True,
+                     compute_featurewise_weight_based_metrics=True)
+    nested, feature_metrics = run_evals(itda, _store(model, itda), model, ActivationScaler(), cfg, exclude_special_tokens=[BOS, PAD])
+    metrics = {k: v for group in nested.values() for k, v in group.items()}
+    for key in ("ce_loss_score", "kl_div_score", "explained_variance", "l0", "mse"):
+        assert math.isfinite(metrics[key]), key
+    assert 0 < metrics["l0"] <= 8
+    assert len(feature_metrics["encoder_norm"]) == itda.cfg.d_sae
+
+
+def test_saebench_core_gives_finite_metrics(model: HookedSAETransformer, itda: ITDA) -> None:
+    core = pytest.importorskip("sae_bench.evals.core.main")
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+
+    sae = itda.crop(itda.cfg.d_sae)
+    load_and_format_sae("itda_test", sae, "cpu")
+    cfg = CoreEvalConfig(model_name="tiny-0", batch_size_prompts=8, n_eval_reconstruction_batches=2,
+                         n_eval_sparsity_variance_batches=2, context_size=SEQ, compute_kl=True, compute_ce_loss=True,
+                         compute_sparsity_metrics=True, compute_variance_metrics=True,
+                         compute_featurewise_density_statistics=True, compute_featurewise_weight_based_metrics=True)
+    metrics, _ = core.run_evals(sae, _store(model, sae), model, cfg, ignore_tokens={BOS, PAD})
+    flat = {f"{g}.{k}": v for g, d in metrics.items() for k, v in d.items()}
+    assert math.isfinite(flat["model_performance_preservation.ce_loss_score"])
+    assert math.isfinite(flat["reconstruction_quality.explained_variance"])
+    assert 0 < flat["sparsity.l0"] <= 8
