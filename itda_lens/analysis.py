@@ -23,12 +23,18 @@ class AtomUsage:
     top_where: Int[Tensor, "d_sae 2"]  # (sequence, position) of the largest |code| per atom
 
 
-def atom_usage(itda: ITDA, model: Any, tokens: Int[Tensor, "n seq"], *, batch_size: int = 32) -> AtomUsage:
+def atom_usage(
+    itda: ITDA, model: Any, tokens: Int[Tensor, "n seq"], *, batch_size: int = 32
+) -> AtomUsage:
     """Encode ``tokens`` at the ITDA's hook and count each atom's use (excluding BOS/PAD positions)."""
     hook = itda.cfg.metadata.hook_name
     stop = stop_at_layer([hook])
     tok = getattr(model, "tokenizer", None)
-    skip = {i for i in (getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None)) if i is not None}
+    skip = {
+        i
+        for i in (getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None))
+        if i is not None
+    }
     d_sae = itda.cfg.d_sae
     counts = torch.zeros(d_sae, dtype=torch.long)
     top_value = torch.zeros(d_sae)
@@ -50,7 +56,9 @@ def atom_usage(itda: ITDA, model: Any, tokens: Int[Tensor, "n seq"], *, batch_si
         first = torch.full((d_sae,), idx.shape[0], dtype=torch.long)
         first = first.scatter_reduce(0, flat_idx[hit], flat_row[hit], "amin")
         better = best > top_value
-        where = torch.stack([torch.arange(b).repeat_interleave(s) + offset, torch.arange(s).repeat(b)], 1)[keep]
+        where = torch.stack(
+            [torch.arange(b).repeat_interleave(s) + offset, torch.arange(s).repeat(b)], 1
+        )[keep]
         top_where[better] = where[first[better]]
         top_value = torch.maximum(top_value, best)
         n_tokens += int(keep.sum())
@@ -60,6 +68,7 @@ def atom_usage(itda: ITDA, model: Any, tokens: Int[Tensor, "n seq"], *, batch_si
 
 def in_context(tokenizer: Any, sequence: Int[Tensor, " seq"], pos: int, window: int = 8) -> str:
     """``...left [[token]] right...`` around ``pos``, decoded with the tokenizer."""
+
     def text(ids: Tensor) -> str:
         return tokenizer.decode(ids.tolist()).replace("\n", "\\n") if ids.numel() else ""
 
@@ -68,7 +77,9 @@ def in_context(tokenizer: Any, sequence: Int[Tensor, " seq"], pos: int, window: 
     return f"{left}[[{text(sequence[pos : pos + 1])}]]{right}"
 
 
-def replay_sequences(tokens: Any, wanted: set[int], *, context_size: int | None, tokenizer: Any) -> dict[int, Tensor]:
+def replay_sequences(
+    tokens: Any, wanted: set[int], *, context_size: int | None, tokenizer: Any
+) -> dict[int, Tensor]:
     """The sequences with the given stream indices, replaying the same batching the builder used."""
     found: dict[int, Tensor] = {}
     if not wanted:

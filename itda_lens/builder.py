@@ -42,7 +42,7 @@ from transformer_lens import HookedRootModule
 
 from itda_lens.dictionary import AtomStore
 from itda_lens.pursuit import decode, matching_pursuit, orthogonal_matching_pursuit
-from itda_lens.sae import ITDA, hook_layer_of
+from itda_lens.sae import ITDA
 from itda_lens.sources import (
     TokenInput,
     check_hook_names,
@@ -60,7 +60,9 @@ def cos_threshold_from_tau(tau: float, d_model: int) -> float:
     """Convert the reference code's ``loss_threshold`` tau (normalised per-dimension MSE) to ours."""
     cos = 1.0 - tau * d_model / 2.0
     if cos <= -1.0:
-        raise ValueError(f"tau={tau} with d_model={d_model} can never add an atom (needs tau < {4 / d_model:.3g})")
+        raise ValueError(
+            f"tau={tau} with d_model={d_model} can never add an atom (needs tau < {4 / d_model:.3g})"
+        )
     return cos
 
 
@@ -123,7 +125,9 @@ class ITDABuilder:
         start = time.perf_counter()
         acts = batch.acts
         if acts.ndim != 2 or acts.shape[1] != self.d_in:
-            raise ValueError(f"d_in mismatch: expected activations [n, {self.d_in}], got {tuple(acts.shape)}")
+            raise ValueError(
+                f"d_in mismatch: expected activations [n, {self.d_in}], got {tuple(acts.shape)}"
+            )
         if not bool(torch.isfinite(acts).all()):
             raise ValueError(f"activations contain NaN or Inf (batch {self.n_batches})")
         self.tokens_seen += acts.shape[0]
@@ -131,12 +135,24 @@ class ITDABuilder:
         added = 0
         if not self.full:
             x = acts.to(self.store.device, self.dtype)
-            keep = batch.eligible.to(x.device) & (x.norm(dim=1) > 0)  # zero vectors never become atoms
-            x, labels, tids = x[keep], batch.labels.to(x.device)[keep], batch.token_ids.to(x.device)[keep]
+            keep = batch.eligible.to(x.device) & (
+                x.norm(dim=1) > 0
+            )  # zero vectors never become atoms
+            x, labels, tids = (
+                x[keep],
+                batch.labels.to(x.device)[keep],
+                batch.token_ids.to(x.device)[keep],
+            )
             self.tokens_scored += x.shape[0]
             cand = self._candidates(x)
-            limit = math.inf if self.settings.max_atoms is None else self.settings.max_atoms - len(self.store)
-            sel = cand[_greedy_distinct(F.normalize(x[cand], dim=1), self.settings.cos_threshold, limit)]
+            limit = (
+                math.inf
+                if self.settings.max_atoms is None
+                else self.settings.max_atoms - len(self.store)
+            )
+            sel = cand[
+                _greedy_distinct(F.normalize(x[cand], dim=1), self.settings.cos_threshold, limit)
+            ]
             self.store.add(x[sel], labels[sel], tids[sel])
             added = sel.numel()
         if added or not self.growth:
@@ -182,7 +198,9 @@ class ITDABuilder:
         }
 
 
-def _greedy_distinct(units: Float[Tensor, "c d"], threshold: float, limit: float, block: int = 2048) -> Int[Tensor, " s"]:
+def _greedy_distinct(
+    units: Float[Tensor, "c d"], threshold: float, limit: float, block: int = 2048
+) -> Int[Tensor, " s"]:
     """Indices of candidates kept in order, skipping any with |cos| >= threshold to one kept before."""
     kept: list[int] = []
     kept_units = units[:0]
@@ -273,17 +291,27 @@ class _Checkpointer:
             tmp.unlink(missing_ok=True)
 
 
-def _restore_builders(state: dict[str, Any], settings: BuildSettings, device: Any, dtype: torch.dtype) -> dict[str, ITDABuilder]:
+def _restore_builders(
+    state: dict[str, Any], settings: BuildSettings, device: Any, dtype: torch.dtype
+) -> dict[str, ITDABuilder]:
     builders = {}
     tensors = state["tensors"]
     for hook, h in state["hooks"].items():
         b = ITDABuilder(h["d_in"], settings, device=device, dtype=dtype)
         i = h["index"]
         b.store = AtomStore.restore(
-            tensors[f"{i}.atoms"], tensors[f"{i}.labels"], tensors[f"{i}.token_ids"], h["blocks"],
-            device=device, dtype=dtype,
+            tensors[f"{i}.atoms"],
+            tensors[f"{i}.labels"],
+            tensors[f"{i}.token_ids"],
+            h["blocks"],
+            device=device,
+            dtype=dtype,
         )
-        b.tokens_seen, b.tokens_scored, b.n_batches = h["tokens_seen"], h["tokens_scored"], h["n_batches"]
+        b.tokens_seen, b.tokens_scored, b.n_batches = (
+            h["tokens_seen"],
+            h["tokens_scored"],
+            h["n_batches"],
+        )
         b.growth = [tuple(p) for p in h["growth"]]
         b.seconds = h["seconds"]
         builders[hook] = b
@@ -300,7 +328,9 @@ class _Stream:
     """How one kind of input becomes builder updates."""
 
     raw: Iterator[Any]
-    to_updates: Any  # (raw, seq_offset) -> (dict[hook, ActivationBatch], n_sequences, forward_seconds)
+    to_updates: (
+        Any  # (raw, seq_offset) -> (dict[hook, ActivationBatch], n_sequences, forward_seconds)
+    )
     key: Any  # raw -> tensor hashed for the stream fingerprint
     total: int | None
     first_tokens: Any = None  # raw -> first token of each sequence (for prepend_bos), if tokens
@@ -322,16 +352,32 @@ def _run(
     ckpt = _Checkpointer(checkpoint_dir, checkpoint_every)
     saved = ckpt.load(resume)
     builders: dict[str, ITDABuilder] = {}
-    state: dict[str, Any] = {"fingerprint": fingerprint, "batches": 0, "sequences": 0, "tokens": 0,
-                             "stream_sha256": "", "forward_seconds": 0.0, "finished": False, "first_column": []}
+    state: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "batches": 0,
+        "sequences": 0,
+        "tokens": 0,
+        "stream_sha256": "",
+        "forward_seconds": 0.0,
+        "finished": False,
+        "first_column": [],
+    }
     if saved is not None:
         if saved["fingerprint"] != fingerprint:
-            diff = {k: (saved["fingerprint"].get(k), v) for k, v in fingerprint.items() if saved["fingerprint"].get(k) != v}
-            raise ValueError(f"the checkpoint in {checkpoint_dir} was written with other settings (saved, now): {diff}")
+            diff = {
+                k: (saved["fingerprint"].get(k), v)
+                for k, v in fingerprint.items()
+                if saved["fingerprint"].get(k) != v
+            }
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir} was written with other settings (saved, now): {diff}"
+            )
         builders = _restore_builders(saved, settings, device or "cpu", dtype)
         state.update({k: saved[k] for k in state if k in saved})
     skip, target_sha, running_sha = state["batches"], state["stream_sha256"], ""
-    bar = tqdm(total=stream.total, desc="ITDA build", unit="batch", disable=not progress, initial=skip)
+    bar = tqdm(
+        total=stream.total, desc="ITDA build", unit="batch", disable=not progress, initial=skip
+    )
     t0 = time.perf_counter()
     seen_now = 0
     i = -1
@@ -340,7 +386,9 @@ def _run(
             if i < skip:
                 running_sha = _digest(running_sha, stream.key(raw))
                 if i == skip - 1 and running_sha != target_sha:
-                    raise ValueError("resume: the input differs from the one the checkpoint was built from")
+                    raise ValueError(
+                        "resume: the input differs from the one the checkpoint was built from"
+                    )
                 continue
             if state["finished"]:
                 break
@@ -351,7 +399,12 @@ def _run(
                 state["first_column"] = stream.first_tokens(raw)
             for hook, batch in updates.items():
                 if hook not in builders:
-                    builders[hook] = ITDABuilder(batch.acts.shape[1], settings, device=device or batch.acts.device, dtype=dtype)
+                    builders[hook] = ITDABuilder(
+                        batch.acts.shape[1],
+                        settings,
+                        device=device or batch.acts.device,
+                        dtype=dtype,
+                    )
                 builders[hook].update(batch)
             n_tok = next(iter(updates.values())).acts.shape[0]
             state["sequences"] += n_seq
@@ -359,10 +412,14 @@ def _run(
             state["batches"] = i + 1
             state["stream_sha256"] = running_sha
             seen_now += n_tok
-            done = all(b.full for b in builders.values()) or (max_tokens is not None and state["tokens"] >= max_tokens)
+            done = all(b.full for b in builders.values()) or (
+                max_tokens is not None and state["tokens"] >= max_tokens
+            )
             bar.update(1)
-            bar.set_postfix(atoms=",".join(str(len(b.store)) for b in builders.values()),
-                            tok_s=f"{seen_now / max(time.perf_counter() - t0, 1e-9):.0f}")
+            bar.set_postfix(
+                atoms=",".join(str(len(b.store)) for b in builders.values()),
+                tok_s=f"{seen_now / max(time.perf_counter() - t0, 1e-9):.0f}",
+            )
             if done:
                 state["finished"] = True
             if done or state["batches"] % ckpt.every == 0:
@@ -372,7 +429,9 @@ def _run(
     finally:
         bar.close()
     if i + 1 < skip:
-        raise ValueError(f"resume: the input has {i + 1} batches but the checkpoint already consumed {skip}")
+        raise ValueError(
+            f"resume: the input has {i + 1} batches but the checkpoint already consumed {skip}"
+        )
     if not state["finished"]:
         state["finished"] = True
         ckpt.save(state, builders)
@@ -386,7 +445,9 @@ def _model_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for name, p in model.state_dict().items():
             if p.is_floating_point():
-                h.update(f"{name}:{tuple(p.shape)}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}".encode())
+                h.update(
+                    f"{name}:{tuple(p.shape)}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}".encode()
+                )
     return h.hexdigest()
 
 
@@ -432,7 +493,9 @@ def build_itda(
 
     def to_updates(toks: Tensor, offset: int) -> tuple[dict[str, ActivationBatch], int, float]:
         if d_vocab is not None and (int(toks.max()) >= d_vocab or int(toks.min()) < 0):
-            raise ValueError(f"token ids must lie in [0, {d_vocab}); got range [{int(toks.min())}, {int(toks.max())}]")
+            raise ValueError(
+                f"token ids must lie in [0, {d_vocab}); got range [{int(toks.min())}, {int(toks.max())}]"
+            )
         t0 = time.perf_counter()
         acts = hook_activations(model, toks, hooks, stop)
         fwd = time.perf_counter() - t0
@@ -442,23 +505,53 @@ def build_itda(
         labels = torch.stack([seq, pos], dim=1)
         flat = toks.reshape(-1).cpu()
         eligible = ~torch.isin(flat, excluded)
-        return {h: ActivationBatch(a.reshape(b * s, -1), labels, flat, eligible) for h, a in acts.items()}, b, fwd
+        return (
+            {
+                h: ActivationBatch(a.reshape(b * s, -1), labels, flat, eligible)
+                for h, a in acts.items()
+            },
+            b,
+            fwd,
+        )
 
     total = None
     if isinstance(tokens, Tensor) and tokens.ndim == 2:
         total = math.ceil(tokens.shape[0] / batch_size)
-    elif hasattr(tokens, "column_names") and hasattr(tokens, "__len__") and "text" not in tokens.column_names:
+    elif (
+        hasattr(tokens, "column_names")
+        and hasattr(tokens, "__len__")
+        and "text" not in tokens.column_names
+    ):
         total = math.ceil(len(tokens) / batch_size)
     fingerprint = {
-        **asdict(settings), "hooks": hooks, "batch_size": batch_size, "context_size": context_size,
-        "max_tokens": max_tokens, "excluded_token_ids": excluded.tolist(), "dtype": str(dtype),
+        **asdict(settings),
+        "hooks": hooks,
+        "batch_size": batch_size,
+        "context_size": context_size,
+        "max_tokens": max_tokens,
+        "excluded_token_ids": excluded.tolist(),
+        "dtype": str(dtype),
         "model": _model_fingerprint(model),
     }
-    stream = _Stream(token_batches(tokens, batch_size, context_size=context_size, tokenizer=tokenizer),
-                     to_updates, key=lambda t: t, total=total, first_tokens=lambda t: t[:, 0].tolist())
-    builders, state = _run(stream, settings, fingerprint, device=device, dtype=dtype,
-                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                           resume=resume, max_tokens=max_tokens, progress=progress)
+    stream = _Stream(
+        token_batches(tokens, batch_size, context_size=context_size, tokenizer=tokenizer),
+        to_updates,
+        key=lambda t: t,
+        total=total,
+        first_tokens=lambda t: t[:, 0].tolist(),
+    )
+    builders, state = _run(
+        stream,
+        settings,
+        fingerprint,
+        device=device,
+        dtype=dtype,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        max_tokens=max_tokens,
+        progress=progress,
+    )
     bos = getattr(tokenizer, "bos_token_id", None)
     first = state["first_column"]
     seq_len = state["tokens"] // max(1, state["sequences"])
@@ -469,15 +562,26 @@ def build_itda(
         "dataset_path": dataset_path,
     }
     stream_meta = {
-        "sha256": state["stream_sha256"], "n_sequences": state["sequences"], "context_size": seq_len,
-        "tokenizer": getattr(tokenizer, "name_or_path", None), "batch_size": batch_size,
+        "sha256": state["stream_sha256"],
+        "n_sequences": state["sequences"],
+        "context_size": seq_len,
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "batch_size": batch_size,
     }
     out = {
-        h: b.to_itda(hook_name=h, **common, metadata={
-            "itda_builder": {**b.summary(), "forward_seconds": round(state["forward_seconds"], 3),
-                             "batch_size": batch_size, "excluded_token_ids": excluded.tolist()},
-            "token_stream": stream_meta,
-        })
+        h: b.to_itda(
+            hook_name=h,
+            **common,
+            metadata={
+                "itda_builder": {
+                    **b.summary(),
+                    "forward_seconds": round(state["forward_seconds"], 3),
+                    "batch_size": batch_size,
+                    "excluded_token_ids": excluded.tolist(),
+                },
+                "token_stream": stream_meta,
+            },
+        )
         for h, b in builders.items()
     }
     return out[hooks[0]] if isinstance(hook_name, str) else out
@@ -506,7 +610,9 @@ def build_itda_from_activations(
     settings = BuildSettings(k=k, cos_threshold=cos_threshold, max_atoms=max_atoms, encoder=encoder)
 
     def parse(item: Any, offset: int) -> tuple[dict[str, ActivationBatch], int, float]:
-        acts, labels, tids = (item, None, None) if isinstance(item, Tensor) else (tuple(item) + (None, None))[:3]
+        acts, labels, tids = (
+            (item, None, None) if isinstance(item, Tensor) else (*tuple(item), None, None)[:3]
+        )
         if not isinstance(acts, Tensor) or not acts.is_floating_point() or acts.ndim != 2:
             raise ValueError("each activation batch must be a float tensor [n_tokens, d]")
         n = acts.shape[0]
@@ -514,16 +620,45 @@ def build_itda_from_activations(
             labels = torch.stack([torch.arange(offset, offset + n), torch.full((n,), -1)], dim=1)
         labels = torch.as_tensor(labels)
         if labels.shape != (n, 2) or labels.is_floating_point():
-            raise ValueError(f"labels must be an integer tensor [{n}, 2], got {tuple(labels.shape)} {labels.dtype}")
-        tids = torch.full((n,), -1, dtype=torch.long) if tids is None else torch.as_tensor(tids).long()
-        return {"activations": ActivationBatch(acts, labels.long(), tids, torch.ones(n, dtype=torch.bool))}, n, 0.0
+            raise ValueError(
+                f"labels must be an integer tensor [{n}, 2], got {tuple(labels.shape)} {labels.dtype}"
+            )
+        tids = (
+            torch.full((n,), -1, dtype=torch.long) if tids is None else torch.as_tensor(tids).long()
+        )
+        return (
+            {
+                "activations": ActivationBatch(
+                    acts, labels.long(), tids, torch.ones(n, dtype=torch.bool)
+                )
+            },
+            n,
+            0.0,
+        )
 
     total = len(batches) if hasattr(batches, "__len__") else None
-    stream = _Stream(iter(batches), parse, key=lambda item: item if isinstance(item, Tensor) else item[0], total=total)
+    stream = _Stream(
+        iter(batches),
+        parse,
+        key=lambda item: item if isinstance(item, Tensor) else item[0],
+        total=total,
+    )
     fingerprint = {**asdict(settings), "dtype": str(dtype)}
-    builders, state = _run(stream, settings, fingerprint, device=device, dtype=dtype,
-                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                           max_tokens=None, progress=progress)
+    builders, state = _run(
+        stream,
+        settings,
+        fingerprint,
+        device=device,
+        dtype=dtype,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        max_tokens=None,
+        progress=progress,
+    )
     b = builders["activations"]
-    meta = {"itda_builder": b.summary(), "token_stream": {"sha256": state["stream_sha256"], "n_rows": state["sequences"]}}
+    meta = {
+        "itda_builder": b.summary(),
+        "token_stream": {"sha256": state["stream_sha256"], "n_rows": state["sequences"]},
+    }
     return b.to_itda(metadata={**meta, **(metadata or {})})

@@ -13,6 +13,7 @@ import torch
 
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
+from itda_lens.demo import default_setup, run_demo
 from itda_lens.models import resolve_model, resolve_tokens
 from itda_lens.sae import ITDA
 from itda_lens.sources import token_batches
@@ -20,21 +21,46 @@ from itda_lens.sources import token_batches
 
 def _add_build(sub: Any) -> None:
     p = sub.add_parser("build", help="build ITDA dictionaries at one or more hook points")
-    p.add_argument("--model", required=True, help="model folder, or a TransformerLens pretrained name (hub)")
-    p.add_argument("--hook", action="append", required=True, help="hook point, e.g. blocks.2.hook_resid_post (repeatable)")
-    p.add_argument("--data", required=True, help=".pt/.npy token file, a datasets save_to_disk folder, or a hub dataset name")
+    p.add_argument(
+        "--model", required=True, help="model folder, or a TransformerLens pretrained name (hub)"
+    )
+    p.add_argument(
+        "--hook",
+        action="append",
+        required=True,
+        help="hook point, e.g. blocks.2.hook_resid_post (repeatable)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help=".pt/.npy token file, a datasets save_to_disk folder, or a hub dataset name",
+    )
     p.add_argument("--split", default="train")
     p.add_argument("--k", type=int, default=40, help="pursuit steps (L0)")
-    p.add_argument("--cos-threshold", type=float, default=0.8, help="add an activation when cos(x, recon) is below this")
+    p.add_argument(
+        "--cos-threshold",
+        type=float,
+        default=0.8,
+        help="add an activation when cos(x, recon) is below this",
+    )
     p.add_argument("--max-atoms", type=int, default=None)
     p.add_argument("--encoder", choices=["mp", "omp"], default="mp")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    p.add_argument("--context-size", type=int, default=None, help="tokens per sequence (text data: default 128)")
+    p.add_argument(
+        "--context-size",
+        type=int,
+        default=None,
+        help="tokens per sequence (text data: default 128)",
+    )
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted build from OUT/checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted build from OUT/checkpoint"
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per hook when several)")
+    p.add_argument(
+        "--out", required=True, help="output folder (one sub-folder per hook when several)"
+    )
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -42,10 +68,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, device=args.device)
     tokens = resolve_tokens(args.data, split=args.split)
     result = build_itda(
-        model, tokens, args.hook, k=args.k, cos_threshold=args.cos_threshold, max_atoms=args.max_atoms,
-        encoder=args.encoder, batch_size=args.batch_size, context_size=args.context_size,
-        max_tokens=args.max_tokens, device=args.device, checkpoint_dir=out / "checkpoint",
-        checkpoint_every=args.checkpoint_every, resume=args.resume, model_name=args.model,
+        model,
+        tokens,
+        args.hook,
+        k=args.k,
+        cos_threshold=args.cos_threshold,
+        max_atoms=args.max_atoms,
+        encoder=args.encoder,
+        batch_size=args.batch_size,
+        context_size=args.context_size,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        checkpoint_dir=out / "checkpoint",
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        model_name=args.model,
         dataset_path=args.data,
     )
     itdas = {args.hook[0]: result} if isinstance(result, ITDA) else result
@@ -58,12 +95,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(sub: Any) -> None:
-    p = sub.add_parser("inspect", help="summarise a saved ITDA and show its atoms as tokens in context")
+    p = sub.add_parser(
+        "inspect", help="summarise a saved ITDA and show its atoms as tokens in context"
+    )
     p.add_argument("dir")
     p.add_argument("--top", type=int, default=10, help="how many atoms to show")
     p.add_argument("--model", default=None, help="override the model named in the ITDA's metadata")
-    p.add_argument("--data", default=None, help="override the token data named in the ITDA's metadata")
-    p.add_argument("--usage-seqs", type=int, default=32, help="sequences encoded to rank atoms by use")
+    p.add_argument(
+        "--data", default=None, help="override the token data named in the ITDA's metadata"
+    )
+    p.add_argument(
+        "--usage-seqs", type=int, default=32, help="sequences encoded to rank atoms by use"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -103,22 +146,65 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     atoms = list(range(min(args.top, itda.cfg.d_sae)))
     counts = None
     if model is not None and tokens is not None:
-        sample = next(token_batches(tokens, args.usage_seqs, context_size=meta.context_size, tokenizer=tokenizer))
+        sample = next(
+            token_batches(
+                tokens, args.usage_seqs, context_size=meta.context_size, tokenizer=tokenizer
+            )
+        )
         usage = atom_usage(itda, model, sample)
         counts = usage.counts
         atoms = torch.argsort(counts, descending=True, stable=True)[: args.top].tolist()
         print(f"\ntop {len(atoms)} atoms by use on {usage.n_tokens} tokens of {data_spec}:")
     else:
         print(f"\nfirst {len(atoms)} atoms (give --model and --data to rank by use):")
-    seqs = replay_sequences(tokens, {int(itda.atom_labels[a, 0]) for a in atoms}, context_size=meta.context_size,
-                            tokenizer=tokenizer) if tokens is not None else {}
+    seqs = (
+        replay_sequences(
+            tokens,
+            {int(itda.atom_labels[a, 0]) for a in atoms},
+            context_size=meta.context_size,
+            tokenizer=tokenizer,
+        )
+        if tokens is not None
+        else {}
+    )
     for a in atoms:
         seq, pos = itda.atom_labels[a].tolist()
         tid = int(itda.atom_token_ids[a])
         token = repr(tokenizer.decode([tid])) if tokenizer is not None and tid >= 0 else str(tid)
         used = f" used {int(counts[a])}x" if counts is not None else ""
-        ctx = f"  {in_context(tokenizer, seqs[seq], pos)}" if tokenizer is not None and seq in seqs else ""
+        ctx = (
+            f"  {in_context(tokenizer, seqs[seq], pos)}"
+            if tokenizer is not None and seq in seqs
+            else ""
+        )
         print(f"  atom {a:>6} (seq {seq}, pos {pos}) token {token}{used}{ctx}")
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="the main job: build, evaluate and report on the default model (offline)"
+    )
+    p.add_argument("--out", default="itda_report", help="report folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--cos-threshold", type=float, default=0.8)
+    p.add_argument("--quick", action="store_true", help="a smaller run (for tests)")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    setup = default_setup(n_train=64, n_heldout=16) if args.quick else default_setup()
+    out = run_demo(
+        args.out,
+        setup,
+        layers=args.layers,
+        k=args.k,
+        cos_threshold=args.cos_threshold,
+        overwrite=args.overwrite,
+    )
+    print(f"report written to {out / 'report.md'} (plots and saved ITDAs alongside)")
+    print(f"next: itda-lens inspect {out / 'itdas' / f'blocks.{args.layers[0]}.hook_resid_post'}")
     return 0
 
 
@@ -127,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_inspect(sub)
+    _add_demo(sub)
     return parser
 
 
-COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect}
+COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,7 +95,9 @@ class AtomStore:
         if b == 0:
             return
         if vectors.shape[1] != self.d_in:
-            raise ValueError(f"d_in mismatch: store holds {self.d_in}-d atoms, got {vectors.shape[1]}-d")
+            raise ValueError(
+                f"d_in mismatch: store holds {self.d_in}-d atoms, got {vectors.shape[1]}-d"
+            )
         norms = vectors.norm(dim=1)
         if bool((norms == 0).any()) or not bool(torch.isfinite(vectors).all()):
             raise ValueError("atoms must be finite and non-zero")

@@ -15,9 +15,9 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from sae_lens import HookedSAETransformer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
@@ -26,14 +26,24 @@ MODEL_WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
 
-def save_model_folder(model: HookedSAETransformer, folder: str | Path, *, fp16: bool = True, card: dict[str, Any] | None = None) -> Path:
+def save_model_folder(
+    model: HookedSAETransformer,
+    folder: str | Path,
+    *,
+    fp16: bool = True,
+    card: dict[str, Any] | None = None,
+) -> Path:
     """Save a config-built model as ``config.json`` + ``model.safetensors`` (+ tokenizer, card)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in model.cfg.to_dict().items() if _jsonable(v)}
     (folder / MODEL_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     dtype = torch.float16 if fp16 else torch.float32
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if v.is_floating_point() and not k.endswith("IGNORE")}
+    state = {
+        k: v.detach().to(dtype).contiguous()
+        for k, v in model.state_dict().items()
+        if v.is_floating_point() and not k.endswith("IGNORE")
+    }
     save_file(state, str(folder / MODEL_WEIGHTS))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
@@ -66,11 +76,17 @@ def load_model_folder(folder: str | Path, device: str = "cpu") -> HookedSAETrans
     except (SafetensorError, OSError) as err:
         raise ValueError(f"corrupt or truncated weight file {weights_path}: {err}") from err
     cfg_dict["device"] = device
-    cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__})
+    cfg = HookedTransformerConfig(
+        **{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__}
+    )
     tok_dir = folder / TOKENIZER_DIR
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
     model = HookedSAETransformer(cfg, tokenizer=tokenizer)
-    expected = {k for k, v in model.state_dict().items() if v.is_floating_point() and not k.endswith("IGNORE")}
+    expected = {
+        k
+        for k, v in model.state_dict().items()
+        if v.is_floating_point() and not k.endswith("IGNORE")
+    }
     if set(state) != expected:
         raise ValueError(
             f"weight file {weights_path} does not match its config: "
@@ -96,7 +112,9 @@ def resolve_tokens(spec: str, *, split: str = "train") -> Any:
             return torch.from_numpy(np.load(path))
         if path.suffix == ".pt":
             return torch.load(path, weights_only=True)
-        raise ValueError(f"unsupported token file {path}: use .pt or .npy holding [n_seq, seq_len] ids")
+        raise ValueError(
+            f"unsupported token file {path}: use .pt or .npy holding [n_seq, seq_len] ids"
+        )
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds

@@ -75,8 +75,10 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def check_atoms(atoms: Tensor) -> None:
     """Raise if ``atoms`` is not a non-empty, finite [n, d] float matrix with unit-norm rows."""
     if not isinstance(atoms, Tensor) or not atoms.is_floating_point():
-        raise TypeError(f"atoms must be a floating-point tensor, got {type(atoms).__name__}"
-                        + (f" of dtype {atoms.dtype}" if isinstance(atoms, Tensor) else ""))
+        raise TypeError(
+            f"atoms must be a floating-point tensor, got {type(atoms).__name__}"
+            + (f" of dtype {atoms.dtype}" if isinstance(atoms, Tensor) else "")
+        )
     if atoms.ndim != 2:
         raise ValueError(f"atoms must have shape [n_atoms, d], got {tuple(atoms.shape)}")
     if atoms.shape[0] == 0:
@@ -115,7 +117,9 @@ def _check_inputs(x: Tensor, atoms: Tensor, k: int, gram: GramArg) -> None:
         raise ValueError(f"gram must be a tensor, None or 'auto', got {gram!r}")
 
 
-def _resolve_gram(gram: GramArg, atoms: Tensor, n_tokens: int, k: int, dtype: torch.dtype) -> Tensor | None:
+def _resolve_gram(
+    gram: GramArg, atoms: Tensor, n_tokens: int, k: int, dtype: torch.dtype
+) -> Tensor | None:
     """Use a given Gram matrix; for 'auto', build one only when it fits and pays for itself."""
     if isinstance(gram, Tensor):
         return gram.to(dtype)
@@ -130,7 +134,9 @@ def _resolve_gram(gram: GramArg, atoms: Tensor, n_tokens: int, k: int, dtype: to
     return None
 
 
-def _chunks(n_tokens: int, n_atoms: int, floats_per_atom: int, itemsize: int, chunk_size: int | None):
+def _chunks(
+    n_tokens: int, n_atoms: int, floats_per_atom: int, itemsize: int, chunk_size: int | None
+):
     size = chunk_size or max(1, CHUNK_BYTES // max(1, n_atoms * floats_per_atom * itemsize))
     for start in range(0, n_tokens, size):
         yield slice(start, min(start + size, n_tokens))
@@ -184,7 +190,9 @@ def _omp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[T
         if t > 0:
             stop |= (idx[:, :t] == j.unsqueeze(1)).any(dim=1) & live[:, t - 1]
             b = g.gather(1, idx[:, :t]) * live[:, :t]
-            w = torch.linalg.solve_triangular(chol[:, :t, :t], b.unsqueeze(-1), upper=False).squeeze(-1)
+            w = torch.linalg.solve_triangular(
+                chol[:, :t, :t], b.unsqueeze(-1), upper=False
+            ).squeeze(-1)
             lkk = g[rows, j] - (w * w).sum(dim=1)
             stop |= lkk <= eps
         else:
@@ -204,7 +212,9 @@ def _omp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[T
     return idx, gamma * live
 
 
-def _pursue(kind: str, x: Tensor, atoms: Tensor, k: int, gram: GramArg, chunk_size: int | None) -> SparseCode:
+def _pursue(
+    kind: str, x: Tensor, atoms: Tensor, k: int, gram: GramArg, chunk_size: int | None
+) -> SparseCode:
     _check_inputs(x, atoms, k, gram)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -23,12 +23,12 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from sae_lens import SAE, SAEConfig
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.util import str_to_dtype
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -98,7 +98,7 @@ class ITDA(SAE[ITDAConfig]):
     """A dictionary of real activations used as a tied SAE with a pursuit encoder."""
 
     atom_labels: Int[Tensor, "d_sae 2"]
-    atom_token_ids: Int[Tensor, "d_sae"]
+    atom_token_ids: Int[Tensor, " d_sae"]
 
     def __init__(self, cfg: ITDAConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -110,8 +110,12 @@ class ITDA(SAE[ITDAConfig]):
         kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw), requires_grad=False)
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, **kw), requires_grad=False)
-        self.register_buffer("atom_labels", torch.full((d_sae, 2), -1, dtype=torch.long, device=self.device))
-        self.register_buffer("atom_token_ids", torch.full((d_sae,), -1, dtype=torch.long, device=self.device))
+        self.register_buffer(
+            "atom_labels", torch.full((d_sae, 2), -1, dtype=torch.long, device=self.device)
+        )
+        self.register_buffer(
+            "atom_token_ids", torch.full((d_sae,), -1, dtype=torch.long, device=self.device)
+        )
 
     @property
     def W_enc(self) -> Float[Tensor, "d_in d_sae"]:  # type: ignore[override]
@@ -121,7 +125,9 @@ class ITDA(SAE[ITDAConfig]):
     @override
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "W_enc":
-            raise AttributeError("ITDA's W_enc is tied to W_dec.T; set W_dec (unit-norm atoms) instead")
+            raise AttributeError(
+                "ITDA's W_enc is tied to W_dec.T; set W_dec (unit-norm atoms) instead"
+            )
         super().__setattr__(name, value)
 
     @property
@@ -150,8 +156,14 @@ class ITDA(SAE[ITDAConfig]):
     @override
     def process_sae_in(self, sae_in: Tensor) -> Tensor:
         if not isinstance(sae_in, Tensor) or sae_in.ndim == 0:
-            raise TypeError(f"activations must be a float tensor [..., {self.cfg.d_in}], got {type(sae_in).__name__}")
-        width = sae_in.shape[-2] * sae_in.shape[-1] if self.hook_z_reshaping_mode and sae_in.ndim > 1 else sae_in.shape[-1]
+            raise TypeError(
+                f"activations must be a float tensor [..., {self.cfg.d_in}], got {type(sae_in).__name__}"
+            )
+        width = (
+            sae_in.shape[-2] * sae_in.shape[-1]
+            if self.hook_z_reshaping_mode and sae_in.ndim > 1
+            else sae_in.shape[-1]
+        )
         if not sae_in.is_floating_point() or width != self.cfg.d_in:
             raise ValueError(
                 f"d_in mismatch: this ITDA expects float activations of size {self.cfg.d_in} "
@@ -160,20 +172,27 @@ class ITDA(SAE[ITDAConfig]):
             )
         return super().process_sae_in(sae_in)
 
-    def _pursue(self, sae_in: Tensor) -> SparseCode:
+    def _pursue(self, sae_in: Tensor, k: int | None = None) -> SparseCode:
         atoms = self.W_dec.detach()
         fn = matching_pursuit if self.cfg.encoder == "mp" else orthogonal_matching_pursuit
-        code = fn(sae_in.detach(), atoms, self.cfg.k, gram=self._gram())
+        code = fn(sae_in.detach(), atoms, self.cfg.k if k is None else k, gram=self._gram())
         if torch.is_grad_enabled() and sae_in.requires_grad:
             # Same picks, coefficients recomputed as a differentiable function of the input.
             x = sae_in.to(atoms.dtype)
-            vals = mp_values(x, atoms, code.indices) if self.cfg.encoder == "mp" else omp_values(x, atoms, code)
+            vals = (
+                mp_values(x, atoms, code.indices)
+                if self.cfg.encoder == "mp"
+                else omp_values(x, atoms, code)
+            )
             code = SparseCode(code.indices, vals.to(sae_in.dtype))
         return code
 
-    def encode_sparse(self, x: Float[Tensor, "... d_in"]) -> SparseCode:
-        """Sparse codes ``(indices, values)`` of shape ``[..., k]`` (fires ``hook_sae_input`` only)."""
-        return self._pursue(self.process_sae_in(x))
+    def encode_sparse(self, x: Float[Tensor, "... d_in"], k: int | None = None) -> SparseCode:
+        """Sparse codes ``(indices, values)`` of shape ``[..., k]`` (fires ``hook_sae_input`` only).
+
+        ``k`` overrides ``cfg.k`` for this call, e.g. to sweep L0 over one dictionary.
+        """
+        return self._pursue(self.process_sae_in(x), k)
 
     @override
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
@@ -203,7 +222,9 @@ class ITDA(SAE[ITDAConfig]):
 
     @override
     def fold_W_dec_norm(self) -> None:
-        raise NotImplementedError("ITDA atoms are unit-norm and tied; there is no decoder norm to fold")
+        raise NotImplementedError(
+            "ITDA atoms are unit-norm and tied; there is no decoder norm to fold"
+        )
 
     @override
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
@@ -212,8 +233,12 @@ class ITDA(SAE[ITDAConfig]):
         )
 
     @override
-    def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
-        raise NotImplementedError("ITDA's encoder is tied to its atoms; whitening cannot be folded in")
+    def fold_activation_whitening(
+        self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor
+    ) -> None:
+        raise NotImplementedError(
+            "ITDA's encoder is tied to its atoms; whitening cannot be folded in"
+        )
 
     # --- construction ---------------------------------------------------------------------
 
@@ -270,7 +295,9 @@ class ITDA(SAE[ITDAConfig]):
         meta.update(metadata or {})
         if meta.get("hook_layer") is None:
             meta["hook_layer"] = hook_layer_of(meta.get("hook_name"))
-        cfg = ITDAConfig(d_in=d_in, d_sae=n, k=k, encoder=encoder, dtype=_dtype_str(dtype), device=str(device))
+        cfg = ITDAConfig(
+            d_in=d_in, d_sae=n, k=k, encoder=encoder, dtype=_dtype_str(dtype), device=str(device)
+        )
         for key, value in meta.items():
             cfg.metadata[key] = value
         itda = cls(cfg)
@@ -314,12 +341,14 @@ class ITDA(SAE[ITDAConfig]):
             raise ValueError(f"not a complete ITDA save: the weights file lacks {missing}")
         expected_id = self.cfg.metadata.get(_SAVE_ID_KEY)
         saved_id = state_dict.pop(_SAVE_ID_KEY, None)
-        if expected_id is not None:
-            if saved_id is None or bytes(saved_id.round().to(torch.uint8).tolist()).hex() != expected_id:
-                raise ValueError(
-                    "cfg.json and sae_weights.safetensors come from different saves "
-                    "(an interrupted or mixed save); re-save the ITDA"
-                )
+        saved_hex = (
+            None if saved_id is None else bytes(saved_id.round().to(torch.uint8).tolist()).hex()
+        )
+        if expected_id is not None and saved_hex != expected_id:
+            raise ValueError(
+                "cfg.json and sae_weights.safetensors come from different saves "
+                "(an interrupted or mixed save); re-save the ITDA"
+            )
         w = state_dict["W_dec"]
         if tuple(w.shape) != (self.cfg.d_sae, self.cfg.d_in):
             raise ValueError(
@@ -327,7 +356,11 @@ class ITDA(SAE[ITDAConfig]):
             )
         for key in _INT_BUFFERS:
             value = state_dict[key]
-            state_dict[key] = _from_bytes(value) if value.ndim == getattr(self, key).ndim + 1 else value.round().long()
+            state_dict[key] = (
+                _from_bytes(value)
+                if value.ndim == getattr(self, key).ndim + 1
+                else value.round().long()
+            )
         if not bool(torch.isfinite(w).all()):
             raise ValueError("corrupt ITDA weights: W_dec contains NaN or Inf")
         if (w.float().norm(dim=1) - 1).abs().max().item() > UNIT_NORM_TOL:
@@ -352,7 +385,9 @@ class ITDA(SAE[ITDAConfig]):
 
     @override
     @classmethod
-    def load_from_disk(cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any) -> ITDA:  # type: ignore[override]
+    def load_from_disk(
+        cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any
+    ) -> ITDA:  # type: ignore[override]
         """Load an ITDA folder, with clear errors for folders that are not ITDAs or are damaged."""
         check_itda_folder(path)
         return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)

@@ -54,13 +54,19 @@ def stop_at_layer(hook_names: Sequence[str]) -> int | None:
     return max(layers)
 
 
-def excluded_token_ids(model: HookedRootModule, spec: Sequence[int] | Literal["auto"] | None) -> list[int]:
+def excluded_token_ids(
+    model: HookedRootModule, spec: Sequence[int] | Literal["auto"] | None
+) -> list[int]:
     """Token ids whose positions never become atoms: 'auto' = the tokenizer's BOS and PAD."""
     if spec is None:
         return []
     if spec == "auto":
         tok = getattr(model, "tokenizer", None)
-        ids = {getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None)} if tok else set()
+        ids = (
+            {getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None)}
+            if tok
+            else set()
+        )
         return sorted(i for i in ids if i is not None)
     return sorted({int(i) for i in spec})
 
@@ -117,7 +123,9 @@ def _dataset_batches(
             raise ValueError("a text dataset needs a tokenizer: the model has none")
         sequences = _tokenized_text(ds, tokenizer, context_size or 128)
     else:
-        raise ValueError(f"the dataset needs a 'tokens', 'input_ids' or 'text' column; it has {columns}")
+        raise ValueError(
+            f"the dataset needs a 'tokens', 'input_ids' or 'text' column; it has {columns}"
+        )
     batch: list[Tensor] = []
     for seq in sequences:
         batch.append(seq)
@@ -134,7 +142,9 @@ def _pretokenized(ds: Any, column: str, context_size: int | None) -> Iterator[Te
         seq = torch.as_tensor(row[column], dtype=torch.long)
         width = width or seq.shape[0]
         if seq.shape[0] < width:
-            raise ValueError(f"dataset row {i} has {seq.shape[0]} tokens, fewer than context_size={width}")
+            raise ValueError(
+                f"dataset row {i} has {seq.shape[0]} tokens, fewer than context_size={width}"
+            )
         yield seq[:width]
 
 
@@ -142,7 +152,9 @@ def _tokenized_text(ds: Any, tokenizer: Any, context_size: int) -> Iterator[Tens
     """Tokenise and pack text exactly as sae_lens's ActivationsStore does (BOS-separated windows)."""
     bos = tokenizer.bos_token_id
     docs = (
-        torch.tensor(tokenizer(row["text"], add_special_tokens=False)["input_ids"], dtype=torch.long)
+        torch.tensor(
+            tokenizer(row["text"], add_special_tokens=False)["input_ids"], dtype=torch.long
+        )
         for row in ds
     )
     return concat_and_batch_sequences(

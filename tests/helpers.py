@@ -12,10 +12,21 @@ SEQ = 32
 BOS, EOS, PAD = 0, 1, 2
 
 
-def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, n_layers: int = 2) -> HookedSAETransformer:
+def make_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, n_layers: int = 2
+) -> HookedSAETransformer:
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=VOCAB, n_ctx=SEQ,
-        act_fn="gelu", normalization_type="LN", seed=seed, model_name=f"tiny-{seed}",
+        n_layers=n_layers,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=VOCAB,
+        n_ctx=SEQ,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+        model_name=f"tiny-{seed}",
     )
     return HookedSAETransformer(cfg, tokenizer=tokenizer).eval()
 

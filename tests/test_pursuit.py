@@ -47,13 +47,19 @@ def numpy_mp(x: np.ndarray, atoms: np.ndarray, k: int) -> np.ndarray:
 
 def test_reference_is_algorithm_2() -> None:
     atoms, x = unit_atoms(40, 12), inputs(30, 12)
-    np.testing.assert_allclose(reference_matching_pursuit(x, atoms, 7).numpy(), numpy_mp(x.numpy(), atoms.numpy(), 7), atol=1e-12)
+    np.testing.assert_allclose(
+        reference_matching_pursuit(x, atoms, 7).numpy(),
+        numpy_mp(x.numpy(), atoms.numpy(), 7),
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("gram", ["auto", None, "given"])
 @pytest.mark.parametrize("chunk_size", [None, 1, 7])
 @pytest.mark.parametrize(("n", "d", "k"), [(64, 16, 8), (300, 24, 40), (10, 32, 12)])
-def test_mp_matches_literal_algorithm(gram: str | None, chunk_size: int | None, n: int, d: int, k: int) -> None:
+def test_mp_matches_literal_algorithm(
+    gram: str | None, chunk_size: int | None, n: int, d: int, k: int
+) -> None:
     atoms, x = unit_atoms(n, d), inputs(50, d)
     g = atoms @ atoms.T if gram == "given" else gram
     code = matching_pursuit(x, atoms, k, gram=g, chunk_size=chunk_size)
@@ -99,7 +105,9 @@ def test_mp_can_pick_an_atom_twice_and_dense_view_sums_slots() -> None:
     assert len(set(code.indices[0].tolist())) < 6
     dense = code.to_dense(2)
     torch.testing.assert_close(dense, reference_matching_pursuit(x, a, 6))
-    torch.testing.assert_close(dense[0], torch.stack([code.values[0][code.indices[0] == j].sum() for j in range(2)]))
+    torch.testing.assert_close(
+        dense[0], torch.stack([code.values[0][code.indices[0] == j].sum() for j in range(2)])
+    )
 
 
 def test_zero_vector_gives_zero_codes() -> None:
@@ -116,7 +124,9 @@ def test_mp_energy_identity(seed: int, k: int, n: int) -> None:
     atoms, x = unit_atoms(n, 6, seed), inputs(10, 6, seed + 1)
     code = matching_pursuit(x, atoms, k)
     resid = x - decode(code, atoms)
-    torch.testing.assert_close((x * x).sum(1), (resid * resid).sum(1) + (code.values**2).sum(1), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(
+        (x * x).sum(1), (resid * resid).sum(1) + (code.values**2).sum(1), atol=1e-9, rtol=1e-9
+    )
     assert bool(((resid * resid).sum(1) <= (x * x).sum(1) + 1e-9).all())
 
 

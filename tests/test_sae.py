@@ -23,7 +23,6 @@ import itda_lens
 from itda_lens import ITDA, build_itda
 from itda_lens.pursuit import matching_pursuit, orthogonal_matching_pursuit
 from itda_lens.sae import _register
-
 from tests.helpers import BOS, PAD, SEQ, make_tokens
 
 HOOK = "blocks.1.hook_resid_post"
@@ -43,7 +42,9 @@ def acts(model: HookedSAETransformer) -> torch.Tensor:
 def test_from_atoms_normalises_and_keeps_provenance() -> None:
     atoms = torch.randn(5, 6) * 7
     labels = torch.tensor([[0, 1], [0, 2], [3, 4], [9, 9], [2**40, 5]])
-    itda = ITDA.from_atoms(atoms, k=3, labels=labels, token_ids=torch.arange(5), hook_name="blocks.4.hook_resid_post")
+    itda = ITDA.from_atoms(
+        atoms, k=3, labels=labels, token_ids=torch.arange(5), hook_name="blocks.4.hook_resid_post"
+    )
     torch.testing.assert_close(itda.W_dec.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(itda.W_dec, F.normalize(atoms, dim=1))
     assert itda.atom_labels.dtype == torch.long and (itda.atom_labels == labels).all()
@@ -59,7 +60,12 @@ def test_from_atoms_normalises_and_keeps_provenance() -> None:
         (torch.tensor([[1.0, float("nan")]]), {}, ValueError, "NaN"),
         (torch.ones(4), {}, ValueError, "shape"),
         (torch.ones(2, 3, dtype=torch.long), {}, TypeError, "floating-point"),
-        (torch.ones(2, 3), {"labels": torch.zeros(3, 2, dtype=torch.long)}, ValueError, "labels must have shape"),
+        (
+            torch.ones(2, 3),
+            {"labels": torch.zeros(3, 2, dtype=torch.long)},
+            ValueError,
+            "labels must have shape",
+        ),
         (torch.ones(2, 3), {"labels": torch.zeros(2, 2)}, TypeError, "integer"),
         (torch.ones(2, 3), {"k": 0}, ValueError, "k must be"),
         (torch.ones(2, 3), {"encoder": "lasso"}, ValueError, "encoder"),
@@ -92,13 +98,21 @@ def test_encode_is_signed_mp_and_matches_encode_sparse(itda: ITDA, acts: torch.T
 
 def test_hooks_fire_on_the_sae(itda: ITDA, acts: torch.Tensor) -> None:
     _, cache = itda.run_with_cache(acts)
-    for name in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_output"):
+    for name in (
+        "hook_sae_input",
+        "hook_sae_acts_pre",
+        "hook_sae_acts_post",
+        "hook_sae_recons",
+        "hook_sae_output",
+    ):
         assert name in cache
     torch.testing.assert_close(cache["hook_sae_acts_pre"], acts @ itda.W_enc)
     torch.testing.assert_close(cache["hook_sae_recons"], itda.decode(cache["hook_sae_acts_post"]))
 
 
-def test_cache_and_error_term_reproduce_clean_logits(model: HookedSAETransformer, itda: ITDA) -> None:
+def test_cache_and_error_term_reproduce_clean_logits(
+    model: HookedSAETransformer, itda: ITDA
+) -> None:
     toks = make_tokens(4, seed=5)
     clean = model(toks)
     logits, cache = model.run_with_cache_with_saes(toks, saes=[itda], use_error_term=True)
@@ -106,7 +120,9 @@ def test_cache_and_error_term_reproduce_clean_logits(model: HookedSAETransformer
     assert cache[f"{HOOK}.hook_sae_acts_post"].shape == (4, SEQ, itda.cfg.d_sae)
     assert f"{HOOK}.hook_sae_error" in cache
     spliced = model.run_with_saes(toks, saes=[itda])
-    assert not torch.allclose(spliced, clean, atol=1e-3), "without the error term the ITDA reconstruction is used"
+    assert not torch.allclose(spliced, clean, atol=1e-3), (
+        "without the error term the ITDA reconstruction is used"
+    )
     assert model.acts_to_saes == {}
 
 
@@ -152,22 +168,37 @@ def test_save_load_round_trip(itda: ITDA, acts: torch.Tensor, tmp_path: Path) ->
     assert back.atom_labels.dtype == torch.long and torch.equal(back.atom_labels, itda.atom_labels)
     assert torch.equal(back.atom_token_ids, itda.atom_token_ids)
     assert torch.equal(back.encode(acts), itda.encode(acts))
-    assert back.cfg.metadata.itda_builder["tokens_seen"] == itda.cfg.metadata.itda_builder["tokens_seen"]
+    assert (
+        back.cfg.metadata.itda_builder["tokens_seen"]
+        == itda.cfg.metadata.itda_builder["tokens_seen"]
+    )
 
 
 def test_provenance_survives_half_precision_save(tmp_path: Path) -> None:
     labels = torch.tensor([[123_456_789, 127], [-1, -1], [2**33 + 1, 4095]])
-    itda = ITDA.from_atoms(torch.randn(3, 8), k=2, labels=labels, token_ids=torch.tensor([50256, 70000, -1]), dtype="bfloat16")
+    itda = ITDA.from_atoms(
+        torch.randn(3, 8),
+        k=2,
+        labels=labels,
+        token_ids=torch.tensor([50256, 70000, -1]),
+        dtype="bfloat16",
+    )
     itda.save_model(tmp_path)
     back = ITDA.load_from_disk(tmp_path)
     assert back.W_dec.dtype == torch.bfloat16
-    assert torch.equal(back.atom_labels, labels) and back.atom_token_ids.tolist() == [50256, 70000, -1]
+    assert torch.equal(back.atom_labels, labels) and back.atom_token_ids.tolist() == [
+        50256,
+        70000,
+        -1,
+    ]
 
 
 def test_mixed_save_never_loads(itda: ITDA, tmp_path: Path) -> None:
     itda.save_model(tmp_path / "a")
     itda.crop(itda.cfg.d_sae).save_model(tmp_path / "b")
-    shutil.copy(tmp_path / "b" / "sae_weights.safetensors", tmp_path / "a" / "sae_weights.safetensors")
+    shutil.copy(
+        tmp_path / "b" / "sae_weights.safetensors", tmp_path / "a" / "sae_weights.safetensors"
+    )
     with pytest.raises(ValueError, match="different saves"):
         SAE.load_from_disk(tmp_path / "a")
 
@@ -210,7 +241,7 @@ def test_reimport_in_a_fresh_process_is_safe(itda: ITDA, tmp_path: Path) -> None
     itda.save_model(tmp_path)
     code = (
         "import importlib, itda_lens, itda_lens.sae as s; importlib.reload(s); importlib.reload(itda_lens);"
-        "from sae_lens import SAE; print(type(SAE.load_from_disk(r'%s')).__name__)" % tmp_path
+        f"from sae_lens import SAE; print(type(SAE.load_from_disk(r'{tmp_path}')).__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ITDA"
@@ -261,16 +292,34 @@ def test_crop_keeps_first_atoms(itda: ITDA) -> None:
 
 def _store(model: HookedSAETransformer, sae: ITDA) -> ActivationsStore:
     ds = Dataset.from_dict({"tokens": make_tokens(32, seed=11).tolist()})
-    return ActivationsStore.from_sae(model, sae, dataset=ds, streaming=False, store_batch_size_prompts=8,
-                                     context_size=SEQ, n_batches_in_buffer=4, total_tokens=10_000)
+    return ActivationsStore.from_sae(
+        model,
+        sae,
+        dataset=ds,
+        streaming=False,
+        store_batch_size_prompts=8,
+        context_size=SEQ,
+        n_batches_in_buffer=4,
+        total_tokens=10_000,
+    )
 
 
 def test_sae_lens_run_evals_gives_finite_metrics(model: HookedSAETransformer, itda: ITDA) -> None:
-    cfg = EvalConfig(batch_size_prompts=8, n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=2,
-                     compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
-                     compute_variance_metrics=True, compute_featurewise_density_statistics=True,
-                     compute_featurewise_weight_based_metrics=True)
-    nested, feature_metrics = run_evals(itda, _store(model, itda), model, ActivationScaler(), cfg, exclude_special_tokens=[BOS, PAD])
+    cfg = EvalConfig(
+        batch_size_prompts=8,
+        n_eval_reconstruction_batches=2,
+        n_eval_sparsity_variance_batches=2,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True,
+    )
+    nested, feature_metrics = run_evals(
+        itda, _store(model, itda), model, ActivationScaler(), cfg, exclude_special_tokens=[BOS, PAD]
+    )
     metrics = {k: v for group in nested.values() for k, v in group.items()}
     for key in ("ce_loss_score", "kl_div_score", "explained_variance", "l0", "mse"):
         assert math.isfinite(metrics[key]), key
@@ -285,10 +334,19 @@ def test_saebench_core_gives_finite_metrics(model: HookedSAETransformer, itda: I
 
     sae = itda.crop(itda.cfg.d_sae)
     load_and_format_sae("itda_test", sae, "cpu")
-    cfg = CoreEvalConfig(model_name="tiny-0", batch_size_prompts=8, n_eval_reconstruction_batches=2,
-                         n_eval_sparsity_variance_batches=2, context_size=SEQ, compute_kl=True, compute_ce_loss=True,
-                         compute_sparsity_metrics=True, compute_variance_metrics=True,
-                         compute_featurewise_density_statistics=True, compute_featurewise_weight_based_metrics=True)
+    cfg = CoreEvalConfig(
+        model_name="tiny-0",
+        batch_size_prompts=8,
+        n_eval_reconstruction_batches=2,
+        n_eval_sparsity_variance_batches=2,
+        context_size=SEQ,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True,
+    )
     metrics, _ = core.run_evals(sae, _store(model, sae), model, cfg, ignore_tokens={BOS, PAD})
     flat = {f"{g}.{k}": v for g, d in metrics.items() for k, v in d.items()}
     assert math.isfinite(flat["model_performance_preservation.ce_loss_score"])

@@ -1,0 +1,280 @@
+"""``itda-lens demo``: build ITDAs at several layers of the default model, evaluate them with
+sae_lens's ``run_evals`` on held-out text, and write a report folder (saved ITDAs, report.md, PNGs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from jaxtyping import Int
+from sae_lens import HookedSAETransformer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import Tensor
+from transformer_lens import HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
+
+from itda_lens.analysis import atom_usage, in_context, replay_sequences
+from itda_lens.builder import build_itda
+from itda_lens.evals import evaluate, special_token_ids
+from itda_lens.sae import ITDA
+from itda_lens.sources import hook_activations, stop_at_layer
+
+
+@dataclass
+class DemoSetup:
+    """What the demo runs on: a model, its training and held-out token batches, and their names."""
+
+    model: HookedSAETransformer
+    model_name: str
+    train_tokens: Int[Tensor, "n seq"]
+    heldout_tokens: Int[Tensor, "m seq"]
+    dataset_name: str
+
+
+def default_setup(n_train: int = 256, n_heldout: int = 64, seq_len: int = 64) -> DemoSetup:
+    """Interim default until the zoo ships: a config-built 4-layer model with a word tokenizer."""
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(508)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    cfg = HookedTransformerConfig(
+        n_layers=4,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        d_mlp=256,
+        d_vocab=512,
+        n_ctx=seq_len,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+        model_name="config-4l-64d",
+    )
+    with (
+        tempfile.TemporaryDirectory() as tmp
+    ):  # TransformerLens re-reads the tokenizer from its path
+        fast.save_pretrained(tmp)
+        model = HookedSAETransformer(
+            cfg, tokenizer=PreTrainedTokenizerFast.from_pretrained(tmp)
+        ).eval()
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(4, 512, (n_train + n_heldout, seq_len), generator=g)
+    toks[:, 0] = 0
+    return DemoSetup(model, "config-4l-64d", toks[:n_train], toks[n_train:], "random-tokens")
+
+
+def _growth_plot(itdas: dict[str, ITDA], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for hook, itda in itdas.items():
+        growth = itda.cfg.metadata.itda_builder["growth"]
+        xs, ys = [0] + [g[0] for g in growth], [0] + [g[1] for g in growth]
+        ax.step(xs, ys, where="post", label=hook)
+    ax.set_xlabel("tokens read")
+    ax.set_ylabel("atoms")
+    ax.set_title("Dictionary growth")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _recon_vs_l0(
+    itdas: dict[str, ITDA], acts: dict[str, Tensor], ks: list[int], path: Path
+) -> dict[str, list[float]]:
+    """Explained variance of held-out activations as the number of pursuit steps grows."""
+    curves: dict[str, list[float]] = {}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for hook, itda in itdas.items():
+        x = acts[hook]
+        total = ((x - x.mean(0)) ** 2).sum()
+        ev = []
+        for k in ks:
+            resid = x - itda.decode_sparse(itda.encode_sparse(x, k=k))
+            ev.append(float(1 - (resid**2).sum() / total))
+        curves[hook] = ev
+        ax.plot(ks, ev, marker="o", label=hook)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (pursuit steps k)")
+    ax.set_ylabel("explained variance (held-out)")
+    ax.set_title("Reconstruction vs L0")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return curves
+
+
+def _atom_table(itda: ITDA, setup: DemoSetup, top: int) -> list[str]:
+    tok = setup.model.tokenizer
+    usage = atom_usage(itda, setup.model, setup.heldout_tokens)
+    order = torch.argsort(usage.counts, descending=True, stable=True)[:top].tolist()
+    own = replay_sequences(
+        setup.train_tokens,
+        {int(itda.atom_labels[a, 0]) for a in order},
+        context_size=None,
+        tokenizer=tok,
+    )
+    lines = [
+        f"Most used atoms on {usage.n_tokens} held-out tokens: each atom is the activation at `[[token]]` in its "
+        "source passage (training data); 'fires on' is its strongest held-out use.",
+        "",
+        "| atom | used | atom's own token in context | fires most strongly on |",
+        "|---:|---:|---|---|",
+    ]
+    for a in order:
+        seq, pos = itda.atom_labels[a].tolist()
+        src = in_context(tok, own[seq], pos) if seq in own else "?"
+        hs, hp = usage.top_where[a].tolist()
+        fires = in_context(tok, setup.heldout_tokens[hs], hp) if hs >= 0 else "-"
+        lines.append(
+            f"| {a} | {int(usage.counts[a])} | {_md(src)} | {_md(fires)} ({usage.top_value[a]:.2f}) |"
+        )
+    return lines
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def run_demo(
+    out: str | Path,
+    setup: DemoSetup,
+    *,
+    layers: list[int],
+    k: int = 20,
+    cos_threshold: float = 0.8,
+    max_atoms: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    top_atoms: int = 12,
+) -> Path:
+    """Build, evaluate and report; returns the report folder."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} already exists and is not empty; pass --overwrite or choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    t0 = time.perf_counter()
+    itdas = build_itda(
+        setup.model,
+        setup.train_tokens,
+        hooks,
+        k=k,
+        cos_threshold=cos_threshold,
+        max_atoms=max_atoms,
+        progress=progress,
+        model_name=setup.model_name,
+        dataset_path=setup.dataset_name,
+    )
+    assert isinstance(itdas, dict)
+    build_seconds = time.perf_counter() - t0
+    results: dict[str, Any] = {
+        "model": setup.model_name,
+        "dataset": setup.dataset_name,
+        "k": k,
+        "cos_threshold": cos_threshold,
+        "build_seconds": round(build_seconds, 2),
+        "layers": {},
+    }
+    for hook, itda in itdas.items():
+        itda.save_model(out / "itdas" / hook)
+        t1 = time.perf_counter()
+        metrics = evaluate(itda, setup.model, setup.heldout_tokens)
+        results["layers"][hook] = {
+            "n_atoms": itda.cfg.d_sae,
+            "eval_seconds": round(time.perf_counter() - t1, 2),
+            **{
+                key: metrics.get(key)
+                for key in (
+                    "ce_loss_score",
+                    "kl_div_score",
+                    "explained_variance",
+                    "l0",
+                    "ce_loss_without_sae",
+                    "ce_loss_with_sae",
+                    "ce_loss_with_ablation",
+                )
+            },
+        }
+    acts = _heldout_acts(setup, hooks)
+    _growth_plot(itdas, out / "growth.png")
+    ks = sorted({1, 2, 5, 10, k, 2 * k})
+    results["recon_vs_l0"] = {
+        "k": ks,
+        "explained_variance": _recon_vs_l0(itdas, acts, ks, out / "recon_vs_l0.png"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _write_report(out, setup, itdas, results, top_atoms)
+    return out
+
+
+def _heldout_acts(setup: DemoSetup, hooks: list[str]) -> dict[str, Tensor]:
+    toks = setup.heldout_tokens
+    acts = hook_activations(setup.model, toks, hooks, stop_at_layer(hooks))
+    keep = ~torch.isin(
+        toks.reshape(-1), torch.tensor(special_token_ids(setup.model), dtype=torch.long)
+    )
+    return {h: a.reshape(-1, a.shape[-1])[keep].float() for h, a in acts.items()}
+
+
+def _write_report(
+    out: Path, setup: DemoSetup, itdas: dict[str, ITDA], results: dict[str, Any], top: int
+) -> None:
+    n_train = setup.train_tokens.numel()
+    lines = [
+        "# itda_lens demo report",
+        "",
+        f"Model `{setup.model_name}`, data `{setup.dataset_name}`: ITDA dictionaries built from "
+        f"{n_train:,} training tokens ({setup.train_tokens.shape[0]} sequences of {setup.train_tokens.shape[1]}) "
+        f"in {results['build_seconds']} s with k = {results['k']} signed matching-pursuit steps and "
+        f"cos_threshold = {results['cos_threshold']}, evaluated with sae_lens `run_evals` on "
+        f"{setup.heldout_tokens.numel():,} held-out tokens (BOS/EOS/PAD positions excluded).",
+        "",
+        "| hook | atoms | CE-loss score | KL score | explained variance | L0 | CE clean / with ITDA / zero-ablated |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for hook, r in results["layers"].items():
+        lines.append(
+            f"| {hook} | {r['n_atoms']} | {r['ce_loss_score']:.3f} | {r['kl_div_score']:.3f} | "
+            f"{r['explained_variance']:.3f} | {r['l0']:.1f} | {r['ce_loss_without_sae']:.3f} / "
+            f"{r['ce_loss_with_sae']:.3f} / {r['ce_loss_with_ablation']:.3f} |"
+        )
+    lines += ["", "![dictionary growth](growth.png) ![reconstruction vs L0](recon_vs_l0.png)", ""]
+    curve = results["recon_vs_l0"]
+    lines.append(
+        "Explained variance on held-out activations by L0: "
+        + "; ".join(
+            f"{hook}: " + ", ".join(f"k={k}: {v:.3f}" for k, v in zip(curve["k"], ev, strict=True))
+            for hook, ev in curve["explained_variance"].items()
+        )
+    )
+    for hook, itda in itdas.items():
+        lines += ["", f"## Atoms at {hook}", "", *_atom_table(itda, setup, top)]
+    lines += [
+        "",
+        "Saved ITDAs: `itdas/<hook>/` — load with `import itda_lens; sae_lens.SAE.load_from_disk(path)`; "
+        "`results.json` has every number above.",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))

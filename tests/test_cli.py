@@ -1,0 +1,126 @@
+"""The command line: build and inspect against a local model folder and a token file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from itda_lens import ITDA
+from itda_lens.cli import main
+from itda_lens.models import load_model_folder, save_model_folder
+from tests.helpers import make_tokens
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_model_folder(model, tmp_path_factory.mktemp("m") / "tiny", fp16=False)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("d") / "tokens.pt"
+    torch.save(make_tokens(24), path)
+    return path
+
+
+def test_model_folder_round_trip(model, model_dir: Path) -> None:
+    back = load_model_folder(model_dir)
+    toks = make_tokens(2)
+    torch.testing.assert_close(back(toks), model(toks))
+    assert back.tokenizer is not None
+
+
+def test_corrupt_model_folder_names_the_file(model, tmp_path: Path) -> None:
+    folder = save_model_folder(model, tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        load_model_folder(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        load_model_folder(folder)
+
+
+def test_build_then_inspect(
+    model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "itda"
+    rc = main(
+        [
+            "build",
+            "--model",
+            str(model_dir),
+            "--hook",
+            HOOK,
+            "--data",
+            str(data_file),
+            "--k",
+            "5",
+            "--cos-threshold",
+            "0.8",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    itda = ITDA.load_from_disk(out)
+    assert itda.cfg.k == 5 and itda.cfg.metadata.model_name == str(model_dir)
+    assert "itda-lens inspect" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "top 3 atoms by use" in text
+        and "[[" in text
+        and f"n_atoms: {itda.cfg.d_sae}" in text.replace("  ", " ").replace("  ", " ")
+    )
+
+
+def test_build_two_hooks_and_errors(
+    model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "two"
+    assert (
+        main(
+            [
+                "build",
+                "--model",
+                str(model_dir),
+                "--hook",
+                "blocks.0.hook_resid_post",
+                "--hook",
+                HOOK,
+                "--data",
+                str(data_file),
+                "--k",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert ITDA.load_from_disk(out / HOOK).cfg.metadata.hook_name == HOOK
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "build",
+                "--model",
+                str(model_dir),
+                "--hook",
+                "blocks.9.hook_resid_post",
+                "--data",
+                str(data_file),
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
+    assert "no hook point" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
