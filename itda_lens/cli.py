@@ -1,4 +1,8 @@
-"""``itda-lens``: build and inspect ITDA dictionaries from the command line."""
+"""``itda-lens``: build, inspect and demo ITDA dictionaries from the command line.
+
+Without ``--model`` every command uses the zoo's default model, and without ``--data`` the zoo corpus
+(``kjv``), so everything runs offline.
+"""
 
 from __future__ import annotations
 
@@ -14,28 +18,27 @@ import torch
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
 from itda_lens.demo import default_setup, run_demo
-from itda_lens.models import resolve_model, resolve_tokens
+from itda_lens.resolve import resolve_model, resolve_tokens
 from itda_lens.sae import ITDA
 from itda_lens.sources import token_batches
+
+MODEL_HELP = (
+    "zoo model (default kjv-4l128-s0), model folder, or TransformerLens pretrained name (hub)"
+)
+DATA_HELP = "kjv (zoo corpus, default) | kjv:heldout | .pt/.npy token file | save_to_disk folder | hub dataset name"
 
 
 def _add_build(sub: Any) -> None:
     p = sub.add_parser("build", help="build ITDA dictionaries at one or more hook points")
-    p.add_argument(
-        "--model", required=True, help="model folder, or a TransformerLens pretrained name (hub)"
-    )
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument(
         "--hook",
         action="append",
         required=True,
         help="hook point, e.g. blocks.2.hook_resid_post (repeatable)",
     )
-    p.add_argument(
-        "--data",
-        required=True,
-        help=".pt/.npy token file, a datasets save_to_disk folder, or a hub dataset name",
-    )
-    p.add_argument("--split", default="train")
+    p.add_argument("--data", "--dataset", dest="data", default=None, help=DATA_HELP)
+    p.add_argument("--split", default="train", help="dataset split (hub and save_to_disk data)")
     p.add_argument("--k", type=int, default=40, help="pursuit steps (L0)")
     p.add_argument(
         "--cos-threshold",
@@ -52,7 +55,7 @@ def _add_build(sub: Any) -> None:
         default=None,
         help="tokens per sequence (text data: default 128)",
     )
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted build from OUT/checkpoint"
@@ -66,7 +69,9 @@ def _add_build(sub: Any) -> None:
 def _cmd_build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     model = resolve_model(args.model, device=args.device)
-    tokens = resolve_tokens(args.data, split=args.split)
+    tokens, dataset_path = resolve_tokens(
+        args.data, model, split=args.split, context_size=args.context_size
+    )
     result = build_itda(
         model,
         tokens,
@@ -82,15 +87,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
         checkpoint_dir=out / "checkpoint",
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        model_name=args.model,
-        dataset_path=args.data,
+        model_name=args.model or model.cfg.model_name,
+        dataset_path=dataset_path,
     )
     itdas = {args.hook[0]: result} if isinstance(result, ITDA) else result
+    folders = {hook: out if len(itdas) == 1 else out / hook for hook in itdas}
     for hook, itda in itdas.items():
-        folder = out if len(itdas) == 1 else out / hook
-        itda.save_model(folder)
-        print(f"saved ITDA at {hook}: {itda.cfg.d_sae} atoms (k={itda.cfg.k}) -> {folder}")
-    print(f"next: itda-lens inspect {out if len(itdas) == 1 else out / args.hook[0]}")
+        itda.save_model(folders[hook])
+        print(f"saved ITDA at {hook}: {itda.cfg.d_sae} atoms (k={itda.cfg.k}) -> {folders[hook]}")
+    print(f"next: itda-lens inspect {folders[args.hook[0]]}")
     return 0
 
 
@@ -135,11 +140,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         print(f"{key:>13}: {value}")
     meta = itda.cfg.metadata
-    model_spec, data_spec = args.model or meta.model_name, args.data or meta.dataset_path
     model = tokens = None
     try:
-        model = resolve_model(model_spec) if model_spec else None
-        tokens = resolve_tokens(data_spec) if data_spec else None
+        model = resolve_model(args.model or meta.model_name)
+        data_spec = args.data or meta.dataset_path
+        tokens = (
+            resolve_tokens(data_spec, model, context_size=meta.context_size)[0]
+            if data_spec
+            else None
+        )
     except Exception as err:  # the atoms can still be listed without model or data
         print(f"(cannot load model/data for context: {err}; pass --model / --data)")
     tokenizer = getattr(model, "tokenizer", None)
@@ -154,16 +163,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         usage = atom_usage(itda, model, sample)
         counts = usage.counts
         atoms = torch.argsort(counts, descending=True, stable=True)[: args.top].tolist()
-        print(f"\ntop {len(atoms)} atoms by use on {usage.n_tokens} tokens of {data_spec}:")
+        print(
+            f"\ntop {len(atoms)} atoms by use on {usage.n_tokens} tokens of {args.data or meta.dataset_path}:"
+        )
     else:
         print(f"\nfirst {len(atoms)} atoms (give --model and --data to rank by use):")
+    wanted = {int(itda.atom_labels[a, 0]) for a in atoms}
     seqs = (
-        replay_sequences(
-            tokens,
-            {int(itda.atom_labels[a, 0]) for a in atoms},
-            context_size=meta.context_size,
-            tokenizer=tokenizer,
-        )
+        replay_sequences(tokens, wanted, context_size=meta.context_size, tokenizer=tokenizer)
         if tokens is not None
         else {}
     )
@@ -183,10 +190,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
-        "demo", help="the main job: build, evaluate and report on the default model (offline)"
+        "demo", help="the main job: build, evaluate and report on the default zoo model (offline)"
     )
     p.add_argument("--out", default="itda_report", help="report folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--model", default=None, help="zoo model (default kjv-4l128-s0)")
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--cos-threshold", type=float, default=0.8)
@@ -194,7 +202,8 @@ def _add_demo(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    setup = default_setup(n_train=64, n_heldout=16) if args.quick else default_setup()
+    sizes = {"n_train": 96, "n_heldout": 32} if args.quick else {}
+    setup = default_setup(args.model, **sizes)
     out = run_demo(
         args.out,
         setup,

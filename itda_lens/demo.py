@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,9 @@ import matplotlib.pyplot as plt
 import torch
 from jaxtyping import Int
 from sae_lens import HookedSAETransformer
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor
-from transformer_lens import HookedTransformerConfig
-from transformers import PreTrainedTokenizerFast
 
+from itda_lens import zoo
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
 from itda_lens.evals import evaluate, special_token_ids
@@ -42,42 +39,19 @@ class DemoSetup:
     dataset_name: str
 
 
-def default_setup(n_train: int = 256, n_heldout: int = 64, seq_len: int = 64) -> DemoSetup:
-    """Interim default until the zoo ships: a config-built 4-layer model with a word tokenizer."""
-    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(508)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
+def default_setup(
+    model: str | None = None, n_train: int = 512, n_heldout: int = 128, seq_len: int = 128
+) -> DemoSetup:
+    """The zoo's default model with reproducible training and held-out windows of the corpus."""
+    name = model or zoo.DEFAULT_MODEL
+    tokenizer = zoo.model_card(name)["tokenizer"]
+    return DemoSetup(
+        zoo.load_model(name),
+        name,
+        zoo.load_tokens("train", n_train, seq_len, tokenizer=tokenizer),
+        zoo.load_tokens("heldout", n_heldout, seq_len, tokenizer=tokenizer),
+        "kjv:train",
     )
-    cfg = HookedTransformerConfig(
-        n_layers=4,
-        d_model=64,
-        n_heads=4,
-        d_head=16,
-        d_mlp=256,
-        d_vocab=512,
-        n_ctx=seq_len,
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-        model_name="config-4l-64d",
-    )
-    with (
-        tempfile.TemporaryDirectory() as tmp
-    ):  # TransformerLens re-reads the tokenizer from its path
-        fast.save_pretrained(tmp)
-        model = HookedSAETransformer(
-            cfg, tokenizer=PreTrainedTokenizerFast.from_pretrained(tmp)
-        ).eval()
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(4, 512, (n_train + n_heldout, seq_len), generator=g)
-    toks[:, 0] = 0
-    return DemoSetup(model, "config-4l-64d", toks[:n_train], toks[n_train:], "random-tokens")
 
 
 def _growth_plot(itdas: dict[str, ITDA], path: Path) -> None:

@@ -1,9 +1,6 @@
-"""Resolve what users name on the command line: models and token data.
+"""Model folders: a TransformerLens config, fp16 safetensors weights, an optional tokenizer and card.
 
-A model is a local folder saved with :func:`save_model_folder` (a TransformerLens config, safetensors
-weights and a tokenizer) or a TransformerLens pretrained name (needs the Hugging Face hub). Data is
-a saved token tensor (``.pt`` / ``.npy``), a folder written by ``datasets.save_to_disk``, or a hub
-dataset name (streamed).
+This is how the zoo ships its models and how users save config-built models for the CLI.
 """
 
 from __future__ import annotations
@@ -12,8 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import datasets
-import numpy as np
 import torch
 from sae_lens import HookedSAETransformer
 from safetensors import SafetensorError
@@ -32,6 +27,7 @@ def save_model_folder(
     *,
     fp16: bool = True,
     card: dict[str, Any] | None = None,
+    save_tokenizer: bool = True,
 ) -> Path:
     """Save a config-built model as ``config.json`` + ``model.safetensors`` (+ tokenizer, card)."""
     folder = Path(folder)
@@ -45,7 +41,7 @@ def save_model_folder(
         if v.is_floating_point() and not k.endswith("IGNORE")
     }
     save_file(state, str(folder / MODEL_WEIGHTS))
-    if model.tokenizer is not None:
+    if save_tokenizer and model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     if card is not None:
         (folder / "card.json").write_text(json.dumps(card, indent=2))
@@ -60,8 +56,13 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def load_model_folder(folder: str | Path, device: str = "cpu") -> HookedSAETransformer:
-    """Load a folder written by :func:`save_model_folder`, with errors that name the bad file."""
+def load_model_folder(
+    folder: str | Path, device: str = "cpu", tokenizer: Any = None
+) -> HookedSAETransformer:
+    """Load a folder written by :func:`save_model_folder`, with errors that name the bad file.
+
+    The tokenizer is ``tokenizer`` if given, else the folder's ``tokenizer/`` sub-folder if any.
+    """
     folder = Path(folder)
     cfg_path, weights_path = folder / MODEL_CONFIG, folder / MODEL_WEIGHTS
     for path in (cfg_path, weights_path):
@@ -80,7 +81,8 @@ def load_model_folder(folder: str | Path, device: str = "cpu") -> HookedSAETrans
         **{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__}
     )
     tok_dir = folder / TOKENIZER_DIR
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
+    if tokenizer is None and tok_dir.is_dir():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     model = HookedSAETransformer(cfg, tokenizer=tokenizer)
     expected = {
         k
@@ -94,28 +96,3 @@ def load_model_folder(folder: str | Path, device: str = "cpu") -> HookedSAETrans
         )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     return model.to(device).eval()
-
-
-def resolve_model(spec: str, device: str = "cpu") -> HookedSAETransformer:
-    """A local model folder, or a TransformerLens pretrained name (downloads from the hub)."""
-    path = Path(spec)
-    if path.is_dir():
-        return load_model_folder(path, device)
-    return HookedSAETransformer.from_pretrained(spec, device=device)
-
-
-def resolve_tokens(spec: str, *, split: str = "train") -> Any:
-    """Token data: a ``.pt``/``.npy`` [n_seq, seq_len] file, a ``save_to_disk`` folder, or a hub name."""
-    path = Path(spec)
-    if path.is_file():
-        if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path))
-        if path.suffix == ".pt":
-            return torch.load(path, weights_only=True)
-        raise ValueError(
-            f"unsupported token file {path}: use .pt or .npy holding [n_seq, seq_len] ids"
-        )
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(spec, split=split, streaming=True)

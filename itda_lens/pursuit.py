@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = [
     "GRAM_MAX_BYTES",
     "UNIT_NORM_TOL",
+    "GramRows",
     "SparseCode",
     "check_atoms",
     "compute_dtype",
@@ -49,7 +50,59 @@ GRAM_MAX_BYTES = 2**30
 #: dictionaries that were never normalised.
 UNIT_NORM_TOL = 1e-2
 
-GramArg = Tensor | None | Literal["auto"]
+
+class GramRows:
+    """Rows of ``atoms @ atoms.T`` computed on demand and cached (FIFO) within a byte budget.
+
+    For dictionaries whose full Gram matrix does not fit: each pursuit step needs the rows of the
+    atoms it just picked; rows for atoms picked again (by other tokens, later steps or later chunks)
+    come from the cache instead of another ``n x d`` product. Never holds an ``n x n`` matrix.
+    """
+
+    def __init__(self, atoms: Float[Tensor, "n d"], max_bytes: int = GRAM_MAX_BYTES):
+        self.atoms = atoms
+        n = atoms.shape[0]
+        self.capacity = int(max_bytes // (n * atoms.element_size()))
+        self.rows = atoms.new_empty(0, n)
+        self.slot = torch.full((n,), -1, dtype=torch.long, device=atoms.device)
+        self.owner = torch.empty(0, dtype=torch.long, device=atoms.device)
+        self.next = 0
+        self.computed = 0  # rows computed so far (a cache-efficiency statistic)
+
+    def _grow(self, needed: int) -> None:
+        size = min(self.capacity, max(needed, 2 * self.rows.shape[0], 256))
+        if size > self.rows.shape[0]:
+            rows = self.atoms.new_empty(size, self.atoms.shape[0])
+            rows[: self.rows.shape[0]] = self.rows
+            owner = torch.full((size,), -1, dtype=torch.long, device=self.atoms.device)
+            owner[: self.owner.shape[0]] = self.owner
+            self.rows, self.owner = rows, owner
+
+    def __call__(self, j: Int[Tensor, " t"]) -> Float[Tensor, "t n"]:
+        uniq = torch.unique(j)
+        if uniq.numel() > self.capacity:  # cannot cache them all at once: compute directly
+            self.computed += uniq.numel()
+            return (self.atoms[uniq] @ self.atoms.T)[torch.searchsorted(uniq, j)]
+        missing = uniq[self.slot[uniq] < 0]
+        if missing.numel():
+            self._grow(self.owner.shape[0] + missing.numel())
+            size = self.owner.shape[0]
+            order = (self.next + torch.arange(size, device=j.device)) % size
+            owners = self.owner[order]
+            needed = torch.zeros_like(self.slot, dtype=torch.bool)
+            needed[uniq] = True
+            free = order[(owners < 0) | ~needed[owners.clamp_min(0)]][: missing.numel()]
+            evicted = self.owner[free]
+            self.slot[evicted[evicted >= 0]] = -1
+            self.rows[free] = self.atoms[missing] @ self.atoms.T
+            self.owner[free] = missing
+            self.slot[missing] = free
+            self.next = int(free[-1] + 1) % size
+            self.computed += missing.numel()
+        return self.rows.index_select(0, self.slot[j])
+
+
+GramArg = Tensor | GramRows | None | Literal["auto"]
 
 
 class SparseCode(NamedTuple):
@@ -113,25 +166,32 @@ def _check_inputs(x: Tensor, atoms: Tensor, k: int, gram: GramArg) -> None:
         raise ValueError("x contains NaN or Inf activations")
     if isinstance(gram, Tensor) and gram.shape != (atoms.shape[0], atoms.shape[0]):
         raise ValueError(f"gram must have shape {(atoms.shape[0],) * 2}, got {tuple(gram.shape)}")
-    if gram is not None and not isinstance(gram, Tensor) and gram != "auto":
-        raise ValueError(f"gram must be a tensor, None or 'auto', got {gram!r}")
+    if isinstance(gram, GramRows) and gram.atoms.shape != atoms.shape:
+        raise ValueError("gram rows were built for a different dictionary")
+    if gram is not None and not isinstance(gram, Tensor | GramRows) and gram != "auto":
+        raise ValueError(f"gram must be a tensor, GramRows, None or 'auto', got {gram!r}")
 
 
 def _resolve_gram(
     gram: GramArg, atoms: Tensor, n_tokens: int, k: int, dtype: torch.dtype
-) -> Tensor | None:
-    """Use a given Gram matrix; for 'auto', build one only when it fits and pays for itself."""
+) -> Tensor | GramRows | None:
+    """A given Gram (or row provider); for 'auto', a full Gram when it fits and pays for itself,
+    else cached Gram rows, which tokens of a chunk and later chunks share."""
     if isinstance(gram, Tensor):
         return gram.to(dtype)
-    if gram is None:
-        return None
+    if gram is None or isinstance(gram, GramRows):
+        return gram
     n = atoms.shape[0]
-    fits = n * n * torch.finfo(dtype).bits // 8 <= GRAM_MAX_BYTES
-    pays = n_tokens * k >= n  # n²·d to build vs. the (k-1)·n·d per token it saves
-    if fits and pays:
-        a = atoms.to(dtype)
-        return a @ a.T
-    return None
+    if n_tokens * k < n:  # n²·d to build a Gram vs. the (k-1)·n·d per token it saves
+        return None
+    if n * n * torch.finfo(dtype).bits // 8 <= GRAM_MAX_BYTES:
+        return atoms @ atoms.T
+    return GramRows(atoms)
+
+
+def gram_rows(gram: Tensor | GramRows, j: Tensor) -> Tensor:
+    """Rows ``G[j]`` of a full Gram matrix or a :class:`GramRows` provider."""
+    return gram(j) if isinstance(gram, GramRows) else gram.index_select(0, j)
 
 
 def _chunks(
@@ -142,7 +202,9 @@ def _chunks(
         yield slice(start, min(start + size, n_tokens))
 
 
-def _mp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Tensor, Tensor]:
+def _mp_chunk(
+    x: Tensor, atoms: Tensor, k: int, gram: Tensor | GramRows | None
+) -> tuple[Tensor, Tensor]:
     """MP on one chunk [T, d] in compute dtype; Gram path updates correlations, else the residual."""
     rows = torch.arange(x.shape[0], device=x.device)
     idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
@@ -153,7 +215,7 @@ def _mp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Te
             j = corr.abs().argmax(dim=1)
             v = corr[rows, j]
             idx[:, t], val[:, t] = j, v
-            corr.addcmul_(gram.index_select(0, j), v.unsqueeze(1), value=-1.0)
+            corr.addcmul_(gram_rows(gram, j), v.unsqueeze(1), value=-1.0)
     else:
         resid = x.clone()
         for t in range(k):
@@ -165,7 +227,9 @@ def _mp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Te
     return idx, val
 
 
-def _omp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Tensor, Tensor]:
+def _omp_chunk(
+    x: Tensor, atoms: Tensor, k: int, gram: Tensor | GramRows | None
+) -> tuple[Tensor, Tensor]:
     """Batched OMP (Cholesky of the support Gram, grown one row per step) on one chunk [T, d]."""
     T, n = x.shape[0], atoms.shape[0]
     dev, dt = x.device, x.dtype
@@ -183,7 +247,7 @@ def _omp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[T
     for t in range(k):
         j = alpha.abs().argmax(dim=1)
         a = alpha[rows, j]
-        g = gram.index_select(0, j) if gram is not None else atoms.index_select(0, j) @ atoms.T
+        g = gram_rows(gram, j) if gram is not None else atoms.index_select(0, j) @ atoms.T
         # sklearn stops when the pick is already in the support or its correlation vanishes;
         # we scale the "vanishes" test by |x|^2 so that small-norm inputs are not cut off.
         stop = (a * a) <= eps * scale

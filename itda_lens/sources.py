@@ -98,9 +98,11 @@ def token_batches(
         for start in range(0, tokens.shape[0], batch_size):
             yield tokens[start : start + batch_size]
         return
-    column_names = getattr(tokens, "column_names", None)
-    if column_names is not None:
-        yield from _dataset_batches(tokens, list(column_names), batch_size, context_size, tokenizer)
+    if hasattr(tokens, "column_names"):  # datasets.Dataset / IterableDataset
+        columns = tokens.column_names
+        if columns is None:  # a streamed dataset whose features are unknown until read
+            columns = list(next(iter(tokens), {}).keys())
+        yield from _dataset_batches(tokens, list(columns), batch_size, context_size, tokenizer)
         return
     if isinstance(tokens, str | bytes) or not isinstance(tokens, Iterable):
         raise TypeError(

@@ -124,3 +124,85 @@ def test_build_two_hooks_and_errors(
     )
     assert "no hook point" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
+
+
+def test_real_model_path_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`build --model NAME --dataset DIR` as with gpt2 + pile-10k: here a zoo model and a local text dataset."""
+    from datasets import Dataset
+
+    from itda_lens import zoo
+    from itda_lens.zoo.corpus import documents
+
+    data = tmp_path / "pile-like"
+    Dataset.from_dict({"text": [d.text for d in documents("heldout")[:300]]}).save_to_disk(
+        str(data)
+    )
+    for model_spec in (zoo.DEFAULT_MODEL, str(zoo.MODELS_DIR / zoo.DEFAULT_MODEL)):
+        out = tmp_path / f"out{len(model_spec)}"
+        assert (
+            main(
+                [
+                    "build",
+                    "--model",
+                    model_spec,
+                    "--hook",
+                    "blocks.1.hook_resid_post",
+                    "--dataset",
+                    str(data),
+                    "--context-size",
+                    "64",
+                    "--max-tokens",
+                    "4096",
+                    "--k",
+                    "8",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        itda = ITDA.load_from_disk(out)
+        assert itda.cfg.metadata.context_size == 64 and itda.cfg.metadata.dataset_path == str(data)
+        assert itda.cfg.metadata.itda_builder["tokens_seen"] >= 4096
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "build",
+                "--model",
+                "kjv-nope",
+                "--hook",
+                "blocks.1.hook_resid_post",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "available" in capsys.readouterr().err
+
+
+def test_build_defaults_to_the_zoo(tmp_path: Path) -> None:
+    out = tmp_path / "default"
+    assert (
+        main(
+            [
+                "build",
+                "--hook",
+                "blocks.2.hook_resid_post",
+                "--max-tokens",
+                "8192",
+                "--k",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    itda = ITDA.load_from_disk(out)
+    assert (
+        itda.cfg.metadata.model_name == "kjv-4l128-s0"
+        and itda.cfg.metadata.dataset_path == "kjv:train"
+    )
+    assert main(["inspect", str(out), "--top", "3"]) == 0

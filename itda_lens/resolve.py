@@ -1,0 +1,84 @@
+"""What users name on the command line: a model and its token data.
+
+A model is a zoo name (the default), a model folder, or a TransformerLens pretrained name (which needs
+the Hugging Face hub). Data is the zoo corpus (``kjv`` / ``kjv:heldout``, the default), a token file
+(``.pt`` / ``.npy`` holding ``[n_seq, seq_len]`` ids), a folder written by ``datasets.save_to_disk``,
+or a hub dataset name (streamed, as a user with internet expects).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from sae_lens import HookedSAETransformer
+
+from itda_lens import zoo
+from itda_lens.models import load_model_folder
+
+ZOO_DATA = ("kjv", "kjv:train", "kjv:heldout")
+
+
+def resolve_model(spec: str | None, device: str = "cpu") -> HookedSAETransformer:
+    spec = spec or zoo.DEFAULT_MODEL
+    if spec in zoo.list_models(include_checkpoints=True):
+        return zoo.load_model(spec, device)
+    folder = Path(spec)
+    if folder.is_dir():
+        card = (
+            json.loads((folder / "card.json").read_text())
+            if (folder / "card.json").is_file()
+            else {}
+        )
+        tokenizer = (
+            zoo.load_tokenizer(card["tokenizer"])
+            if card.get("tokenizer") in zoo.list_tokenizers()
+            else None
+        )
+        return load_model_folder(folder, device, tokenizer=tokenizer)
+    if spec.startswith("kjv-"):
+        raise ValueError(
+            f"unknown zoo model {spec!r}; available: {zoo.list_models(include_checkpoints=True)}"
+        )
+    try:
+        return HookedSAETransformer.from_pretrained(spec, device=device)
+    except (ValueError, OSError) as err:
+        raise ValueError(
+            f"cannot load model {spec!r}: it is not a zoo model {zoo.list_models()}, not a model folder, "
+            f"and TransformerLens could not load it ({str(err)[:200]})"
+        ) from err
+
+
+def resolve_tokens(
+    spec: str | None, model: Any, *, split: str = "train", context_size: int | None = None
+) -> tuple[Any, str]:
+    """The token input for ``spec`` and the ``dataset_path`` to record for it."""
+    spec = spec or "kjv"
+    if spec in ZOO_DATA:
+        zoo_split = "heldout" if spec == "kjv:heldout" else "train"
+        name = zoo.tokenizer_name(getattr(model, "tokenizer", None))
+        if name is not None:
+            return zoo.load_tokens(
+                zoo_split, seq_len=context_size or 128, tokenizer=name
+            ), f"kjv:{zoo_split}"
+        texts = [
+            d.text for d in zoo.documents(zoo_split)
+        ]  # another model's tokenizer: pack the text
+        return datasets.Dataset.from_dict({"text": texts}), f"kjv:{zoo_split}"
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path)), spec
+        if path.suffix == ".pt":
+            return torch.load(path, weights_only=True), spec
+        raise ValueError(
+            f"unsupported token file {path}: use .pt or .npy holding [n_seq, seq_len] ids"
+        )
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        return (ds[split] if isinstance(ds, datasets.DatasetDict) else ds), spec
+    return datasets.load_dataset(spec, split=split, streaming=True), spec

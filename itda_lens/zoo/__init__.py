@@ -1,0 +1,158 @@
+"""The embedded default: small TransformerLens models trained on the King James Bible, shipped in
+the package, with their tokenizers and reproducible token batches — so everything runs offline.
+
+>>> from itda_lens import zoo
+>>> model = zoo.load_model()                       # the default, kjv-4l128-s0
+>>> tokens = zoo.load_tokens("train", n_seq=64)    # [64, 128], reproducible
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import datasets
+from jaxtyping import Int
+from sae_lens import HookedSAETransformer
+from torch import Tensor
+from transformers import PreTrainedTokenizerFast
+
+from itda_lens.models import load_model_folder
+from itda_lens.zoo.corpus import (
+    HELDOUT_BOOKS,
+    Split,
+    documents,
+    token_stream,
+    window_order,
+    windows,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_TOKENIZER",
+    "HELDOUT_BOOKS",
+    "as_dataset",
+    "documents",
+    "list_models",
+    "list_tokenizers",
+    "load_model",
+    "load_token_spans",
+    "load_tokenizer",
+    "load_tokens",
+    "model_card",
+    "tokenizer_name",
+]
+
+ZOO_DIR = Path(__file__).parent
+MODELS_DIR = ZOO_DIR / "models"
+TOKENIZERS_DIR = ZOO_DIR / "tokenizers"
+DEFAULT_MODEL = "kjv-4l128-s0"
+DEFAULT_TOKENIZER = "bpe2048"
+CHECKPOINT_SEP = "@"
+
+
+def list_models(include_checkpoints: bool = False) -> list[str]:
+    """Names of the shipped models (``name@stepN`` are intermediate checkpoints of ``name``)."""
+    if not MODELS_DIR.is_dir():
+        return []
+    names = sorted(p.name for p in MODELS_DIR.iterdir() if (p / "card.json").is_file())
+    return names if include_checkpoints else [n for n in names if CHECKPOINT_SEP not in n]
+
+
+def list_tokenizers() -> list[str]:
+    return (
+        sorted(p.name for p in TOKENIZERS_DIR.iterdir() if (p / "tokenizer.json").is_file())
+        if TOKENIZERS_DIR.is_dir()
+        else []
+    )
+
+
+def tokenizer_name(tokenizer: Any) -> str | None:
+    """The zoo name of a tokenizer loaded from the zoo (None for any other tokenizer)."""
+    path = Path(getattr(tokenizer, "name_or_path", "") or "")
+    return (
+        path.name if path.parent == TOKENIZERS_DIR and (path / "tokenizer.json").is_file() else None
+    )
+
+
+def _model_dir(name: str) -> Path:
+    folder = MODELS_DIR / name
+    if not (folder / "card.json").is_file():
+        raise ValueError(
+            f"unknown zoo model {name!r}; available: {list_models(include_checkpoints=True)}"
+        )
+    return folder
+
+
+def model_card(name: str = DEFAULT_MODEL) -> dict[str, Any]:
+    """The training card: config, seed, tokens seen, train / held-out loss, unigram baseline."""
+    return json.loads((_model_dir(name) / "card.json").read_text())
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizerFast:
+    folder = TOKENIZERS_DIR / name
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"unknown zoo tokenizer {name!r}; available: {list_tokenizers()}")
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu") -> HookedSAETransformer:
+    """A zoo model as a ``HookedSAETransformer`` with its tokenizer attached."""
+    folder = _model_dir(name)
+    card = model_card(name)
+    model = load_model_folder(folder, device=device, tokenizer=load_tokenizer(card["tokenizer"]))
+    model.cfg.model_name = name
+    return model
+
+
+def _windows(
+    split: Split, seq_len: int, tokenizer: str, shuffle: bool, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    tok = load_tokenizer(tokenizer)
+    toks, spans = windows(token_stream(tok, split), seq_len, tok.bos_token_id)
+    return toks, spans, window_order(toks.shape[0], shuffle, seed)
+
+
+def load_tokens(
+    split: Split = "train",
+    n_seq: int | None = None,
+    seq_len: int = 128,
+    *,
+    tokenizer: str = DEFAULT_TOKENIZER,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> Int[Tensor, "n_seq seq_len"]:
+    """Reproducible context windows of a split: ``<bos>`` + ``seq_len - 1`` tokens, in a fixed
+    shuffled order (``seed``) or in canonical book order (``shuffle=False``)."""
+    toks, _, order = _windows(split, seq_len, tokenizer, shuffle, seed)
+    if n_seq is not None and n_seq > toks.shape[0]:
+        raise ValueError(
+            f"the {split} split has only {toks.shape[0]} windows of {seq_len} tokens; asked for {n_seq}"
+        )
+    return toks[order[:n_seq]].clone()
+
+
+def load_token_spans(
+    split: Split = "train",
+    n_seq: int | None = None,
+    seq_len: int = 128,
+    *,
+    tokenizer: str = DEFAULT_TOKENIZER,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> Int[Tensor, "n_seq seq_len 3"]:
+    """Source of every token of :func:`load_tokens`: (document id, char start, char end); BOS is -1."""
+    _, spans, order = _windows(split, seq_len, tokenizer, shuffle, seed)
+    return spans[order[:n_seq]].clone()
+
+
+def as_dataset(
+    split: Split = "train", n_seq: int | None = None, seq_len: int = 128, **kwargs: Any
+) -> datasets.Dataset:
+    """The same windows as a ``datasets.Dataset`` with a ``tokens`` column (for ActivationsStore)."""
+    return datasets.Dataset.from_dict(
+        {"tokens": load_tokens(split, n_seq, seq_len, **kwargs).tolist()}
+    )
