@@ -164,10 +164,17 @@ class ITDABuilder:
         if len(self.store) == 0 or x.shape[0] == 0:
             return torch.arange(x.shape[0], device=x.device)
         atoms = self.store.atoms
-        fn = matching_pursuit if self.settings.encoder == "mp" else orthogonal_matching_pursuit
-        recon = decode(fn(x, atoms, self.settings.k, gram=self.store.gram), atoms)
+        recon = self._reconstruct(x, atoms)
         cos = F.cosine_similarity(x, recon, dim=1, eps=1e-30)
         return (cos < self.settings.cos_threshold).nonzero().flatten()
+
+    def _reconstruct(
+        self, x: Float[Tensor, "n d"], atoms: Float[Tensor, "m d"]
+    ) -> Float[Tensor, "n d"]:
+        fn = matching_pursuit if self.settings.encoder == "mp" else orthogonal_matching_pursuit
+        # the incrementally grown Gram while it fits; past that, cached Gram rows per batch
+        gram = self.store.gram if self.store.gram is not None else "auto"
+        return decode(fn(x, atoms, self.settings.k, gram=gram), atoms)
 
     def to_itda(self, **from_atoms_kwargs: Any) -> ITDA:
         """The dictionary as an ITDA (an sae_lens SAE)."""

@@ -42,8 +42,11 @@ __all__ = [
     "reference_matching_pursuit",
 ]
 
-#: Working-memory budget for one chunk of tokens (bytes).
-CHUNK_BYTES = 256 * 2**20
+#: Working-memory budget for one chunk of tokens (bytes): small enough that a chunk's [T, n]
+#: buffers stay in cache across the k steps, which is what makes the Gram path fast on CPUs.
+CHUNK_BYTES = 8 * 2**20
+#: Fewest tokens per chunk, so that per-step dispatch overhead stays small for huge dictionaries.
+MIN_CHUNK = 16
 #: Largest Gram matrix built automatically (bytes); 1 GiB is 16,384 fp32 atoms.
 GRAM_MAX_BYTES = 2**30
 #: Allowed |norm - 1| of an atom: loose enough for half-precision rounding, tight enough to catch
@@ -197,7 +200,7 @@ def gram_rows(gram: Tensor | GramRows, j: Tensor) -> Tensor:
 def _chunks(
     n_tokens: int, n_atoms: int, floats_per_atom: int, itemsize: int, chunk_size: int | None
 ):
-    size = chunk_size or max(1, CHUNK_BYTES // max(1, n_atoms * floats_per_atom * itemsize))
+    size = chunk_size or max(MIN_CHUNK, CHUNK_BYTES // max(1, n_atoms * floats_per_atom * itemsize))
     for start in range(0, n_tokens, size):
         yield slice(start, min(start + size, n_tokens))
 
@@ -205,22 +208,29 @@ def _chunks(
 def _mp_chunk(
     x: Tensor, atoms: Tensor, k: int, gram: Tensor | GramRows | None
 ) -> tuple[Tensor, Tensor]:
-    """MP on one chunk [T, d] in compute dtype; Gram path updates correlations, else the residual."""
+    """MP on one chunk [T, d] in compute dtype; Gram path updates correlations, else the residual.
+
+    The [T, n] work buffers are allocated once per chunk and reused by every step.
+    """
     rows = torch.arange(x.shape[0], device=x.device)
     idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
     val = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
+    corr = x @ atoms.T
+    mag = torch.empty_like(corr)
     if gram is not None:
-        corr = x @ atoms.T
+        picked = torch.empty_like(corr) if isinstance(gram, Tensor) else None
         for t in range(k):
-            j = corr.abs().argmax(dim=1)
+            j = torch.abs(corr, out=mag).argmax(dim=1)
             v = corr[rows, j]
             idx[:, t], val[:, t] = j, v
-            corr.addcmul_(gram_rows(gram, j), v.unsqueeze(1), value=-1.0)
+            g = torch.index_select(gram, 0, j, out=picked) if picked is not None else gram(j)
+            corr.addcmul_(g, v.unsqueeze(1), value=-1.0)
     else:
         resid = x.clone()
         for t in range(k):
-            corr = resid @ atoms.T
-            j = corr.abs().argmax(dim=1)
+            if t:
+                torch.matmul(resid, atoms.T, out=corr)
+            j = torch.abs(corr, out=mag).argmax(dim=1)
             v = corr[rows, j]
             idx[:, t], val[:, t] = j, v
             resid.addcmul_(atoms.index_select(0, j), v.unsqueeze(1), value=-1.0)

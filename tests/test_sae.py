@@ -282,6 +282,19 @@ def test_gram_cache_follows_in_place_edits(itda: ITDA, acts: torch.Tensor) -> No
     torch.testing.assert_close(after, before[..., perm], atol=1e-4, rtol=1e-4)
 
 
+def test_large_dictionaries_use_cached_gram_rows(
+    itda: ITDA, acts: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import itda_lens.sae as sae_module
+    from itda_lens.pursuit import GramRows
+
+    full = itda.encode(acts)
+    copy = itda.crop(itda.cfg.d_sae)
+    monkeypatch.setattr(sae_module, "GRAM_MAX_BYTES", 1000)  # pretend the n x n Gram does not fit
+    assert isinstance(copy._gram(), GramRows)
+    torch.testing.assert_close(copy.encode(acts), full, atol=1e-5, rtol=1e-5)
+
+
 def test_crop_keeps_first_atoms(itda: ITDA) -> None:
     small = itda.crop(10)
     assert small.cfg.d_sae == 10 and torch.equal(small.W_dec, itda.W_dec[:10])
