@@ -11,10 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 from jaxtyping import Int
 from sae_lens import HookedSAETransformer
@@ -24,6 +20,7 @@ from itda_lens import zoo
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
 from itda_lens.evals import evaluate, special_token_ids
+from itda_lens.plots import line_plot
 from itda_lens.sae import ITDA
 from itda_lens.sources import hook_activations, stop_at_layer
 
@@ -55,18 +52,13 @@ def default_setup(
 
 
 def _growth_plot(itdas: dict[str, ITDA], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    series = {}
     for hook, itda in itdas.items():
         growth = itda.cfg.metadata.itda_builder["growth"]
-        xs, ys = [0] + [g[0] for g in growth], [0] + [g[1] for g in growth]
-        ax.step(xs, ys, where="post", label=hook)
-    ax.set_xlabel("tokens read")
-    ax.set_ylabel("atoms")
-    ax.set_title("Dictionary growth")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        series[hook] = ([0] + [g[0] for g in growth], [0] + [g[1] for g in growth])
+    line_plot(
+        series, path, xlabel="tokens read", ylabel="atoms", title="Dictionary growth", step=True
+    )
 
 
 def _recon_vs_l0(
@@ -74,24 +66,21 @@ def _recon_vs_l0(
 ) -> dict[str, list[float]]:
     """Explained variance of held-out activations as the number of pursuit steps grows."""
     curves: dict[str, list[float]] = {}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
     for hook, itda in itdas.items():
         x = acts[hook]
         total = ((x - x.mean(0)) ** 2).sum()
-        ev = []
-        for k in ks:
-            resid = x - itda.decode_sparse(itda.encode_sparse(x, k=k))
-            ev.append(float(1 - (resid**2).sum() / total))
-        curves[hook] = ev
-        ax.plot(ks, ev, marker="o", label=hook)
-    ax.set_xscale("log")
-    ax.set_xlabel("L0 (pursuit steps k)")
-    ax.set_ylabel("explained variance (held-out)")
-    ax.set_title("Reconstruction vs L0")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        curves[hook] = [
+            float(1 - ((x - itda.decode_sparse(itda.encode_sparse(x, k=k))) ** 2).sum() / total)
+            for k in ks
+        ]
+    line_plot(
+        {h: (ks, ev) for h, ev in curves.items()},
+        path,
+        xlabel="L0 (pursuit steps k)",
+        ylabel="explained variance (held-out)",
+        title="Reconstruction vs L0",
+        logx=True,
+    )
     return curves
 
 

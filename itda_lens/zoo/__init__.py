@@ -108,12 +108,18 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu") -> HookedSAETrans
     return model
 
 
-def _windows(
-    split: Split, seq_len: int, tokenizer: str, shuffle: bool, seed: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def _selected(
+    split: Split, n_seq: int | None, seq_len: int, tokenizer: str, shuffle: bool, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Token windows and their spans, in the requested order, first ``n_seq`` of them."""
     tok = load_tokenizer(tokenizer)
     toks, spans = windows(token_stream(tok, split), seq_len, tok.bos_token_id)
-    return toks, spans, window_order(toks.shape[0], shuffle, seed)
+    if n_seq is not None and n_seq > toks.shape[0]:
+        raise ValueError(
+            f"the {split} split has only {toks.shape[0]} windows of {seq_len} tokens; asked for {n_seq}"
+        )
+    order = window_order(toks.shape[0], shuffle, seed)[:n_seq]
+    return toks[order], spans[order]
 
 
 def load_tokens(
@@ -127,12 +133,7 @@ def load_tokens(
 ) -> Int[Tensor, "n_seq seq_len"]:
     """Reproducible context windows of a split: ``<bos>`` + ``seq_len - 1`` tokens, in a fixed
     shuffled order (``seed``) or in canonical book order (``shuffle=False``)."""
-    toks, _, order = _windows(split, seq_len, tokenizer, shuffle, seed)
-    if n_seq is not None and n_seq > toks.shape[0]:
-        raise ValueError(
-            f"the {split} split has only {toks.shape[0]} windows of {seq_len} tokens; asked for {n_seq}"
-        )
-    return toks[order[:n_seq]].clone()
+    return _selected(split, n_seq, seq_len, tokenizer, shuffle, seed)[0]
 
 
 def load_token_spans(
@@ -145,8 +146,7 @@ def load_token_spans(
     seed: int = 0,
 ) -> Int[Tensor, "n_seq seq_len 3"]:
     """Source of every token of :func:`load_tokens`: (document id, char start, char end); BOS is -1."""
-    _, spans, order = _windows(split, seq_len, tokenizer, shuffle, seed)
-    return spans[order[:n_seq]].clone()
+    return _selected(split, n_seq, seq_len, tokenizer, shuffle, seed)[1]
 
 
 def as_dataset(

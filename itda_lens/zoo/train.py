@@ -156,6 +156,20 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
     cursor, epoch, ema = 0, 0, None
     saved_checkpoints = []
     t0 = time.perf_counter()
+
+    def card_at(step: int) -> dict:
+        return _card(
+            cfg,
+            step,
+            ema,
+            heldout_loss(model, heldout),
+            train,
+            heldout,
+            len(tokenizer),
+            time.perf_counter() - t0,
+            epoch,
+        )
+
     bar = tqdm(range(steps), desc=f"train {cfg.name}", disable=not progress)
     for step in bar:
         if cursor + cfg.batch_size > train.shape[0]:
@@ -173,17 +187,7 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr_at(step):.1e}")
         if step + 1 in keep:
             name = f"{cfg.name}{CHECKPOINT_SEP}step{step + 1}"
-            card = _card(
-                cfg,
-                step + 1,
-                ema,
-                heldout_loss(model, heldout),
-                train,
-                heldout,
-                len(tokenizer),
-                time.perf_counter() - t0,
-                epoch,
-            )
+            card = card_at(step + 1)
             save_model_folder(
                 model,
                 Path(cfg.out) / name,
@@ -191,17 +195,7 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
                 save_tokenizer=False,
             )
             saved_checkpoints.append(name)
-    card = _card(
-        cfg,
-        steps,
-        ema,
-        heldout_loss(model, heldout),
-        train,
-        heldout,
-        len(tokenizer),
-        time.perf_counter() - t0,
-        epoch,
-    )
+    card = card_at(steps)
     card["checkpoints"] = saved_checkpoints
     save_model_folder(model, Path(cfg.out) / cfg.name, card=card, save_tokenizer=False)
     return card
