@@ -19,7 +19,7 @@ from _common import fmt_bytes, measure, table
 
 from itda_lens import build_itda, zoo
 from itda_lens.builder import ITDABuilder
-from itda_lens.pursuit import reference_matching_pursuit
+from itda_lens.pursuit import matching_pursuit, reference_matching_pursuit
 
 
 @contextmanager
@@ -71,6 +71,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warm = torch.nn.functional.normalize(
+        torch.randn(16, 8), dim=1
+    )  # JIT-compile the fused kernel first
+    matching_pursuit(torch.randn(4, 8), warm, 2, gram=warm @ warm.T)
     model = zoo.load_model(args.model)
     n_seq = args.n_seq or (64 if args.quick else 1024)
     tokens = zoo.load_tokens("train", n_seq, tokenizer=zoo.model_card(args.model)["tokenizer"])

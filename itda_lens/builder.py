@@ -172,7 +172,7 @@ class ITDABuilder:
         self, x: Float[Tensor, "n d"], atoms: Float[Tensor, "m d"]
     ) -> Float[Tensor, "n d"]:
         fn = matching_pursuit if self.settings.encoder == "mp" else orthogonal_matching_pursuit
-        # the incrementally grown Gram while it fits; past that, cached Gram rows per batch
+        # the incrementally grown Gram while it fits; past that, residual updates
         gram = self.store.gram if self.store.gram is not None else "auto"
         return decode(fn(x, atoms, self.settings.k, gram=gram), atoms)
 
@@ -200,7 +200,13 @@ class ITDABuilder:
             "tokens_seen": self.tokens_seen,
             "tokens_scored": self.tokens_scored,
             "batches": self.n_batches,
-            "growth": [list(p) for p in self.growth],
+            # (tokens read, atoms) at every batch that added atoms, and at the end
+            "growth": [list(p) for p in self.growth]
+            + (
+                [[self.tokens_seen, len(self.store)]]
+                if self.growth and self.growth[-1][0] != self.tokens_seen
+                else []
+            ),
             "dictionary_seconds": round(self.seconds, 3),
         }
 

@@ -224,6 +224,17 @@ def _write_report(
             f"{r['ce_loss_with_sae']:.3f} / {r['ce_loss_with_ablation']:.3f} |"
         )
     lines += ["", "![dictionary growth](growth.png) ![reconstruction vs L0](recon_vs_l0.png)", ""]
+    for hook, itda in itdas.items():
+        growth = itda.cfg.metadata.itda_builder["growth"]
+        grew_until = max(
+            (g[0] for g, prev in zip(growth[1:], growth, strict=False) if g[1] > prev[1]),
+            default=growth[0][0],
+        )
+        lines.append(
+            f"- {hook}: {growth[0][1]} atoms after the first {growth[0][0]:,} tokens, "
+            f"{itda.cfg.d_sae} after {growth[-1][0]:,}; the last atom was added by token {grew_until:,}."
+        )
+    lines.append("")
     curve = results["recon_vs_l0"]
     lines.append(
         "Explained variance on held-out activations by L0: "

@@ -13,24 +13,32 @@ dense tokens x atoms matrix (ask for one with :meth:`SparseCode.to_dense`):
 Slots that carry no atom (OMP stopped early, or a zero input) have value 0 and index 0.
 
 Work is done in chunks of tokens sized by a memory budget, so at most one chunk's tokens x atoms
-buffers exist at a time. With a precomputed Gram matrix ``G = atoms @ atoms.T`` MP runs in
-correlation space: one matmul per token, then ``k`` row updates ``c -= v * G[j]`` (n·d + k·n work
-per token instead of the reference's k·n·d). This module knows only torch.
+buffers exist at a time. With a Gram matrix ``G = atoms @ atoms.T`` (built automatically while it
+fits 1 GiB and pays for itself) MP runs in correlation space: one matmul per token, then ``k`` row
+updates ``c -= v * G[j]`` (n·d + k·n work per token instead of the reference's k·n·d); on CPU a
+fused numba kernel (:mod:`itda_lens._kernels`) does each step in two cache-resident passes. Past
+the budget it updates residuals (k chunked matmuls). This module knows only torch (and numpy/numba
+for the CPU kernel).
 """
 
 from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+try:  # the fused CPU kernel; without numba the same algorithm runs on torch ops
+    from itda_lens import _kernels
+except ImportError:  # pragma: no cover
+    _kernels = None  # type: ignore[assignment]
+
 __all__ = [
     "GRAM_MAX_BYTES",
     "UNIT_NORM_TOL",
-    "GramRows",
     "SparseCode",
     "check_atoms",
     "compute_dtype",
@@ -45,6 +53,8 @@ __all__ = [
 #: Working-memory budget for one chunk of tokens (bytes): small enough that a chunk's [T, n]
 #: buffers stay in cache across the k steps, which is what makes the Gram path fast on CPUs.
 CHUNK_BYTES = 8 * 2**20
+#: Chunk budget for paths that gain from big chunks (fused kernel, residual updates, GPUs, OMP).
+LARGE_CHUNK_BYTES = 128 * 2**20
 #: Fewest tokens per chunk, so that per-step dispatch overhead stays small for huge dictionaries.
 MIN_CHUNK = 16
 #: Largest Gram matrix built automatically (bytes); 1 GiB is 16,384 fp32 atoms.
@@ -54,58 +64,7 @@ GRAM_MAX_BYTES = 2**30
 UNIT_NORM_TOL = 1e-2
 
 
-class GramRows:
-    """Rows of ``atoms @ atoms.T`` computed on demand and cached (FIFO) within a byte budget.
-
-    For dictionaries whose full Gram matrix does not fit: each pursuit step needs the rows of the
-    atoms it just picked; rows for atoms picked again (by other tokens, later steps or later chunks)
-    come from the cache instead of another ``n x d`` product. Never holds an ``n x n`` matrix.
-    """
-
-    def __init__(self, atoms: Float[Tensor, "n d"], max_bytes: int = GRAM_MAX_BYTES):
-        self.atoms = atoms
-        n = atoms.shape[0]
-        self.capacity = int(max_bytes // (n * atoms.element_size()))
-        self.rows = atoms.new_empty(0, n)
-        self.slot = torch.full((n,), -1, dtype=torch.long, device=atoms.device)
-        self.owner = torch.empty(0, dtype=torch.long, device=atoms.device)
-        self.next = 0
-        self.computed = 0  # rows computed so far (a cache-efficiency statistic)
-
-    def _grow(self, needed: int) -> None:
-        size = min(self.capacity, max(needed, 2 * self.rows.shape[0], 256))
-        if size > self.rows.shape[0]:
-            rows = self.atoms.new_empty(size, self.atoms.shape[0])
-            rows[: self.rows.shape[0]] = self.rows
-            owner = torch.full((size,), -1, dtype=torch.long, device=self.atoms.device)
-            owner[: self.owner.shape[0]] = self.owner
-            self.rows, self.owner = rows, owner
-
-    def __call__(self, j: Int[Tensor, " t"]) -> Float[Tensor, "t n"]:
-        uniq = torch.unique(j)
-        if uniq.numel() > self.capacity:  # cannot cache them all at once: compute directly
-            self.computed += uniq.numel()
-            return (self.atoms[uniq] @ self.atoms.T)[torch.searchsorted(uniq, j)]
-        missing = uniq[self.slot[uniq] < 0]
-        if missing.numel():
-            self._grow(self.owner.shape[0] + missing.numel())
-            size = self.owner.shape[0]
-            order = (self.next + torch.arange(size, device=j.device)) % size
-            owners = self.owner[order]
-            needed = torch.zeros_like(self.slot, dtype=torch.bool)
-            needed[uniq] = True
-            free = order[(owners < 0) | ~needed[owners.clamp_min(0)]][: missing.numel()]
-            evicted = self.owner[free]
-            self.slot[evicted[evicted >= 0]] = -1
-            self.rows[free] = self.atoms[missing] @ self.atoms.T
-            self.owner[free] = missing
-            self.slot[missing] = free
-            self.next = int(free[-1] + 1) % size
-            self.computed += missing.numel()
-        return self.rows.index_select(0, self.slot[j])
-
-
-GramArg = Tensor | GramRows | None | Literal["auto"]
+GramArg = Tensor | None | Literal["auto"]
 
 
 class SparseCode(NamedTuple):
@@ -169,45 +128,47 @@ def _check_inputs(x: Tensor, atoms: Tensor, k: int, gram: GramArg) -> None:
         raise ValueError("x contains NaN or Inf activations")
     if isinstance(gram, Tensor) and gram.shape != (atoms.shape[0], atoms.shape[0]):
         raise ValueError(f"gram must have shape {(atoms.shape[0],) * 2}, got {tuple(gram.shape)}")
-    if isinstance(gram, GramRows) and gram.atoms.shape != atoms.shape:
-        raise ValueError("gram rows were built for a different dictionary")
-    if gram is not None and not isinstance(gram, Tensor | GramRows) and gram != "auto":
-        raise ValueError(f"gram must be a tensor, GramRows, None or 'auto', got {gram!r}")
+    if gram is not None and not isinstance(gram, Tensor) and gram != "auto":
+        raise ValueError(f"gram must be a tensor, None or 'auto', got {gram!r}")
 
 
 def _resolve_gram(
     gram: GramArg, atoms: Tensor, n_tokens: int, k: int, dtype: torch.dtype
-) -> Tensor | GramRows | None:
-    """A given Gram (or row provider); for 'auto', a full Gram when it fits and pays for itself,
-    else cached Gram rows, which tokens of a chunk and later chunks share."""
+) -> Tensor | None:
+    """A given Gram matrix; for 'auto', build one when it fits the budget and pays for itself.
+
+    Past the budget (n > 16,384 fp32 atoms at 1 GiB) pursuit updates the residual instead: k
+    chunked matmuls, no n x n matrix and no dense codes.
+    """
     if isinstance(gram, Tensor):
         return gram.to(dtype)
-    if gram is None or isinstance(gram, GramRows):
-        return gram
-    n = atoms.shape[0]
-    if n_tokens * k < n:  # n²·d to build a Gram vs. the (k-1)·n·d per token it saves
+    if gram is None:
         return None
-    if n * n * torch.finfo(dtype).bits // 8 <= GRAM_MAX_BYTES:
-        return atoms @ atoms.T
-    return GramRows(atoms)
+    n = atoms.shape[0]
+    fits = n * n * torch.finfo(dtype).bits // 8 <= GRAM_MAX_BYTES
+    pays = n_tokens * k >= n  # n²·d to build it vs. the (k-1)·n·d per token it saves
+    return atoms @ atoms.T if fits and pays else None
 
 
-def gram_rows(gram: Tensor | GramRows, j: Tensor) -> Tensor:
-    """Rows ``G[j]`` of a full Gram matrix or a :class:`GramRows` provider."""
-    return gram(j) if isinstance(gram, GramRows) else gram.index_select(0, j)
+def _chunk_size(kind: str, k: int, atoms: Tensor, gram: Tensor | None, probe: Tensor) -> int:
+    """Tokens per chunk from a working-set budget that depends on the path.
+
+    On CPU the torch Gram path wants its [T, n] buffers (correlations, |correlations|, gathered
+    Gram rows) to stay in cache across the k steps; the fused kernel and the residual path (which
+    re-reads every atom each step) want large chunks; OMP also holds k gathered rows per token.
+    """
+    n, item = atoms.shape[0], atoms.element_size()
+    if kind == "omp":
+        per_token, budget = (k + 4) * n * item, LARGE_CHUNK_BYTES
+    elif _fused_ok(probe, gram) or gram is None:
+        per_token, budget = 2 * n * item, LARGE_CHUNK_BYTES
+    else:
+        per_token = 3 * n * item
+        budget = CHUNK_BYTES if atoms.device.type == "cpu" else LARGE_CHUNK_BYTES
+    return max(MIN_CHUNK, budget // per_token)
 
 
-def _chunks(
-    n_tokens: int, n_atoms: int, floats_per_atom: int, itemsize: int, chunk_size: int | None
-):
-    size = chunk_size or max(MIN_CHUNK, CHUNK_BYTES // max(1, n_atoms * floats_per_atom * itemsize))
-    for start in range(0, n_tokens, size):
-        yield slice(start, min(start + size, n_tokens))
-
-
-def _mp_chunk(
-    x: Tensor, atoms: Tensor, k: int, gram: Tensor | GramRows | None
-) -> tuple[Tensor, Tensor]:
+def _mp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Tensor, Tensor]:
     """MP on one chunk [T, d] in compute dtype; Gram path updates correlations, else the residual.
 
     The [T, n] work buffers are allocated once per chunk and reused by every step.
@@ -217,13 +178,15 @@ def _mp_chunk(
     val = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
     corr = x @ atoms.T
     mag = torch.empty_like(corr)
+    if _fused_ok(corr, gram):
+        return _mp_fused(corr, gram, k)  # type: ignore[arg-type]
     if gram is not None:
-        picked = torch.empty_like(corr) if isinstance(gram, Tensor) else None
+        picked = torch.empty_like(corr)
         for t in range(k):
             j = torch.abs(corr, out=mag).argmax(dim=1)
             v = corr[rows, j]
             idx[:, t], val[:, t] = j, v
-            g = torch.index_select(gram, 0, j, out=picked) if picked is not None else gram(j)
+            g = torch.index_select(gram, 0, j, out=picked)
             corr.addcmul_(g, v.unsqueeze(1), value=-1.0)
     else:
         resid = x.clone()
@@ -237,9 +200,31 @@ def _mp_chunk(
     return idx, val
 
 
-def _omp_chunk(
-    x: Tensor, atoms: Tensor, k: int, gram: Tensor | GramRows | None
-) -> tuple[Tensor, Tensor]:
+def _fused_ok(corr: Tensor, gram: Tensor | None) -> bool:
+    """The numba kernel runs on CPU fp32/fp64 with a full Gram matrix whose rows are contiguous."""
+    return (
+        _kernels is not None
+        and isinstance(gram, Tensor)
+        and corr.device.type == "cpu"
+        and corr.dtype in (torch.float32, torch.float64)
+        and gram.dtype == corr.dtype
+        and gram.stride(1) == 1
+    )
+
+
+def _mp_fused(corr: Tensor, gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    n = gram.shape[0]
+    c = corr.contiguous().numpy()
+    bits = c.view(np.int32 if c.dtype == np.float32 else np.int64)
+    mask = bits.dtype.type(np.iinfo(bits.dtype).max)  # clears the sign bit: |c| order
+    flat = gram.as_strided((gram.stride(0) * (n - 1) + n,), (1,), gram.storage_offset()).numpy()
+    idx = np.empty((c.shape[0], k), dtype=np.int64)
+    val = np.empty((c.shape[0], k), dtype=c.dtype)
+    _kernels.mp_gram(c, bits, flat, gram.stride(0), k, mask, idx, val)
+    return torch.from_numpy(idx), torch.from_numpy(val)
+
+
+def _omp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Tensor, Tensor]:
     """Batched OMP (Cholesky of the support Gram, grown one row per step) on one chunk [T, d]."""
     T, n = x.shape[0], atoms.shape[0]
     dev, dt = x.device, x.dtype
@@ -257,7 +242,7 @@ def _omp_chunk(
     for t in range(k):
         j = alpha.abs().argmax(dim=1)
         a = alpha[rows, j]
-        g = gram_rows(gram, j) if gram is not None else atoms.index_select(0, j) @ atoms.T
+        g = gram.index_select(0, j) if gram is not None else atoms.index_select(0, j) @ atoms.T
         # sklearn stops when the pick is already in the support or its correlation vanishes;
         # we scale the "vanishes" test by |x|^2 so that small-norm inputs are not cut off.
         stop = (a * a) <= eps * scale
@@ -299,11 +284,11 @@ def _pursue(
     g = _resolve_gram(gram, a, flat.shape[0], k, dt)
     idx = torch.empty(flat.shape[0], k, dtype=torch.long, device=x.device)
     val = torch.empty(flat.shape[0], k, dtype=x.dtype, device=x.device)
-    # buffers per token, in units of n floats: MP ~3 (corr, |corr|, a gathered row); OMP adds k rows.
-    per_atom = 3 if kind == "mp" else k + 4
     kernel = _mp_chunk if kind == "mp" else _omp_chunk
     with torch.no_grad():
-        for sl in _chunks(flat.shape[0], a.shape[0], per_atom, a.element_size(), chunk_size):
+        size = chunk_size or _chunk_size(kind, k, a, g, flat[:0].to(dt))
+        for start in range(0, flat.shape[0], size):
+            sl = slice(start, start + size)
             i, v = kernel(flat[sl].to(dt), a, k, g)
             idx[sl], val[sl] = i, v.to(x.dtype)
     return SparseCode(idx.reshape(*lead, k), val.reshape(*lead, k))

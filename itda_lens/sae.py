@@ -35,7 +35,6 @@ from typing_extensions import override
 from itda_lens.pursuit import (
     GRAM_MAX_BYTES,
     UNIT_NORM_TOL,
-    GramRows,
     SparseCode,
     decode,
     matching_pursuit,
@@ -103,7 +102,7 @@ class ITDA(SAE[ITDAConfig]):
 
     def __init__(self, cfg: ITDAConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        self._gram_cache: tuple[tuple[Any, ...], Tensor | GramRows] | None = None
+        self._gram_cache: tuple[tuple[Any, ...], Tensor] | None = None
 
     @override
     def initialize_weights(self) -> None:
@@ -137,13 +136,13 @@ class ITDA(SAE[ITDAConfig]):
 
     # --- encoding -------------------------------------------------------------------------
 
-    def _gram(self) -> Tensor | GramRows | None:
-        """Cached ``W_dec @ W_dec.T`` (fp32 or wider) when it fits the budget, else cached Gram rows
-        computed on demand (no n x n matrix); rebuilt whenever W_dec changes."""
+    def _gram(self) -> Tensor | None:
+        """Cached ``W_dec @ W_dec.T`` (fp32 or wider) when it fits the budget (else None: pursuit
+        updates residuals instead); rebuilt whenever W_dec changes."""
         w = self.W_dec
-        if w.device.type == "meta":
-            return None
         dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        if w.shape[0] ** 2 * torch.finfo(dt).bits // 8 > GRAM_MAX_BYTES or w.device.type == "meta":
+            return None
         # `.data` edits (as sae_lens's folds do) bypass the version counter, so the key also
         # carries an O(n·d) content fingerprint; any single changed entry changes it.
         probe_in = torch.linspace(1.0, 2.0, w.shape[1], dtype=torch.float64, device=w.device)
@@ -152,8 +151,7 @@ class ITDA(SAE[ITDAConfig]):
         key = (w.data_ptr(), w._version, w.device, dt, w.shape, fingerprint)
         if self._gram_cache is None or self._gram_cache[0] != key:
             a = w.detach().to(dt)
-            fits = w.shape[0] ** 2 * torch.finfo(dt).bits // 8 <= GRAM_MAX_BYTES
-            self._gram_cache = (key, a @ a.T if fits else GramRows(a))
+            self._gram_cache = (key, a @ a.T)
         return self._gram_cache[1]
 
     @override

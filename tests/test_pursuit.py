@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from sklearn.linear_model import orthogonal_mp_gram
 
 from itda_lens.pursuit import (
-    GramRows,
     SparseCode,
     decode,
     matching_pursuit,
@@ -67,25 +66,6 @@ def test_mp_matches_literal_algorithm(
     assert code.indices.shape == code.values.shape == (50, k)
     dense = reference_matching_pursuit(x, atoms, k)
     torch.testing.assert_close(code.to_dense(n), dense, atol=1e-10, rtol=0)
-
-
-@pytest.mark.parametrize("budget_rows", [3, 40, 400])
-def test_cached_gram_rows_are_exact_and_bounded(budget_rows: int) -> None:
-    atoms, x = unit_atoms(300, 16), inputs(100, 16)
-    rows = GramRows(atoms, max_bytes=budget_rows * 300 * 8)
-    code = matching_pursuit(x, atoms, 10, gram=rows, chunk_size=13)
-    torch.testing.assert_close(
-        code.to_dense(300), reference_matching_pursuit(x, atoms, 10), atol=1e-10, rtol=0
-    )
-    assert rows.rows.shape[0] <= budget_rows, "never more cached rows than the budget"
-    omp = orthogonal_matching_pursuit(
-        x, atoms, 10, gram=GramRows(atoms, max_bytes=budget_rows * 300 * 8)
-    )
-    torch.testing.assert_close(
-        omp.values, orthogonal_matching_pursuit(x, atoms, 10, gram=None).values, atol=1e-10, rtol=0
-    )
-    with pytest.raises(ValueError, match="different dictionary"):
-        matching_pursuit(x, atoms[:10], 3, gram=rows)
 
 
 def test_mp_float32_agrees_with_float64_up_to_rounding() -> None:
