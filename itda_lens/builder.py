@@ -53,6 +53,8 @@ from itda_lens.sources import (
 )
 
 CHECKPOINT_FILE = "itda_checkpoint.safetensors"
+#: Sequences whose hash identifies a token stream (``token_stream.prefix_sha256``), for similarity.
+PREFIX_SEQUENCES = 16
 _CHECKPOINT_VERSION = 1
 
 
@@ -119,6 +121,11 @@ class ITDABuilder:
     @property
     def full(self) -> bool:
         return self.settings.max_atoms is not None and len(self.store) >= self.settings.max_atoms
+
+    @property
+    def idle_tokens(self) -> int:
+        """Tokens read since the last atom was added (all tokens read, if none was)."""
+        return self.tokens_seen - (self.growth[-1][0] if self.growth and self.growth[-1][1] else 0)
 
     def update(self, batch: ActivationBatch) -> int:
         """Score one batch and add its accepted activations; returns the number added."""
@@ -361,7 +368,10 @@ def _run(
     resume: bool,
     max_tokens: int | None,
     progress: bool,
+    patience_tokens: int | None = None,
 ) -> tuple[dict[str, ITDABuilder], dict[str, Any]]:
+    if patience_tokens is not None and patience_tokens < 1:
+        raise ValueError(f"patience_tokens must be >= 1 or None, got {patience_tokens}")
     ckpt = _Checkpointer(checkpoint_dir, checkpoint_every)
     saved = ckpt.load(resume)
     builders: dict[str, ITDABuilder] = {}
@@ -394,8 +404,11 @@ def _run(
     t0 = time.perf_counter()
     seen_now = 0
     i = -1
+    prefix: list[Tensor] = []  # the first sequences, fingerprinted for label compatibility
     try:
         for i, raw in enumerate(stream.raw):
+            if stream.first_tokens is not None and sum(map(len, prefix)) < PREFIX_SEQUENCES:
+                prefix.append(raw[: PREFIX_SEQUENCES - sum(map(len, prefix))])
             if i < skip:
                 running_sha = _digest(running_sha, stream.key(raw))
                 if i == skip - 1 and running_sha != target_sha:
@@ -425,9 +438,10 @@ def _run(
             state["batches"] = i + 1
             state["stream_sha256"] = running_sha
             seen_now += n_tok
-            done = all(b.full for b in builders.values()) or (
-                max_tokens is not None and state["tokens"] >= max_tokens
-            )
+            done = all(
+                b.full or (patience_tokens is not None and b.idle_tokens >= patience_tokens)
+                for b in builders.values()
+            ) or (max_tokens is not None and state["tokens"] >= max_tokens)
             bar.update(1)
             bar.set_postfix(
                 atoms=",".join(str(len(b.store)) for b in builders.values()),
@@ -445,6 +459,7 @@ def _run(
         raise ValueError(
             f"resume: the input has {i + 1} batches but the checkpoint already consumed {skip}"
         )
+    state["prefix_sha256"] = _digest("", torch.cat(prefix)) if prefix else None
     if not state["finished"]:
         state["finished"] = True
         ckpt.save(state, builders)
@@ -476,6 +491,7 @@ def build_itda(
     batch_size: int = 32,
     context_size: int | None = None,
     max_tokens: int | None = None,
+    patience_tokens: int | None = None,
     exclude_token_ids: Sequence[int] | Literal["auto"] | None = "auto",
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
@@ -491,7 +507,9 @@ def build_itda(
     ``tokens``: a LongTensor [n_seq, seq_len], an iterable of such batches, or a HF ``datasets``
     dataset with a ``tokens``/``input_ids`` column (rows cut to ``context_size``) or a ``text``
     column (packed into BOS-separated windows as sae_lens's ActivationsStore does). All hooks share
-    one forward pass that stops after the deepest one. BOS and PAD positions never become atoms
+    one forward pass that stops after the deepest one. The build reads its whole input unless
+    ``max_tokens`` is reached, every dictionary holds ``max_atoms``, or every dictionary went
+    ``patience_tokens`` tokens without a new atom (it has converged). BOS and PAD positions never become atoms
     unless ``exclude_token_ids=None``. Returns one ITDA, or ``{hook: ITDA}`` for a list of hooks.
     """
     hooks = [hook_name] if isinstance(hook_name, str) else list(hook_name)
@@ -542,6 +560,7 @@ def build_itda(
         "batch_size": batch_size,
         "context_size": context_size,
         "max_tokens": max_tokens,
+        "patience_tokens": patience_tokens,
         "excluded_token_ids": excluded.tolist(),
         "dtype": str(dtype),
         "model": _model_fingerprint(model),
@@ -564,6 +583,7 @@ def build_itda(
         resume=resume,
         max_tokens=max_tokens,
         progress=progress,
+        patience_tokens=patience_tokens,
     )
     bos = getattr(tokenizer, "bos_token_id", None)
     first = state["first_column"]
@@ -580,6 +600,8 @@ def build_itda(
         "context_size": seq_len,
         "tokenizer": getattr(tokenizer, "name_or_path", None),
         "batch_size": batch_size,
+        "prefix_sha256": state["prefix_sha256"],
+        "prefix_sequences": PREFIX_SEQUENCES,
     }
     out = {
         h: b.to_itda(

@@ -14,12 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import SAE
+from tqdm.auto import tqdm
 
+from itda_lens import zoo
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
 from itda_lens.demo import default_setup, run_demo
+from itda_lens.evals import evaluate_all
+from itda_lens.plots import heatmap
+from itda_lens.probing import probe_data
 from itda_lens.resolve import resolve_model, resolve_tokens
-from itda_lens.sae import ITDA
+from itda_lens.sae import ITDA, check_sae_folder, hook_layer_of
+from itda_lens.similarity import model_jaccard, similarity_matrix
 from itda_lens.sources import token_batches
 
 MODEL_HELP = (
@@ -56,6 +63,12 @@ def _add_build(sub: Any) -> None:
         help="tokens per sequence (text data: default 128)",
     )
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    p.add_argument(
+        "--patience-tokens",
+        type=int,
+        default=None,
+        help="stop once no atom was added for this many tokens",
+    )
     p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted build from OUT/checkpoint"
@@ -188,6 +201,125 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a saved sae_lens SAE or ITDA folder on a zoo model (offline)"
+    )
+    p.add_argument(
+        "dir", help="a folder written by save_model (any registered architecture, ITDA included)"
+    )
+    p.add_argument(
+        "--model", default=None, help="zoo model (default: the SAE's metadata model_name)"
+    )
+    p.add_argument("--heldout-seqs", type=int, default=96, help="held-out windows for run_evals")
+    p.add_argument("--no-probe", action="store_true", help="skip k-sparse probing")
+    p.add_argument("--core", action="store_true", help="also run SAEBench's core eval")
+    p.add_argument("--out", default=None, help="JSON file (default: DIR/eval.json)")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    cfg = check_sae_folder(folder)
+    sae = (
+        ITDA.load_from_disk(folder)
+        if cfg.get("architecture") == "itda"
+        else SAE.load_from_disk(folder)
+    )
+    name = args.model or sae.cfg.metadata.model_name
+    if name not in zoo.list_models(include_checkpoints=True):
+        raise ValueError(
+            f"{folder}'s model {name!r} is not a zoo model; pass --model (one of {zoo.list_models()})"
+        )
+    tokenizer = zoo.model_card(name)["tokenizer"]
+    stages = tqdm(total=2 + (not args.no_probe) + args.core, desc="itda-lens eval", unit="stage")
+    model = zoo.load_model(name)
+    heldout = zoo.load_tokens(
+        "heldout", args.heldout_seqs, sae.cfg.metadata.context_size or 128, tokenizer=tokenizer
+    )
+    probe = None if args.no_probe else probe_data(tokenizer=tokenizer)
+    stages.update()
+    result = evaluate_all(sae, model, heldout, probe=probe, core=args.core)
+    stages.update(stages.total - stages.n)
+    stages.close()
+    result = {
+        "sae": str(folder),
+        "architecture": cfg.get("architecture"),
+        "model": name,
+        "d_sae": sae.cfg.d_sae,
+        "heldout_tokens": heldout.numel(),
+        **result,
+    }
+    out = Path(args.out) if args.out else folder / "eval.json"
+    out.write_text(json.dumps(result, indent=2))
+    ev = result["run_evals"]
+    print(
+        f"CE-loss score {ev['ce_loss_score']:.3f}, KL score {ev['kl_div_score']:.3f}, "
+        f"explained variance {ev['explained_variance']:.3f}, L0 {ev['l0']:.1f}"
+    )
+    if probe is not None:
+        print(
+            "probing (mean over tasks): "
+            + ", ".join(f"k={k}: {v:.3f}" for k, v in result["probing"]["mean"].items())
+        )
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_similarity(sub: Any) -> None:
+    p = sub.add_parser(
+        "similarity", help="Jaccard similarity of ITDA dictionaries (layers and models)"
+    )
+    p.add_argument(
+        "dirs",
+        nargs="+",
+        help="ITDA folders, or folders holding one ITDA per hook (a multi-hook build)",
+    )
+    p.add_argument("--out", default="similarity.png", help="heatmap PNG")
+
+
+def _load_dictionaries(folder: Path) -> dict[str, ITDA]:
+    """One ITDA folder, or a folder of per-hook ITDA folders, as {hook: ITDA} in layer order."""
+    if (folder / "cfg.json").is_file():
+        itda = ITDA.load_from_disk(folder)
+        return {itda.cfg.metadata.hook_name or folder.name: itda}
+    subs = (
+        sorted(
+            (p for p in folder.iterdir() if (p / "cfg.json").is_file()),
+            key=lambda p: (hook_layer_of(p.name) or 0, p.name),
+        )
+        if folder.is_dir()
+        else []
+    )
+    if not subs:
+        raise FileNotFoundError(f"{folder} holds no ITDA (no cfg.json in it or in its sub-folders)")
+    return {p.name: ITDA.load_from_disk(p) for p in subs}
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    models = {d: _load_dictionaries(Path(d)) for d in args.dirs}
+    if len(models) == 2:
+        (name_a, a), (name_b, b) = models.items()
+        matrix = similarity_matrix(list(a.values()), list(b.values()))
+        rows, cols, title = list(a), list(b), f"ITDA Jaccard: {name_a} vs {name_b}"
+    else:
+        names = list(models)
+        matrix = torch.tensor(
+            [
+                [model_jaccard(list(models[x].values()), list(models[y].values())) for y in names]
+                for x in names
+            ]
+        )
+        rows = cols = names
+        title = "model-level ITDA Jaccard (union over layers)"
+    width = max(len(c) for c in cols) + 2
+    print(" " * (max(len(r) for r in rows) + 2) + "".join(f"{c:>{width}}" for c in cols))
+    for r, values in zip(rows, matrix.tolist(), strict=True):
+        print(f"{r:<{max(len(x) for x in rows) + 2}}" + "".join(f"{v:>{width}.3f}" for v in values))
+    heatmap(matrix.tolist(), args.out, rows=rows, cols=cols, title=title)
+    print(f"heatmap saved to {args.out}")
+    return 0
+
+
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="the main job: build, evaluate and report on the default zoo model (offline)"
@@ -222,18 +354,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_inspect(sub)
+    _add_eval(sub)
+    _add_similarity(sub)
     _add_demo(sub)
     return parser
 
 
-COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "demo": _cmd_demo}
+COMMANDS = {
+    "build": _cmd_build,
+    "inspect": _cmd_inspect,
+    "eval": _cmd_eval,
+    "similarity": _cmd_similarity,
+    "demo": _cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:  # incl. IncompatibleLabels
         print(f"itda-lens {args.command}: error: {err}", file=sys.stderr)
         return 2
 

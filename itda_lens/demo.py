@@ -19,10 +19,10 @@ from torch import Tensor
 from itda_lens import zoo
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
-from itda_lens.evals import evaluate, special_token_ids
+from itda_lens.evals import evaluate
 from itda_lens.plots import line_plot
 from itda_lens.sae import ITDA
-from itda_lens.sources import hook_activations, stop_at_layer
+from itda_lens.sources import hook_activations, special_token_ids, stop_at_layer
 
 
 @dataclass

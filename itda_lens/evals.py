@@ -20,6 +20,16 @@ from sae_lens.training.activations_store import ActivationsStore
 from torch import Tensor
 from transformer_lens import HookedRootModule
 
+from itda_lens.probing import ProbeData, mean_over_tasks, pooled_features, sparse_probe
+from itda_lens.sources import special_token_ids
+
+try:  # SAEBench is an optional extra (itda_lens[saebench])
+    from sae_bench.evals.core import main as saebench_core_main
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+except ImportError:  # pragma: no cover
+    saebench_core_main = None
+
 CORE_METRICS = (
     "ce_loss_score",
     "kl_div_score",
@@ -53,16 +63,6 @@ def activation_store(
         n_batches_in_buffer=4,
         total_tokens=tokens.numel(),
     )
-
-
-def special_token_ids(model: HookedRootModule) -> list[int]:
-    tok = getattr(model, "tokenizer", None)
-    ids = (
-        {getattr(tok, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        if tok
-        else set()
-    )
-    return sorted(i for i in ids if i is not None)
 
 
 def evaluate(
@@ -108,3 +108,65 @@ def evaluate(
         for k, v in flat.items()
         if isinstance(v, int | float) and math.isfinite(float(v))
     }
+
+
+def saebench_core(
+    sae: SAE[Any],
+    model: HookedRootModule,
+    tokens: Int[Tensor, "n seq"],
+    batch_size_prompts: int = 8,
+) -> dict[str, float]:
+    """SAEBench's ``core`` eval, called directly with an in-memory activation store (offline).
+
+    SAEBench counts L1 as a signed sum and density / alive latents with ``> 0``, so for signed ITDA
+    codes prefer sae_lens's numbers for L1 and density; L0, CE and variance metrics agree.
+    """
+    if saebench_core_main is None:
+        raise ImportError("SAEBench is not installed: pip install 'itda_lens[saebench]'")
+    load_and_format_sae("itda_lens", sae, str(sae.device))
+    n_batches = max(1, tokens.shape[0] // batch_size_prompts)
+    cfg = CoreEvalConfig(
+        model_name=sae.cfg.metadata.model_name or "model",
+        batch_size_prompts=batch_size_prompts,
+        n_eval_reconstruction_batches=n_batches,
+        n_eval_sparsity_variance_batches=n_batches,
+        context_size=tokens.shape[1],
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+    )
+    with torch.no_grad():
+        nested, _ = saebench_core_main.run_evals(
+            sae,
+            activation_store(model, sae, tokens, batch_size_prompts),
+            model,
+            cfg,
+            ignore_tokens=set(special_token_ids(model)),
+        )
+    return {
+        f"{group}.{k}": float(v)
+        for group, d in nested.items()
+        for k, v in d.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    }
+
+
+def evaluate_all(
+    sae: SAE[Any],
+    model: HookedRootModule,
+    heldout_tokens: Int[Tensor, "n seq"],
+    *,
+    probe: ProbeData | None = None,
+    core: bool = False,
+) -> dict[str, Any]:
+    """sae_lens ``run_evals`` on held-out text, k-sparse probing and (optionally) SAEBench core."""
+    out: dict[str, Any] = {"run_evals": evaluate(sae, model, heldout_tokens)}
+    if probe is not None:
+        hook = sae.cfg.metadata.hook_name
+        feats = pooled_features(sae.encode, model, probe.tokens, hook)
+        per_task = sparse_probe(feats, probe)
+        out["probing"] = {"mean": mean_over_tasks(per_task), "tasks": per_task}
+    if core:
+        out["saebench_core"] = saebench_core(sae, model, heldout_tokens)
+    return out

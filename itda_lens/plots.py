@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 
 def line_plot(
@@ -31,10 +32,43 @@ def line_plot(
             ax.plot(xs, ys, marker="o" if markers else None, markersize=3, label=label)
     if logx:
         ax.set_xscale("log")
+        xs_all = sorted({float(x) for xs, _ in series.values() for x in xs})
+        if 0 < len(xs_all) <= 8:  # label the data points with plain numbers, not 8x10^0
+            ax.set_xticks(xs_all)
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def heatmap(
+    matrix: Sequence[Sequence[float]],
+    path: str | Path,
+    *,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    title: str,
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Path:
+    """A labelled heatmap with the values written in the cells, saved as a PNG."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 1.0 + 0.45 * len(rows)))
+    im = ax.imshow(matrix, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -394,30 +394,38 @@ class ITDA(SAE[ITDAConfig]):
         return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
 
 
-def check_itda_folder(path: str | Path) -> dict[str, Any]:
-    """Validate an ITDA save folder before loading; return its cfg dict."""
+def check_sae_folder(path: str | Path) -> dict[str, Any]:
+    """Validate a sae_lens save folder (cfg.json + readable weights) before loading; return its cfg."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no ITDA folder at {path}")
+        raise FileNotFoundError(f"no SAE folder at {path}")
     cfg_path, weights_path = path / SAE_CFG_FILENAME, path / SAE_WEIGHTS_FILENAME
     if not cfg_path.is_file():
-        raise ValueError(f"{path} is not an ITDA folder: it has no {SAE_CFG_FILENAME}")
+        raise ValueError(f"{path} is not an SAE folder: it has no {SAE_CFG_FILENAME}")
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"corrupt {cfg_path}: {err}") from err
-    if not isinstance(cfg, dict) or cfg.get("architecture") != ARCHITECTURE:
-        arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-        raise ValueError(f"{path} is not an ITDA: its cfg.json has architecture {arch!r}")
+    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        raise ValueError(f"{cfg_path} is not a sae_lens config (no architecture)")
     if not weights_path.is_file():
         raise ValueError(f"{path} is incomplete: {SAE_WEIGHTS_FILENAME} is missing")
     try:
         with safe_open(str(weights_path), framework="pt") as f:
-            keys = set(f.keys())
-            for key in keys:  # reading every tensor catches truncated payloads
+            for key in f.keys():  # noqa: SIM118 - reading every tensor catches truncated payloads
                 f.get_slice(key)[:]
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"corrupt or truncated weights file {weights_path}: {err}") from err
+    return cfg
+
+
+def check_itda_folder(path: str | Path) -> dict[str, Any]:
+    """Validate an ITDA save folder before loading; return its cfg dict."""
+    cfg = check_sae_folder(path)
+    if cfg.get("architecture") != ARCHITECTURE:
+        raise ValueError(
+            f"{path} is not an ITDA: its cfg.json has architecture {cfg.get('architecture')!r}"
+        )
     return cfg
 
 

@@ -54,6 +54,15 @@ def stop_at_layer(hook_names: Sequence[str]) -> int | None:
     return max(layers)
 
 
+def special_token_ids(
+    model: HookedRootModule, kinds: Sequence[str] = ("bos", "eos", "pad")
+) -> list[int]:
+    """The tokenizer's ids for the given special tokens (evals and activation caches skip BOS/EOS/PAD)."""
+    tok = getattr(model, "tokenizer", None)
+    ids = {getattr(tok, f"{kind}_token_id", None) for kind in kinds} if tok is not None else set()
+    return sorted(i for i in ids if i is not None)
+
+
 def excluded_token_ids(
     model: HookedRootModule, spec: Sequence[int] | Literal["auto"] | None
 ) -> list[int]:
@@ -61,13 +70,7 @@ def excluded_token_ids(
     if spec is None:
         return []
     if spec == "auto":
-        tok = getattr(model, "tokenizer", None)
-        ids = (
-            {getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None)}
-            if tok
-            else set()
-        )
-        return sorted(i for i in ids if i is not None)
+        return special_token_ids(model, ("bos", "pad"))
     return sorted({int(i) for i in spec})
 
 

@@ -37,3 +37,34 @@ def test_pursuit_benchmark_quick() -> None:
 def test_build_benchmark_quick() -> None:
     text = run_quick("build.py")
     assert "dictionary / forward" in text and "same dictionary: True" in text
+
+
+@pytest.mark.slow
+def test_vs_sae_benchmark_quick(tmp_path: Path) -> None:
+    text = run_quick("vs_sae.py", "--out", str(tmp_path))
+    for method in (
+        "ITDA (MP)",
+        "random activations, MP",
+        "Gaussian atoms, MP",
+        "TopK SAE",
+        "BatchTopK SAE",
+        "TopK SAE, ITDA's tokens only",
+        "MP over TopK SAE decoder",
+        "ITDA atoms, OMP",
+    ):
+        assert f"| {method} |" in text
+    assert "SAEBench core, ITDA (MP)" in text and (tmp_path / "vs_sae.json").is_file()
+    assert list(tmp_path.glob("ce_vs_l0_*.png")) and list(tmp_path.glob("ce_vs_wallclock_*.png"))
+
+
+@pytest.mark.slow
+def test_layer_matching_benchmark_quick(tmp_path: Path) -> None:
+    text = run_quick("layer_matching.py", "--out", str(tmp_path))
+    for measure in ("ITDA Jaccard", "linear CKA", "SVCCA", "relative", "linear regression R2"):
+        assert f"| {measure} |" in text
+    assert (
+        "no self-pairs" in text
+        and "cross-tokenizer span Jaccard" in text
+        and "dictionary convergence" in text
+    )
+    assert (tmp_path / "layer_matching.json").is_file() and (tmp_path / "convergence.png").is_file()

@@ -301,3 +301,32 @@ def test_from_activations_bad_input() -> None:
         build_itda_from_activations([torch.ones(3, 4, dtype=torch.long)], progress=False)
     with pytest.raises(ValueError, match="empty dictionary"):
         build_itda_from_activations([torch.zeros(5, 4)], progress=False)
+
+
+def test_patience_stops_a_converged_build(model: HookedSAETransformer) -> None:
+    toks = make_tokens(64)
+    full = build_itda(model, toks, HOOK, k=12, cos_threshold=0.8, batch_size=4, progress=False)
+    early = build_itda(
+        model,
+        toks,
+        HOOK,
+        k=12,
+        cos_threshold=0.8,
+        batch_size=4,
+        patience_tokens=3 * 4 * SEQ,
+        progress=False,
+    )
+    growth = full.cfg.metadata.itda_builder["growth"]
+    last_add = (
+        max(g[0] for g, prev in zip(growth[1:], growth, strict=False) if g[1] > prev[1])
+        if len(growth) > 2
+        else growth[0][0]
+    )
+    seen = early.cfg.metadata.itda_builder["tokens_seen"]
+    assert seen <= last_add + 3 * 4 * SEQ and seen < full.cfg.metadata.itda_builder["tokens_seen"]
+    assert (
+        torch.equal(early.W_dec, full.W_dec[: early.cfg.d_sae])
+        and early.cfg.d_sae == full.cfg.d_sae
+    )
+    with pytest.raises(ValueError, match="patience_tokens"):
+        build_itda(model, toks, HOOK, patience_tokens=0, progress=False)

@@ -206,3 +206,124 @@ def test_build_defaults_to_the_zoo(tmp_path: Path) -> None:
         and itda.cfg.metadata.dataset_path == "kjv:train"
     )
     assert main(["inspect", str(out), "--top", "3"]) == 0
+
+
+def test_eval_command_on_itda_and_sae_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from itda_lens import zoo
+    from itda_lens.sae_training import collect_activations, train_sae
+
+    itda_dir = tmp_path / "itda"
+    assert (
+        main(
+            [
+                "build",
+                "--hook",
+                "blocks.1.hook_resid_post",
+                "--max-tokens",
+                "4096",
+                "--k",
+                "8",
+                "--out",
+                str(itda_dir),
+            ]
+        )
+        == 0
+    )
+    assert main(["eval", str(itda_dir), "--heldout-seqs", "16", "--no-probe"]) == 0
+    result = json.loads((itda_dir / "eval.json").read_text())
+    assert result["architecture"] == "itda" and 0 < result["run_evals"]["l0"] <= 8
+    model = zoo.load_model()
+    cached = collect_activations(model, zoo.load_tokens("train", 64), "blocks.1.hook_resid_post")
+    sae = train_sae(
+        cached, d_sae=256, k=8, training_tokens=8192, batch_size=512, model_name=zoo.DEFAULT_MODEL
+    ).sae
+    sae.save_model(tmp_path / "topk")
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "topk"),
+                "--heldout-seqs",
+                "16",
+                "--out",
+                str(tmp_path / "t.json"),
+            ]
+        )
+        == 0
+    )
+    topk = json.loads((tmp_path / "t.json").read_text())
+    assert topk["architecture"] == "topk" and set(topk["probing"]["mean"]) == {"1", "2", "5", "all"}
+    assert "probing (mean over tasks)" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+def test_similarity_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    hooks = ["--hook", "blocks.0.hook_resid_post", "--hook", "blocks.1.hook_resid_post"]
+    for seed in (0, 1):
+        assert (
+            main(
+                [
+                    "build",
+                    "--model",
+                    f"kjv-4l128-s{seed}",
+                    *hooks,
+                    "--max-tokens",
+                    "4096",
+                    "--k",
+                    "8",
+                    "--cos-threshold",
+                    "0.9",
+                    "--batch-size",
+                    "8",
+                    "--out",
+                    str(tmp_path / f"s{seed}"),
+                ]
+            )
+            == 0
+        )
+    capsys.readouterr()
+    png = tmp_path / "sim.png"
+    assert main(["similarity", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.1.hook_resid_post" in text and png.stat().st_size > 1000
+    assert (
+        main(
+            [
+                "similarity",
+                str(tmp_path / "s0"),
+                str(tmp_path / "s1"),
+                str(tmp_path / "s0"),
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    assert "1.000" in capsys.readouterr().out  # a model against itself
+    assert (
+        main(
+            [
+                "build",
+                "--model",
+                "kjv-4l128-s1",
+                "--hook",
+                "blocks.0.hook_resid_post",
+                "--data",
+                "kjv:heldout",
+                "--max-tokens",
+                "2048",
+                "--out",
+                str(tmp_path / "other"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["similarity", str(tmp_path / "s0"), str(tmp_path / "other"), "--out", str(png)]) == 2
+    )
+    assert "different token streams" in capsys.readouterr().err

@@ -204,7 +204,7 @@ def test_mixed_save_never_loads(itda: ITDA, tmp_path: Path) -> None:
 
 
 def test_damaged_or_foreign_folders_give_clear_errors(itda: ITDA, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no ITDA folder"):
+    with pytest.raises(FileNotFoundError, match="no SAE folder"):
         ITDA.load_from_disk(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no cfg\.json"):

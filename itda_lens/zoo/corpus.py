@@ -71,6 +71,11 @@ def document_text(doc_id: int) -> str:
     return _all_documents()[doc_id].text
 
 
+def document_books() -> list[str]:
+    """The book of every document, indexed by document id."""
+    return [d.book for d in _all_documents()]
+
+
 @dataclass(frozen=True)
 class TokenStream:
     """A split's tokens with their source spans: ``tokens``, ``doc``, ``start``, ``end``, all [N]."""

@@ -1,0 +1,283 @@
+"""Layer matching across zoo seeds and sizes: ITDA Jaccard against CKA, SVCCA, relative
+representations and linear regression (the paper's Table 1, on our models), plus cross-tokenizer
+span overlap and dictionary convergence over training.
+
+For every ordered pair of different models of the same depth and every layer i of the first, is the
+most similar layer of the second layer i? Accuracy is reported without self-pairs (the paper
+counted them, which every measure gets right) and with them. ITDAs are built for all layers of a
+model in one pass over the same shuffled training windows (k = 8, cos_threshold = 0.9), so their
+(sequence, position) labels are comparable; the baselines see the activations of the same held-out
+tokens, accumulated as moments (no N x N matrices).
+
+    python benchmarks/layer_matching.py --out bench_out/layer_matching
+    python benchmarks/layer_matching.py --quick --out bench_out/layer_matching_q
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import table
+
+from itda_lens import build_itda, zoo
+from itda_lens.plots import heatmap, line_plot
+from itda_lens.similarity import (
+    PairStats,
+    jaccard,
+    layer_matching_accuracy,
+    model_jaccard,
+    similarity_matrix,
+    span_jaccard,
+)
+from itda_lens.sources import hook_activations, special_token_ids
+
+MEASURES = ("ITDA Jaccard", "linear CKA", "SVCCA", "relative", "linear regression R2")
+K, COS = 8, 0.9
+
+
+def hooks_of(model: Any) -> list[str]:
+    return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+
+
+def layer_acts(model: Any, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's activations at the non-special positions of ``tokens``."""
+    hooks = hooks_of(model)
+    keep = ~torch.isin(tokens.reshape(-1), torch.tensor(special_token_ids(model)))
+    out: list[list[torch.Tensor]] = [[] for _ in hooks]
+    for start in range(0, tokens.shape[0], 32):
+        acts = hook_activations(model, tokens[start : start + 32], hooks, None)
+        for i, h in enumerate(hooks):
+            out[i].append(acts[h].reshape(-1, acts[h].shape[-1]))
+    return [torch.cat(a)[keep] for a in out]
+
+
+def baseline_matrices(
+    acts_a: list[torch.Tensor], acts_b: list[torch.Tensor], anchors: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """All four baseline measures for every layer pair (i of a, j of b)."""
+    mats = {m: torch.zeros(len(acts_a), len(acts_b)) for m in MEASURES[1:]}
+    for i, j in itertools.product(range(len(acts_a)), range(len(acts_b))):
+        x, y = acts_a[i], acts_b[j]
+        s = PairStats(anchors_x=x[anchors], anchors_y=y[anchors])
+        for start in range(0, x.shape[0], 8192):
+            s.update(x[start : start + 8192], y[start : start + 8192])
+        mats["linear CKA"][i, j] = s.linear_cka()
+        mats["SVCCA"][i, j] = s.svcca()
+        mats["relative"][i, j] = s.relative()
+        mats["linear regression R2"][i, j] = (
+            s.linreg_r2()
+        )  # layer j of b predicted from layer i of a
+    return mats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="bench_out/layer_matching")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    small = [n for n in zoo.list_models() if n.startswith("kjv-4l128-s")][
+        : 2 if args.quick else None
+    ]
+    large = [n for n in zoo.list_models() if n.startswith("kjv-6l160-s")][
+        : 0 if args.quick else None
+    ]
+    build_windows, act_windows, n_anchors = (64, 16, 50) if args.quick else (1024, 128, 300)
+    build_tokens = zoo.load_tokens("train", build_windows)
+    act_tokens = zoo.load_tokens("heldout", act_windows)
+    itdas, acts = {}, {}
+    for name in small + large:
+        model = zoo.load_model(name)
+        built = build_itda(
+            model,
+            build_tokens,
+            hooks_of(model),
+            k=K,
+            cos_threshold=COS,
+            batch_size=8,
+            progress=False,
+            model_name=name,
+            dataset_path="kjv:train",
+        )
+        itdas[name] = [built[h] for h in hooks_of(model)]
+        acts[name] = layer_acts(model, act_tokens)
+        print(f"{name}: atoms per layer {[i.cfg.d_sae for i in itdas[name]]}", flush=True)
+    n_tok = acts[small[0]][0].shape[0]
+    anchors = torch.randperm(n_tok, generator=torch.Generator().manual_seed(42))[:n_anchors]
+    matrices: dict[str, dict[tuple[str, str], torch.Tensor]] = {m: {} for m in MEASURES}
+    names = small + large
+    for a, b in itertools.product(names, names):
+        matrices["ITDA Jaccard"][(a, b)] = similarity_matrix(itdas[a], itdas[b], jaccard)
+        for m, mat in baseline_matrices(acts[a], acts[b], anchors).items():
+            matrices[m][(a, b)] = mat
+    groups = {"same size (4 x 128 seeds)": small, "same size (6 x 160 seeds)": large}
+    rows = []
+    for measure in MEASURES:
+        row: dict[str, Any] = {"measure": measure}
+        for label, members in groups.items():
+            if len(members) < 2:
+                continue
+            sub = {
+                k: v for k, v in matrices[measure].items() if k[0] in members and k[1] in members
+            }
+            row[f"{label}, no self-pairs"] = f"{layer_matching_accuracy(sub):.2f}"
+            row[f"{label}, with self-pairs"] = (
+                f"{layer_matching_accuracy(sub, include_self=True):.2f}"
+            )
+        if large:  # cross-size: is the argmax at the layer of nearest relative depth?
+            hits = total = 0
+            for a, b in itertools.product(small, large):
+                m = matrices[measure][(a, b)]
+                want = torch.round(
+                    torch.arange(m.shape[0]) * (m.shape[1] - 1) / (m.shape[0] - 1)
+                ).long()
+                hits += int((m.argmax(1) == want).sum())
+                total += m.shape[0]
+            row["cross size (4 x 128 -> 6 x 160), nearest relative depth"] = f"{hits / total:.2f}"
+        rows.append(row)
+    print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    for measure in MEASURES:
+        a, b = small[0], small[1]
+        layers = [f"L{i}" for i in range(matrices[measure][(a, b)].shape[0])]
+        heatmap(
+            matrices[measure][(a, b)].tolist(),
+            out / f"heatmap_{measure.replace(' ', '_')}.png",
+            rows=layers,
+            cols=layers,
+            title=f"{measure}: {a} vs {b}",
+            xlabel=b,
+            ylabel=a,
+        )
+        if large:
+            mat = matrices[measure][(small[0], large[0])]
+            heatmap(
+                mat.tolist(),
+                out / f"heatmap_cross_size_{measure.replace(' ', '_')}.png",
+                rows=[f"L{i}" for i in range(mat.shape[0])],
+                cols=[f"L{j}" for j in range(mat.shape[1])],
+                title=f"{measure}: {small[0]} vs {large[0]}",
+                xlabel=large[0],
+                ylabel=small[0],
+            )
+    model_level = {
+        f"{a} vs {b}": round(model_jaccard(itdas[a], itdas[b]), 3)
+        for a, b in itertools.combinations(names, 2)
+    }
+    print("model-level ITDA Jaccard (union over layers):", json.dumps(model_level))
+    # cross-tokenizer: the same documents in canonical order, two tokenizers, overlap of text spans
+    cross_tok = [
+        n for n in zoo.list_models() if zoo.model_card(n)["tokenizer"] != zoo.DEFAULT_TOKENIZER
+    ][:1]
+    span_result = {}
+    if cross_tok:
+        span_result = cross_tokenizer(small[0], cross_tok[0], 16 if args.quick else 256, out)
+        print(
+            "cross-tokenizer span Jaccard (rows: " + small[0] + ", cols: " + cross_tok[0] + "):",
+            json.dumps(span_result),
+        )
+    convergence = training_convergence(build_tokens, out)
+    print(
+        "dictionary convergence (Jaccard with the final model's ITDA, per layer):",
+        json.dumps(convergence),
+    )
+    result = {
+        "accuracy": rows,
+        "model_level_jaccard": model_level,
+        "cross_tokenizer": span_result,
+        "convergence": convergence,
+        "matrices": {
+            m: {f"{a}|{b}": v.tolist() for (a, b), v in mm.items()} for m, mm in matrices.items()
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "layer_matching.json").write_text(json.dumps(result, indent=2))
+    print(
+        f"wrote {out / 'layer_matching.json'} and heatmaps; total {time.perf_counter() - t0:.0f}s"
+    )
+
+
+def cross_tokenizer(name_a: str, name_b: str, n_windows: int, out: Path) -> dict[str, Any]:
+    """Span-anchored overlap of two models with different tokenizers, built on the same documents."""
+    tok_a, tok_b = zoo.model_card(name_a)["tokenizer"], zoo.model_card(name_b)["tokenizer"]
+    toks_a = zoo.load_tokens("train", n_windows, tokenizer=tok_a, shuffle=False)
+    spans_a = zoo.load_token_spans("train", n_windows, tokenizer=tok_a, shuffle=False)
+    last_doc = int(spans_a[:, :, 0].max())
+    spans_b_all = zoo.load_token_spans("train", None, tokenizer=tok_b, shuffle=False)
+    n_b = int(
+        (spans_b_all[:, :, 0].amax(1) <= last_doc).sum()
+    )  # windows of b over the same documents
+    toks_b = zoo.load_tokens("train", n_b, tokenizer=tok_b, shuffle=False)
+    itdas = {}
+    for name, toks in ((name_a, toks_a), (name_b, toks_b)):
+        model = zoo.load_model(name)
+        built = build_itda(
+            model, toks, hooks_of(model), k=K, cos_threshold=COS, batch_size=8, progress=False
+        )
+        itdas[name] = [built[h] for h in hooks_of(model)]
+    mat = torch.tensor(
+        [
+            [span_jaccard(x, spans_a, y, spans_b_all[:n_b]) for y in itdas[name_b]]
+            for x in itdas[name_a]
+        ]
+    )
+    layers = [f"L{i}" for i in range(mat.shape[0])]
+    heatmap(
+        mat.tolist(),
+        out / "heatmap_cross_tokenizer_span_jaccard.png",
+        rows=layers,
+        cols=layers,
+        title=f"span Jaccard: {name_a} vs {name_b}",
+        xlabel=name_b,
+        ylabel=name_a,
+    )
+    return {
+        "matrix": [[round(v, 3) for v in r] for r in mat.tolist()],
+        "diagonal_is_row_max": bool((mat.argmax(1) == torch.arange(mat.shape[0])).all()),
+        "windows": [n_windows, n_b],
+    }
+
+
+def training_convergence(tokens: torch.Tensor, out: Path) -> dict[str, list[float]]:
+    """Per layer: Jaccard of each checkpoint's ITDA with the final model's, over training steps."""
+    final = zoo.DEFAULT_MODEL
+    ckpts = sorted(
+        (n for n in zoo.list_models(include_checkpoints=True) if n.startswith(final + "@")),
+        key=lambda n: int(n.split("@step")[1]),
+    )
+    steps = [int(n.split("@step")[1]) for n in ckpts] + [zoo.model_card(final)["steps"]]
+    dicts = {}
+    for name in [*ckpts, final]:
+        model = zoo.load_model(name)
+        built = build_itda(
+            model, tokens, hooks_of(model), k=K, cos_threshold=COS, batch_size=8, progress=False
+        )
+        dicts[name] = [built[h] for h in hooks_of(model)]
+    curves = {
+        f"L{i}": [round(jaccard(dicts[n][i], dicts[final][i]), 3) for n in [*ckpts, final]]
+        for i in range(len(dicts[final]))
+    }
+    line_plot(
+        {k: (steps, v) for k, v in curves.items()},
+        out / "convergence.png",
+        xlabel="training step",
+        ylabel="Jaccard with the final model's ITDA",
+        title=f"Dictionary convergence, {final}",
+    )
+    return {"steps": steps, **curves}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Comparison SAEs trained with sae_lens's own trainer, offline, from cached activations.
+
+``collect_activations`` runs the model once and keeps the activations at one hook (special-token
+positions dropped); ``train_sae`` feeds shuffled batches of them to ``sae_lens.SAETrainer`` and
+returns the *inference* SAE that sae_lens saves and loads (BatchTopK comes back as JumpReLU), with
+the metadata evals need. Caching once is what makes sweeps of many SAEs affordable on a CPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE, BatchTopKTrainingSAEConfig, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.sae_trainer import SAETrainer
+from torch import Tensor
+from transformer_lens import HookedRootModule
+
+from itda_lens.sources import hook_activations, special_token_ids, stop_at_layer, token_batches
+
+
+@dataclass
+class CachedActivations:
+    """Activations at one hook for the non-special positions of some tokens, in stream order."""
+
+    acts: Float[Tensor, "n d"]
+    token_ids: Int[Tensor, " n"]
+    hook_name: str
+    context_size: int
+    forward_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.acts.shape[0] / max(self.forward_seconds, 1e-9)
+
+
+def collect_activations(
+    model: HookedRootModule, tokens: Int[Tensor, "n seq"], hook_name: str, *, batch_size: int = 32
+) -> CachedActivations:
+    """One forward pass (stopping after ``hook_name``) over ``tokens``; BOS/EOS/PAD positions dropped."""
+    stop = stop_at_layer([hook_name])
+    skip = torch.tensor(special_token_ids(model), dtype=torch.long)
+    chunks, ids, seconds = [], [], 0.0
+    for batch in token_batches(tokens, batch_size):
+        t0 = time.perf_counter()
+        acts = hook_activations(model, batch, [hook_name], stop)[hook_name]
+        seconds += time.perf_counter() - t0
+        keep = ~torch.isin(batch.reshape(-1), skip)
+        chunks.append(acts.reshape(-1, acts.shape[-1])[keep].float().cpu())
+        ids.append(batch.reshape(-1)[keep])
+    return CachedActivations(torch.cat(chunks), torch.cat(ids), hook_name, tokens.shape[1], seconds)
+
+
+def shuffled_batches(acts: Tensor, batch_size: int, seed: int = 0) -> Iterator[Tensor]:
+    """Endless epochs of shuffled activation batches (a sae_lens DataProvider)."""
+    if acts.shape[0] < batch_size:
+        raise ValueError(f"need at least batch_size={batch_size} activations, got {acts.shape[0]}")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(acts.shape[0], generator=g)
+        for start in range(0, acts.shape[0] - batch_size + 1, batch_size):
+            yield acts[order[start : start + batch_size]]
+
+
+@dataclass
+class TrainedSAE:
+    sae: SAE[Any]
+    train_seconds: float
+    training_tokens: int
+
+
+def train_sae(
+    cached: CachedActivations,
+    *,
+    architecture: Literal["topk", "batchtopk"] = "topk",
+    d_sae: int,
+    k: int,
+    training_tokens: int,
+    batch_size: int = 2048,
+    lr: float = 1e-3,
+    seed: int = 0,
+    model_name: str | None = None,
+    device: str = "cpu",
+) -> TrainedSAE:
+    """Train a TopK or BatchTopK SAE with ``sae_lens.SAETrainer`` on the cached activations.
+
+    Settings follow what worked offline at this scale: Adam at ``lr`` with 5% warm-up and a linear
+    decay over the last 20%, activations normalised to ``sqrt(d)`` (folded in afterwards), the
+    default aux-k loss against dead latents. Returns the inference SAE, loaded back through disk.
+    """
+    torch.manual_seed(seed)
+    d_in = cached.acts.shape[1]
+    cfg_cls = TopKTrainingSAEConfig if architecture == "topk" else BatchTopKTrainingSAEConfig
+    sae_cfg = cfg_cls(
+        d_in=d_in, d_sae=d_sae, k=k, normalize_activations="expected_average_only_in", device=device
+    )
+    sae = TrainingSAE.from_dict(sae_cfg.to_dict())
+    steps = max(1, training_tokens // batch_size)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr / 10,
+        lr_warm_up_steps=min(100, steps // 20),
+        lr_decay_steps=steps // 5,
+        device=device,
+        n_batches_for_norm_estimate=min(50, max(1, cached.acts.shape[0] // batch_size)),
+    )
+    trainer = SAETrainer(trainer_cfg, sae, shuffled_batches(cached.acts, batch_size, seed))
+    t0 = time.perf_counter()
+    trained = trainer.fit()
+    seconds = time.perf_counter() - t0
+    for key, value in {
+        "hook_name": cached.hook_name,
+        "model_name": model_name,
+        "context_size": cached.context_size,
+        "prepend_bos": True,
+        "hook_head_index": None,
+        "model_from_pretrained_kwargs": {},
+    }.items():
+        trained.cfg.metadata[key] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        trained.save_inference_model(tmp)
+        inference = SAE.load_from_disk(tmp, device=device)
+    return TrainedSAE(inference, seconds, steps * batch_size)
