@@ -296,20 +296,22 @@ def _load_dictionaries(folder: Path) -> dict[str, ITDA]:
 
 
 def _cmd_similarity(args: argparse.Namespace) -> int:
-    models = {d: _load_dictionaries(Path(d)) for d in args.dirs}
+    # a list, not a dict: the same folder given twice is a legitimate self-comparison
+    if len(args.dirs) < 2:
+        raise SystemExit("itda-lens similarity: give at least two ITDA folders to compare")
+    models = [(d, _load_dictionaries(Path(d))) for d in args.dirs]
     if len(models) == 2:
-        (name_a, a), (name_b, b) = models.items()
+        (name_a, a), (name_b, b) = models
         matrix = similarity_matrix(list(a.values()), list(b.values()))
         rows, cols, title = list(a), list(b), f"ITDA Jaccard: {name_a} vs {name_b}"
     else:
-        names = list(models)
         matrix = torch.tensor(
             [
-                [model_jaccard(list(models[x].values()), list(models[y].values())) for y in names]
-                for x in names
+                [model_jaccard(list(x.values()), list(y.values())) for _, y in models]
+                for _, x in models
             ]
         )
-        rows = cols = names
+        rows = cols = [name for name, _ in models]
         title = "model-level ITDA Jaccard (union over layers)"
     width = max(len(c) for c in cols) + 2
     print(" " * (max(len(r) for r in rows) + 2) + "".join(f"{c:>{width}}" for c in cols))
