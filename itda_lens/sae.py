@@ -7,7 +7,7 @@ matching pursuit (or OMP) with ``cfg.k`` steps and returns dense codes like ever
 ``(sequence index, token position)`` in the token stream the builder read, and ``atom_token_ids`` —
 is an int64 buffer that survives ``save_model`` / ``SAE.load_from_disk``.
 
-This is the only module that knows sae_lens internals.
+This module and ``kmeans`` (the cluster SAEs) are the ones that subclass sae_lens's SAE.
 """
 
 from __future__ import annotations
@@ -455,18 +455,22 @@ def _dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _register() -> None:
-    """Register "itda" with sae_lens; idempotent under re-import, loud if another class owns it."""
-    current = SAE_CLASS_REGISTRY.get(ARCHITECTURE)
+def register_architecture(name: str, sae_class: type[SAE[Any]], cfg_class: type[SAEConfig]) -> None:
+    """Register an architecture with sae_lens; idempotent under re-import (e.g. module reloads),
+    loud if a different class already owns the name."""
+    current = SAE_CLASS_REGISTRY.get(name)
     if current is None:
-        register_sae_class(ARCHITECTURE, ITDA, ITDAConfig)
-    elif current[0].__module__ == ITDA.__module__ and current[0].__qualname__ == ITDA.__qualname__:
-        SAE_CLASS_REGISTRY[ARCHITECTURE] = (ITDA, ITDAConfig)
+        register_sae_class(name, sae_class, cfg_class)
+    elif (current[0].__module__, current[0].__qualname__) == (
+        sae_class.__module__,
+        sae_class.__qualname__,
+    ):
+        SAE_CLASS_REGISTRY[name] = (sae_class, cfg_class)
     else:
         raise RuntimeError(
-            f"sae_lens architecture {ARCHITECTURE!r} is already registered by "
+            f"sae_lens architecture {name!r} is already registered by "
             f"{current[0].__module__}.{current[0].__qualname__}"
         )
 
 
-_register()
+register_architecture(ARCHITECTURE, ITDA, ITDAConfig)

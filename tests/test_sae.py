@@ -22,7 +22,7 @@ from sae_lens.training.activations_store import ActivationsStore
 import itda_lens
 from itda_lens import ITDA, build_itda
 from itda_lens.pursuit import matching_pursuit, orthogonal_matching_pursuit
-from itda_lens.sae import _register
+from itda_lens.sae import register_architecture
 from tests.helpers import BOS, PAD, SEQ, make_tokens
 
 HOOK = "blocks.1.hook_resid_post"
@@ -229,12 +229,12 @@ def test_damaged_or_foreign_folders_give_clear_errors(itda: ITDA, tmp_path: Path
 
 
 def test_registration_is_idempotent_and_guards_conflicts(monkeypatch: pytest.MonkeyPatch) -> None:
-    _register()
-    _register()
+    register_architecture("itda", ITDA, itda_lens.ITDAConfig)
+    register_architecture("itda", ITDA, itda_lens.ITDAConfig)
     assert SAE_CLASS_REGISTRY["itda"][0] is ITDA
     monkeypatch.setitem(SAE_CLASS_REGISTRY, "itda", (SAE, itda_lens.ITDAConfig))
     with pytest.raises(RuntimeError, match="already registered"):
-        _register()
+        register_architecture("itda", ITDA, itda_lens.ITDAConfig)
 
 
 def test_reimport_in_a_fresh_process_is_safe(itda: ITDA, tmp_path: Path) -> None:

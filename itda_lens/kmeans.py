@@ -1,0 +1,449 @@
+"""k-means and k-means + local-PCA autoencoders (SplInterp's baselines) as sae_lens SAEs.
+
+Both are "cluster SAEs": latents come in blocks of ``1 + m`` per cluster — an indicator whose
+decoder row is the centroid ``μ_c`` and ``m`` coefficients whose rows are the cluster's top
+principal directions ``U_c``. The encoder is affine, ``pre = x W_enc + b_enc`` with indicator
+columns ``2μ_c, −‖μ_c‖²`` (so ``argmax`` = nearest centroid, a Voronoi cell) and coefficient
+columns ``U_c, −U_cᵀμ_c``; the activation keeps only the winning cluster's block, indicator set to 1.
+So ``x̂ = μ_c + U_c U_cᵀ(x − μ_c)``: piecewise constant for k-means (``m = 0``, architecture
+"kmeans"), piecewise affine for local PCA (architecture "kmeans_pca", the accuracy reference:
+by Eckart–Young the best rank-m affine piece per region, but nothing shared between regions).
+
+Fitting streams over the activations in chunks: k-means++ seeding on a sample, then exact Lloyd
+passes (``lloyd``, checked against scikit-learn), then per-cluster covariances for the PCA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE, SAEConfig
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from itda_lens.sae import register_architecture
+from itda_lens.sae_training import CachedActivations
+
+CHUNK = 8192
+
+
+# --- the maths -----------------------------------------------------------------------------
+
+
+def _check_acts(acts: Tensor) -> None:
+    if not isinstance(acts, Tensor) or acts.ndim != 2 or not acts.is_floating_point():
+        raise ValueError(
+            f"activations must be a float tensor [n, d_in], got {getattr(acts, 'shape', acts)}"
+        )
+    if not bool(torch.isfinite(acts).all()):
+        raise ValueError("activations contain NaN or Inf")
+
+
+def nearest(
+    x: Float[Tensor, "n d"], centroids: Float[Tensor, "c d"]
+) -> tuple[Int[Tensor, " n"], Float[Tensor, " n"]]:
+    """Index of and squared distance to the nearest centroid (ties to the lowest index)."""
+    c_sq = (centroids * centroids).sum(1)
+    d2 = (x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + c_sq
+    best, idx = d2.min(1)
+    return idx, best.clamp_min(0)
+
+
+def assign_nearest(
+    acts: Float[Tensor, "n d"], centroids: Float[Tensor, "c d"], chunk_size: int = CHUNK
+) -> Int[Tensor, " n"]:
+    """``nearest`` over ``acts`` in chunks (indices only)."""
+    return torch.cat(
+        [
+            nearest(acts[s : s + chunk_size], centroids)[0]
+            for s in range(0, acts.shape[0], chunk_size)
+        ]
+    )
+
+
+def kmeans_plus_plus(
+    x: Float[Tensor, "n d"], n_clusters: int, *, seed: int = 0
+) -> Float[Tensor, "c d"]:
+    """k-means++ seeding (D² sampling) on ``x``."""
+    if n_clusters > x.shape[0]:
+        raise ValueError(f"cannot seed {n_clusters} clusters from {x.shape[0]} points")
+    g = torch.Generator().manual_seed(seed)
+    xd = x.double()
+    chosen = [int(torch.randint(x.shape[0], (1,), generator=g))]
+    d2 = ((xd - xd[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, n_clusters):
+        total = float(d2.sum())
+        if total <= 0:  # fewer distinct points than clusters: pick any unused point
+            unused = torch.ones(x.shape[0], dtype=torch.bool)
+            unused[chosen] = False
+            pick = int(unused.nonzero()[0])
+        else:
+            pick = int(torch.multinomial((d2 / total).float().cpu(), 1, generator=g))
+        chosen.append(pick)
+        d2 = torch.minimum(d2, ((xd - xd[pick]) ** 2).sum(1))
+    return x[chosen].clone()
+
+
+def lloyd(
+    acts: Float[Tensor, "n d"],
+    init: Float[Tensor, "c d"],
+    *,
+    max_iter: int = 20,
+    tol: float = 1e-4,
+    chunk_size: int = CHUNK,
+    progress: bool = False,
+) -> tuple[Float[Tensor, "c d"], float]:
+    """Exact Lloyd iterations streamed over ``acts`` in chunks; returns (centroids, inertia).
+
+    Stops when no centroid moves by more than ``tol`` times the mean per-feature variance (as
+    scikit-learn does). An empty cluster is re-seeded at the point farthest from its centroid.
+    """
+    _check_acts(acts)
+    centroids = init.to(acts.device, torch.float64).clone()
+    n = acts.shape[0]
+    var = float(acts.double().var(0).mean())
+    inertia = math.inf
+    for _ in tqdm(range(max_iter), desc="k-means", disable=not progress):
+        sums = torch.zeros_like(centroids)
+        counts = torch.zeros(centroids.shape[0], dtype=torch.float64, device=acts.device)
+        inertia, far_d, far_i = 0.0, -1.0, 0
+        for start in range(0, n, chunk_size):
+            x = acts[start : start + chunk_size].double()
+            idx, d2 = nearest(x, centroids)
+            sums.index_add_(0, idx, x)
+            counts.index_add_(0, idx, torch.ones_like(d2))
+            inertia += float(d2.sum())
+            m, j = d2.max(0)
+            if float(m) > far_d:
+                far_d, far_i = float(m), start + int(j)
+        new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+        for c in (counts == 0).nonzero().flatten().tolist():
+            new[c] = acts[far_i].double()
+        shift = float(((new - centroids) ** 2).sum())
+        centroids = new
+        if shift <= tol * var:
+            break
+    inertia = sum(  # of the returned centroids
+        float(nearest(acts[s : s + chunk_size].double(), centroids)[1].sum())
+        for s in range(0, n, chunk_size)
+    )
+    return centroids.to(acts.dtype), inertia
+
+
+def local_pca(
+    acts: Float[Tensor, "n d"],
+    assign: Int[Tensor, " n"],
+    n_clusters: int,
+    n_components: int,
+    *,
+    chunk_size: int = CHUNK,
+) -> tuple[Float[Tensor, "c d"], Float[Tensor, "c m d"]]:
+    """Per-cluster mean and top-``n_components`` principal directions (rows, unit norm) from
+    streamed per-cluster sums and second moments. Clusters with fewer points get zero rows."""
+    n, d = acts.shape
+    if n_components > d:
+        raise ValueError(f"n_components={n_components} exceeds d_in={d}")
+    counts = torch.zeros(n_clusters, dtype=torch.float64, device=acts.device)
+    sums = torch.zeros(n_clusters, d, dtype=torch.float64, device=acts.device)
+    second = torch.zeros(n_clusters, d, d, dtype=torch.float64, device=acts.device)
+    for start in range(0, n, chunk_size):
+        x, a = acts[start : start + chunk_size].double(), assign[start : start + chunk_size]
+        counts.index_add_(0, a, torch.ones_like(x[:, 0]))
+        sums.index_add_(0, a, x)
+        step = max(1, 2**24 // (d * d))  # outer products of <= 128 MB at a time
+        for s in range(0, x.shape[0], step):
+            xs = x[s : s + step]
+            second.index_add_(0, a[s : s + step], xs[:, :, None] * xs[:, None, :])
+    means = sums / counts.clamp_min(1)[:, None]
+    cov = second / counts.clamp_min(1)[:, None, None] - means[:, :, None] * means[:, None, :]
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    top = evecs.flip(-1)[:, :, :n_components].transpose(1, 2)  # [c, m, d]
+    rank = evals.flip(-1)[:, :n_components] > 1e-12 * evals.abs().amax(-1, keepdim=True).clamp_min(
+        1e-300
+    )
+    rank &= torch.arange(n_components, device=acts.device) < (counts[:, None] - 1)
+    top = top * rank[:, :, None]
+    return means.to(acts.dtype), top.to(acts.dtype)
+
+
+# --- the SAEs --------------------------------------------------------------------------------
+
+
+@dataclass
+class KMeansSAEConfig(SAEConfig):
+    """A k-means autoencoder: ``d_sae`` centroids; code = one-hot nearest centroid.
+
+    ``gain=True`` makes the code the least-squares scale ``⟨x, μ_c⟩/‖μ_c‖²`` instead of 1 (an
+    L0 = 1 baseline comparable with Top-1 SAEs and ITDA at k = 1).
+    """
+
+    gain: bool = False
+    apply_b_dec_to_input: bool = False
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "kmeans"
+
+    @property
+    def block(self) -> int:
+        return 1
+
+    @override
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_cluster_cfg(self)
+
+
+@dataclass
+class LocalPCASAEConfig(SAEConfig):
+    """k-means + local PCA: ``d_sae = n_clusters · (1 + n_components)`` latents in cluster blocks.
+
+    ``assignment="centroid"``: regions are k-means (Voronoi) cells; ``"flat"``: each input goes to
+    the cluster whose affine m-flat is nearest (k-flats / VQPCA), which reconstructs better.
+    """
+
+    n_components: int = 4
+    assignment: Literal["centroid", "flat"] = "centroid"
+    apply_b_dec_to_input: bool = False
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "kmeans_pca"
+
+    @property
+    def block(self) -> int:
+        return 1 + self.n_components
+
+    @override
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_components < 0 or self.n_components > self.d_in:
+            raise ValueError(
+                f"n_components must be in [0, d_in={self.d_in}], got {self.n_components}"
+            )
+        if self.assignment not in ("centroid", "flat"):
+            raise ValueError(f"assignment must be 'centroid' or 'flat', got {self.assignment!r}")
+        if self.d_sae % self.block:
+            raise ValueError(
+                f"d_sae={self.d_sae} is not a multiple of 1 + n_components = {self.block}"
+            )
+        _check_cluster_cfg(self)
+
+
+def _check_cluster_cfg(cfg: SAEConfig) -> None:
+    if cfg.apply_b_dec_to_input:
+        raise ValueError("cluster SAEs have no decoder bias: apply_b_dec_to_input must be False")
+    if cfg.normalize_activations != "none":
+        raise ValueError(
+            "cluster SAEs work on raw activations: normalize_activations must be 'none'"
+        )
+
+
+class _ClusterSAE(SAE[Any]):
+    """Shared encode/decode of the cluster SAEs (see the module docstring)."""
+
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        self.W_enc = nn.Parameter(torch.zeros(self.cfg.d_in, self.cfg.d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+
+    @property
+    def n_clusters(self) -> int:
+        return self.cfg.d_sae // self.cfg.block
+
+    def assign(self, pre: Float[Tensor, "... d_sae"]) -> Int[Tensor, "..."]:
+        """Winning cluster per input from the pre-activations."""
+        blocks = pre.unflatten(-1, (self.n_clusters, self.cfg.block))
+        score = blocks[..., 0]
+        if getattr(self.cfg, "assignment", "centroid") == "flat":
+            score = score + (blocks[..., 1:] ** 2).sum(-1)
+        return score.argmax(-1)
+
+    @override
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        sae_in = self.process_sae_in(x)
+        pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        c = self.assign(pre)
+        blocks = pre.unflatten(-1, (self.n_clusters, self.cfg.block))
+        win = blocks.gather(-2, c[..., None, None].expand(*c.shape, 1, self.cfg.block))
+        first = torch.ones_like(win[..., :1])
+        if getattr(self.cfg, "gain", False):
+            mu = self.W_dec[c]  # [..., d_in]
+            first = ((sae_in * mu).sum(-1) / (mu * mu).sum(-1).clamp_min(1e-30))[..., None, None]
+        win = torch.cat([first, win[..., 1:]], -1)
+        out = torch.zeros_like(blocks).scatter(-2, c[..., None, None].expand_as(win), win)
+        return self.hook_sae_acts_post(out.flatten(-2))
+
+    @override
+    def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        out = self.run_time_activation_norm_fn_out(out)
+        return self.reshape_fn_out(out, self.d_head)
+
+    @override
+    def fold_W_dec_norm(self) -> None:
+        raise NotImplementedError(
+            "cluster SAEs' indicator codes are fixed at 1; rescaling latents would change the regions"
+        )
+
+    @classmethod
+    def _from_parts(
+        cls,
+        cfg: SAEConfig,
+        means: Tensor,
+        directions: Tensor,
+        device: str | torch.device,
+    ) -> Any:
+        """Assemble weights from centroids ``[c, d]`` and directions ``[c, m, d]``."""
+        c, m, d = directions.shape
+        W_dec = torch.cat([means[:, None, :], directions], 1).reshape(c * (1 + m), d)
+        w_enc = torch.cat([2 * means[:, None, :], directions], 1)  # [c, 1+m, d]
+        b_enc = torch.cat(
+            [-(means * means).sum(1, keepdim=True), -(directions @ means[:, :, None])[..., 0]], 1
+        )
+        sae = cls(cfg)
+        with torch.no_grad():
+            sae.W_dec.copy_(W_dec)
+            sae.W_enc.copy_(w_enc.reshape(c * (1 + m), d).T)
+            sae.b_enc.copy_(b_enc.reshape(-1))
+        return sae.to(device)
+
+
+class KMeansSAE(_ClusterSAE):
+    """k-means autoencoder (architecture "kmeans"): x̂ = nearest centroid (times the gain)."""
+
+    def __init__(self, cfg: KMeansSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+
+class LocalPCASAE(_ClusterSAE):
+    """k-means + local PCA autoencoder (architecture "kmeans_pca"): x̂ = μ_c + U_c U_cᵀ(x − μ_c)."""
+
+    def __init__(self, cfg: LocalPCASAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+
+# --- fitting ---------------------------------------------------------------------------------
+
+
+def _metadata(cached: CachedActivations, model_name: str | None) -> dict[str, Any]:
+    return {
+        "hook_name": cached.hook_name,
+        "model_name": model_name,
+        "context_size": cached.context_size,
+        "prepend_bos": True,
+    }
+
+
+def _centroids(
+    cached: CachedActivations,
+    n_clusters: int,
+    seed: int,
+    max_iter: int,
+    sample: int,
+    progress: bool,
+) -> Tensor:
+    acts = cached.acts
+    _check_acts(acts)
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    g = torch.Generator().manual_seed(seed)
+    pool = acts[torch.randperm(acts.shape[0], generator=g)[: max(sample, n_clusters)]]
+    init = kmeans_plus_plus(pool, n_clusters, seed=seed)
+    return lloyd(acts, init, max_iter=max_iter, progress=progress)[0]
+
+
+def fit_kmeans_sae(
+    cached: CachedActivations,
+    n_clusters: int,
+    *,
+    gain: bool = False,
+    max_iter: int = 20,
+    seed_sample: int = 16384,
+    seed: int = 0,
+    model_name: str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> KMeansSAE:
+    """Fit a k-means autoencoder with ``n_clusters`` latents (k-means++ on a sample, then Lloyd)."""
+    centroids = _centroids(cached, n_clusters, seed, max_iter, seed_sample, progress)
+    cfg = KMeansSAEConfig(d_in=centroids.shape[1], d_sae=n_clusters, gain=gain, device=str(device))
+    _set_metadata(cfg, _metadata(cached, model_name))
+    empty = centroids.new_zeros(n_clusters, 0, centroids.shape[1])
+    return KMeansSAE._from_parts(cfg, centroids, empty, device)
+
+
+def fit_local_pca_sae(
+    cached: CachedActivations,
+    n_clusters: int,
+    n_components: int,
+    *,
+    assignment: Literal["centroid", "flat"] = "centroid",
+    flat_iters: int = 3,
+    max_iter: int = 20,
+    seed_sample: int = 16384,
+    seed: int = 0,
+    model_name: str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LocalPCASAE:
+    """Fit k-means + local PCA. With ``assignment="flat"``, ``flat_iters`` rounds of (reassign to
+    the nearest flat, refit mean + PCA) follow the k-means partition; reconstruction error does not
+    increase across rounds."""
+    centroids = _centroids(cached, n_clusters, seed, max_iter, seed_sample, progress)
+    acts = cached.acts
+    cfg = LocalPCASAEConfig(
+        d_in=acts.shape[1],
+        d_sae=n_clusters * (1 + n_components),
+        n_components=n_components,
+        assignment="centroid",
+        device=str(device),
+    )
+    _set_metadata(cfg, _metadata(cached, model_name))
+
+    def assignments(sae: LocalPCASAE) -> Tensor:
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    sae.assign(acts[s : s + CHUNK].to(sae.W_enc) @ sae.W_enc + sae.b_enc).cpu()
+                    for s in range(0, acts.shape[0], CHUNK)
+                ]
+            )
+
+    assign = assign_nearest(acts, centroids)
+    means, dirs = local_pca(acts, assign, n_clusters, n_components)
+    means = torch.where(
+        (torch.bincount(assign, minlength=n_clusters) > 0)[:, None], means, centroids
+    )
+    sae = LocalPCASAE._from_parts(cfg, means, dirs, device)
+    if assignment == "flat":
+        sae.cfg.assignment = "flat"
+        for _ in range(flat_iters):
+            assign = assignments(sae)
+            means2, dirs2 = local_pca(acts, assign, n_clusters, n_components)
+            keep = (torch.bincount(assign, minlength=n_clusters) > 0)[:, None]
+            means = torch.where(keep, means2, means)
+            dirs = torch.where(keep[:, :, None], dirs2, dirs)
+            sae = LocalPCASAE._from_parts(sae.cfg, means, dirs, device)
+    return sae
+
+
+def _set_metadata(cfg: SAEConfig, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        cfg.metadata[key] = value
+
+
+register_architecture("kmeans", KMeansSAE, KMeansSAEConfig)
+register_architecture("kmeans_pca", LocalPCASAE, LocalPCASAEConfig)
