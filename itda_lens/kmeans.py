@@ -100,6 +100,7 @@ def lloyd(
 ) -> tuple[Float[Tensor, "c d"], float]:
     """Exact Lloyd iterations streamed over ``acts`` in chunks; returns (centroids, inertia).
 
+    Distances are computed in the activations' dtype, sums accumulated in float64.
     Stops when no centroid moves by more than ``tol`` times the mean per-feature variance (as
     scikit-learn does). An empty cluster is re-seeded at the point farthest from its centroid.
     """
@@ -113,11 +114,11 @@ def lloyd(
         counts = torch.zeros(centroids.shape[0], dtype=torch.float64, device=acts.device)
         inertia, far_d, far_i = 0.0, -1.0, 0
         for start in range(0, n, chunk_size):
-            x = acts[start : start + chunk_size].double()
-            idx, d2 = nearest(x, centroids)
-            sums.index_add_(0, idx, x)
-            counts.index_add_(0, idx, torch.ones_like(d2))
-            inertia += float(d2.sum())
+            x = acts[start : start + chunk_size]
+            idx, d2 = nearest(x, centroids.to(x.dtype))  # distances in the input's dtype
+            sums.index_add_(0, idx, x.double())
+            counts.index_add_(0, idx, torch.ones_like(d2, dtype=torch.float64))
+            inertia += float(d2.double().sum())
             m, j = d2.max(0)
             if float(m) > far_d:
                 far_d, far_i = float(m), start + int(j)
@@ -129,7 +130,7 @@ def lloyd(
         if shift <= tol * var:
             break
     inertia = sum(  # of the returned centroids
-        float(nearest(acts[s : s + chunk_size].double(), centroids)[1].sum())
+        float(nearest(acts[s : s + chunk_size], centroids.to(acts.dtype))[1].double().sum())
         for s in range(0, n, chunk_size)
     )
     return centroids.to(acts.dtype), inertia

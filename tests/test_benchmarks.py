@@ -68,3 +68,20 @@ def test_layer_matching_benchmark_quick(tmp_path: Path) -> None:
         and "dictionary convergence" in text
     )
     assert (tmp_path / "layer_matching.json").is_file() and (tmp_path / "convergence.png").is_file()
+
+
+@pytest.mark.slow
+def test_sample_efficiency_benchmark_quick(tmp_path: Path) -> None:
+    text = run_quick("sample_efficiency.py", "--out", str(tmp_path))
+    for method in (
+        "PAM-SGD TopK",
+        "Adam TopK (PAM step off)",
+        "sae_lens TopK",
+        "ITDA",
+        "random activations, MP",
+        "k-means (L0 = 1)",
+        "k-means + local PCA",
+    ):
+        assert f"| {method} |" in text
+    assert "N=2048: FVU PAM" in text and (tmp_path / "sample_efficiency.json").is_file()
+    assert (tmp_path / "fvu_vs_n.png").is_file() and (tmp_path / "ce_loss_score_vs_n.png").is_file()

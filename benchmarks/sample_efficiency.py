@@ -1,0 +1,281 @@
+"""Sample efficiency: held-out quality against the number of training activations, side by side.
+
+On one zoo hook point (default model ``kjv-4l128-s0``, ``blocks.2.hook_resid_post``, d_model 128),
+for N training activations in a log-spaced range (1k ... 262k, nested random subsets of one cache):
+
+* PAM-SGD TopK SAE (``itda_lens.pam``: exact decoder solve per epoch + Adam encoder steps);
+* the same code with the PAM step off (decoder trained by Adam too): the ablation the claim is about;
+* sae_lens's own TopK trainer (``SAETrainer``: unit-norm decoder, aux-k loss, lr schedule) at the
+  same batch size and the same number of samples processed: the modern baseline;
+* ITDA built from the same N activations (k = L0, cos_threshold 0.9, at most the SAE width), and
+  the same number of randomly sampled activations with the same MP (ITDA's control);
+* a k-means autoencoder (width clusters, L0 = 1: where "piecewise constant" lands) and k-means +
+  local PCA at matched L0 and width (``width / L0`` clusters of ``L0 - 1`` components).
+
+All SAEs: width 8 x d_model, L0 = 16; epochs = clamp(2^19 / N, 2, 50), batch 256, so every SGD
+method processes the same samples. Scored on held-out text: FVU (fraction of variance unexplained,
+on held-out activations) and sae_lens's CE-loss score; plus dead latents and the number of
+power-diagram regions (TopK SAEs) visited by the held-out activations. Table, JSON and plots.
+
+    python benchmarks/sample_efficiency.py --out bench_out/sample_efficiency          # ~10 min, 2 cores
+    python benchmarks/sample_efficiency.py --quick --out bench_out/sample_efficiency_q
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import table
+
+from itda_lens import ITDA, build_itda_from_activations, zoo
+from itda_lens.evals import evaluate
+from itda_lens.kmeans import fit_kmeans_sae, fit_local_pca_sae
+from itda_lens.pam import PAMSettings, train_pam
+from itda_lens.plots import line_plot
+from itda_lens.power import latent_geometry, power_diagram, region_ids, region_stats
+from itda_lens.sae_training import CachedActivations, collect_activations, train_sae
+
+MODEL, HOOK = "kjv-4l128-s0", "blocks.2.hook_resid_post"
+BATCH = 256
+
+
+def epochs_for(n: int, budget: int) -> int:
+    """Epochs over N samples: about ``budget`` samples processed, between 2 and 50 epochs."""
+    return max(2, min(50, budget // n))
+
+
+def fvu(sae: Any, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        xh = torch.cat([sae(x[s : s + 4096]) for s in range(0, len(x), 4096)])
+    return float(((xh - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def geometry(sae: Any, x: torch.Tensor) -> dict[str, Any]:
+    """Dead latents (never in a held-out point's top-k cell) and regions visited."""
+    diagram = power_diagram(sae)
+    geo = latent_geometry(diagram, x)
+    stats = region_stats(region_ids(diagram, x))
+    return {
+        "dead_frac": float(geo.dead.double().mean()),
+        "regions": stats.n_regions,
+        "region_perplexity": stats.perplexity,
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    model = zoo.load_model(MODEL)
+    d = model.cfg.d_model
+    width, k = args.width_mult * d, args.l0
+    train = zoo.load_tokens("train", args.train_windows)
+    heldout = zoo.load_tokens("heldout", args.heldout_windows)
+    cached = collect_activations(model, train, HOOK)
+    held = collect_activations(model, heldout, HOOK).acts
+    order = torch.randperm(cached.acts.shape[0], generator=torch.Generator().manual_seed(0))
+    print(
+        f"{MODEL} {HOOK}: {cached.acts.shape[0]:,} training activations cached, {held.shape[0]:,} "
+        f"held-out; width {width}, L0 {k}; N = {args.sizes}",
+        flush=True,
+    )
+    meta = {
+        "hook_name": HOOK,
+        "model_name": MODEL,
+        "context_size": train.shape[1],
+        "prepend_bos": True,
+    }
+    rows: list[dict[str, Any]] = []
+    for n in args.sizes:
+        if n > cached.acts.shape[0]:
+            raise SystemExit(f"N={n} exceeds the {cached.acts.shape[0]} cached activations")
+        sub = CachedActivations(
+            cached.acts[order[:n]], cached.token_ids[order[:n]], HOOK, train.shape[1], 0.0
+        )
+        epochs = epochs_for(n, args.budget)
+        processed = epochs * (n // BATCH) * BATCH
+        saes: dict[str, tuple[Any, float]] = {}
+        for decoder, label in (("pam", "PAM-SGD TopK"), ("adam", "Adam TopK (PAM step off)")):
+            t0 = time.perf_counter()
+            res = train_pam(
+                sub,
+                PAMSettings(
+                    d_sae=width, k=k, epochs=epochs, batch_size=BATCH, decoder=decoder, lr=args.lr
+                ),
+                model_name=MODEL,
+                progress=False,
+            )
+            saes[label] = (res.sae, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        trained = train_sae(
+            sub,
+            architecture="topk",
+            d_sae=width,
+            k=k,
+            training_tokens=processed,
+            batch_size=BATCH,
+            lr=args.lr,
+            model_name=MODEL,
+        )
+        saes["sae_lens TopK"] = (trained.sae, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        itda = build_itda_from_activations(
+            [sub.acts[s : s + 1024] for s in range(0, n, 1024)],
+            k=k,
+            cos_threshold=0.9,
+            max_atoms=width,
+            progress=False,
+            metadata=meta,
+        )
+        saes["ITDA"] = (itda, time.perf_counter() - t0)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(n))[: itda.cfg.d_sae]
+        saes["random activations, MP"] = (ITDA.from_atoms(sub.acts[pick], k, metadata=meta), 0.0)
+        if n >= width:
+            t0 = time.perf_counter()
+            saes["k-means (L0 = 1)"] = (
+                fit_kmeans_sae(
+                    sub, width, max_iter=args.kmeans_iters, model_name=MODEL, progress=False
+                ),
+                time.perf_counter() - t0,
+            )
+        clusters = width // k
+        if n >= clusters * k:
+            t0 = time.perf_counter()
+            saes["k-means + local PCA"] = (
+                fit_local_pca_sae(
+                    sub,
+                    clusters,
+                    k - 1,
+                    max_iter=args.kmeans_iters,
+                    model_name=MODEL,
+                    progress=False,
+                ),
+                time.perf_counter() - t0,
+            )
+        for label, (sae, seconds) in saes.items():
+            ev = evaluate(sae, model, heldout[: args.ce_windows])
+            row = {
+                "N": n,
+                "epochs": epochs if "TopK" in label else "",
+                "method": label,
+                "d_sae": sae.cfg.d_sae,
+                "fvu": fvu(sae, held),
+                "ce_loss_score": ev["ce_loss_score"],
+                "l0": ev["l0"],
+                "fit_s": round(seconds, 1),
+            }
+            if "TopK" in label:
+                row.update(geometry(sae, held))
+            rows.append(row)
+        print(
+            f"  N={n:,} ({epochs} epochs): "
+            + ", ".join(f"{r['method']} FVU {r['fvu']:.3f}" for r in rows if r["N"] == n),
+            flush=True,
+        )
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r["N"], r["method"]): r for r in rows}
+    lines = []
+    for n in sorted({r["N"] for r in rows}):
+        pam, adam, sl = (
+            by[(n, m)] for m in ("PAM-SGD TopK", "Adam TopK (PAM step off)", "sae_lens TopK")
+        )
+        itda = by[(n, "ITDA")]
+        lines.append(
+            f"N={n}: FVU PAM {pam['fvu']:.3f} vs Adam (same code) {adam['fvu']:.3f} "
+            f"(ratio {pam['fvu'] / adam['fvu']:.2f}) vs sae_lens TopK {sl['fvu']:.3f} "
+            f"(ratio {pam['fvu'] / sl['fvu']:.2f}); ITDA {itda['fvu']:.3f} ({itda['d_sae']} atoms); "
+            f"CE score PAM {pam['ce_loss_score']:.3f} / Adam {adam['ce_loss_score']:.3f} / "
+            f"sae_lens {sl['ce_loss_score']:.3f} / ITDA {itda['ce_loss_score']:.3f}"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="bench_out/sample_efficiency")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    if args.quick:
+        args.sizes, args.width_mult, args.l0, args.budget = [512, 2048], 2, 8, 2**14
+        args.train_windows, args.heldout_windows, args.ce_windows, args.kmeans_iters = 32, 8, 8, 5
+    else:
+        args.sizes, args.width_mult, args.l0 = [1024, 4096, 16384, 65536, 262144], 8, 16
+        args.budget = 2**19
+        args.train_windows, args.heldout_windows, args.ce_windows, args.kmeans_iters = (
+            2112,
+            64,
+            32,
+            10,
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = run(args)
+    shown = [
+        {
+            **r,
+            **{c: f"{r[c]:.3f}" for c in ("fvu", "ce_loss_score") if c in r},
+            "l0": f"{r['l0']:.1f}",
+            "dead": f"{r['dead_frac']:.1%}" if "dead_frac" in r else "",
+            "regions": r.get("regions", ""),
+        }
+        for r in rows
+    ]
+    print(
+        table(
+            shown,
+            [
+                "N",
+                "method",
+                "epochs",
+                "d_sae",
+                "fvu",
+                "ce_loss_score",
+                "l0",
+                "dead",
+                "regions",
+                "fit_s",
+            ],
+        )
+    )
+    summary = summarise(rows)
+    print("\n" + "\n".join(summary))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for metric, label in (("fvu", "held-out FVU"), ("ce_loss_score", "CE-loss score (held-out)")):
+        line_plot(
+            {
+                m: (
+                    [r["N"] for r in rows if r["method"] == m],
+                    [r[metric] for r in rows if r["method"] == m],
+                )
+                for m in methods
+            },
+            out / f"{metric}_vs_n.png",
+            xlabel="training activations N",
+            ylabel=label,
+            title=f"{MODEL} {HOOK}: sample efficiency",
+            logx=True,
+        )
+    seconds = time.perf_counter() - t0
+    (out / "sample_efficiency.json").write_text(
+        json.dumps(
+            {"rows": rows, "summary": summary, "seconds": seconds, "settings": vars(args)}, indent=2
+        )
+    )
+    print(f"\nwrote {out / 'sample_efficiency.json'} and plots; total {seconds:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
