@@ -214,7 +214,7 @@ def main() -> None:
         args.sizes, args.width_mult, args.l0 = [1024, 4096, 16384, 65536, 262144], 8, 16
         args.budget = 2**19
         args.train_windows, args.heldout_windows, args.ce_windows, args.kmeans_iters = (
-            2112,
+            2200,
             64,
             32,
             10,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,3 +152,14 @@ def test_cluster_configs_refuse_impossible_settings() -> None:
     bad[0, 0] = math.inf
     with pytest.raises(ValueError, match="NaN or Inf"):
         fit_kmeans_sae(_cached(bad), 3, progress=False)
+
+
+def test_importing_the_package_registers_the_cluster_architectures(tmp_path) -> None:
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(0))
+    fit_local_pca_sae(_cached(x), 4, 2, progress=False).save_model(tmp_path)
+    code = (
+        "import itda_lens; from sae_lens import SAE; "
+        f"print(type(SAE.load_from_disk(r'{tmp_path}')).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "LocalPCASAE", out.stderr[-2000:]
