@@ -19,6 +19,7 @@ power-diagram regions (TopK SAEs) visited by the held-out activations. Table, JS
 
     python benchmarks/sample_efficiency.py --out bench_out/sample_efficiency          # ~10 min, 2 cores
     python benchmarks/sample_efficiency.py --quick --out bench_out/sample_efficiency_q
+    python benchmarks/sample_efficiency.py --sweep-alpha   # PAM's ridge, on validation activations
 """
 
 from __future__ import annotations
@@ -178,6 +179,30 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def sweep_alpha(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """PAM's decoder ridge on *validation* activations (training windows outside every subset)."""
+    model = zoo.load_model(MODEL)
+    width, k = args.width_mult * model.cfg.d_model, args.l0
+    cached = collect_activations(model, zoo.load_tokens("train", args.train_windows), HOOK)
+    order = torch.randperm(cached.acts.shape[0], generator=torch.Generator().manual_seed(0))
+    val = cached.acts[order[-8192:]]
+    rows = []
+    for n in args.sweep_sizes:
+        sub = CachedActivations(cached.acts[order[:n]], cached.token_ids[order[:n]], HOOK, 128, 0.0)
+        epochs = epochs_for(n, args.sweep_budget)
+        row: dict[str, Any] = {"N": n, "epochs": epochs}
+        for alpha in args.alphas:
+            settings = PAMSettings(d_sae=width, k=k, epochs=epochs, batch_size=BATCH, alpha=alpha)
+            row[f"PAM alpha {alpha:g}"] = round(
+                fvu(train_pam(sub, settings, progress=False).sae, val), 3
+            )
+        adam = PAMSettings(d_sae=width, k=k, epochs=epochs, batch_size=BATCH, decoder="adam")
+        row["Adam (PAM off)"] = round(fvu(train_pam(sub, adam, progress=False).sae, val), 3)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[str]:
     by = {(r["N"], r["method"]): r for r in rows}
     lines = []
@@ -204,6 +229,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out/sample_efficiency")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--sweep-alpha",
+        action="store_true",
+        help="only PAM's ridge sweep on validation activations",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -222,6 +252,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.sweep_alpha:
+        args.alphas = (0.1, 16.0, 64.0, 256.0)
+        args.sweep_sizes = args.sizes[:2] if args.quick else [1024, 4096, 65536]
+        args.sweep_budget = args.budget // 2
+        rows = sweep_alpha(args)
+        print(table(rows, list(rows[0])))
+        (out / "alpha_sweep.json").write_text(json.dumps(rows, indent=2))
+        return
     rows = run(args)
     shown = [
         {

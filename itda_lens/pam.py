@@ -138,7 +138,7 @@ class PAMSettings:
     saved SAE), and the decoder terms ``alpha, beta, mu_dec, nu_dec`` are absolute in those units,
     as in the paper: a fixed ridge acts as a prior whose weight fades as N grows. ``alpha`` matters at
     small N: with 1k activations and 1k latents an almost-unregularised exact solve overfits badly
-    (validation FVU 1.1 at ``alpha=0.1``, 0.30 at ``alpha=64``; see benchmarks/README.md).
+    (validation FVU 1.16 at ``alpha=0.1``, 0.28 at ``alpha=64``; see benchmarks/README.md).
     """
 
     d_sae: int
