@@ -27,21 +27,12 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from itda_lens.sae import register_architecture
-from itda_lens.sae_training import CachedActivations
+from itda_lens.sae_training import CachedActivations, summarise_activations
 
 CHUNK = 8192
 
 
 # --- the maths -----------------------------------------------------------------------------
-
-
-def _check_acts(acts: Tensor) -> None:
-    if not isinstance(acts, Tensor) or acts.ndim != 2 or not acts.is_floating_point():
-        raise ValueError(
-            f"activations must be a float tensor [n, d_in], got {getattr(acts, 'shape', acts)}"
-        )
-    if not bool(torch.isfinite(acts).all()):
-        raise ValueError("activations contain NaN or Inf")
 
 
 def nearest(
@@ -104,10 +95,9 @@ def lloyd(
     Stops when no centroid moves by more than ``tol`` times the mean per-feature variance (as
     scikit-learn does). An empty cluster is re-seeded at the point farthest from its centroid.
     """
-    _check_acts(acts)
+    var = float(summarise_activations(acts, chunk_size).variance.mean())
     centroids = init.to(acts.device, torch.float64).clone()
     n = acts.shape[0]
-    var = float(acts.double().var(0).mean())
     inertia = math.inf
     for _ in tqdm(range(max_iter), desc="k-means", disable=not progress):
         sums = torch.zeros_like(centroids)
@@ -357,7 +347,7 @@ def _centroids(
     progress: bool,
 ) -> Tensor:
     acts = cached.acts
-    _check_acts(acts)
+    summarise_activations(acts)  # validates: finite float [n, d]
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
     g = torch.Generator().manual_seed(seed)

@@ -26,7 +26,12 @@ from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from itda_lens.sae_training import CachedActivations, TrainedSAE, shuffled_batches
+from itda_lens.sae_training import (
+    CachedActivations,
+    TrainedSAE,
+    shuffled_batches,
+    summarise_activations,
+)
 
 
 @dataclass
@@ -238,25 +243,21 @@ def train_pam(
     Returns a sae_lens ``topk`` / ``standard`` SAE, round-tripped through ``SAE.load_from_disk``.
     """
     acts = cached.acts
-    if acts.ndim != 2 or not acts.is_floating_point():
-        raise ValueError(f"activations must be a float tensor [n, d_in], got {tuple(acts.shape)}")
-    if not bool(torch.isfinite(acts).all()):
-        raise ValueError("activations contain NaN or Inf")
+    summary = summarise_activations(acts, settings.chunk_size)
     n, d_in = acts.shape
     st = settings
     if n < st.batch_size:
         raise ValueError(f"need at least batch_size={st.batch_size} activations, got {n}")
-    mean_norm = float(acts.double().norm(dim=1).mean())
-    if mean_norm == 0:
+    if summary.mean_norm == 0:
         raise ValueError("all activations are zero")
-    scale = math.sqrt(d_in) / mean_norm
+    scale = math.sqrt(d_in) / summary.mean_norm
 
     g = torch.Generator().manual_seed(st.seed)
     W_dec = torch.randn(st.d_sae, d_in, generator=g)
     W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).to(device)
     W_enc = W_dec.T.clone().requires_grad_(True)
     b_enc = torch.zeros(st.d_sae, device=device, requires_grad=True)
-    b_dec = (acts.double().mean(0) * scale).float().to(device)
+    b_dec = (summary.mean * scale).float().to(device)
     codes = _Codes(st.k)
     params = [W_enc, b_enc]
     if st.decoder == "adam":

@@ -58,6 +58,41 @@ def collect_activations(
     return CachedActivations(torch.cat(chunks), torch.cat(ids), hook_name, tokens.shape[1], seconds)
 
 
+@dataclass
+class ActivationSummary:
+    """Streamed first and second moments of an activation matrix (no full-size copies)."""
+
+    count: int
+    mean: Float[Tensor, " d"]
+    mean_norm: float
+    variance: Float[Tensor, " d"]
+
+
+def summarise_activations(acts: Tensor, chunk_size: int = 8192) -> ActivationSummary:
+    """Check ``acts`` is a finite float matrix ``[n, d]`` and summarise it chunk by chunk (works on
+    memory-mapped tensors without reading them into memory at once)."""
+    if not isinstance(acts, Tensor) or acts.ndim != 2 or not acts.is_floating_point():
+        raise ValueError(
+            f"activations must be a float tensor [n, d_in], got {getattr(acts, 'shape', type(acts))}"
+        )
+    n, d = acts.shape
+    if n == 0:
+        raise ValueError("no activations")
+    total = torch.zeros(d, dtype=torch.float64)
+    sq = torch.zeros(d, dtype=torch.float64)
+    norms = 0.0
+    for start in range(0, n, chunk_size):
+        x = acts[start : start + chunk_size].double().cpu()
+        if not bool(torch.isfinite(x).all()):
+            bad = start + int((~torch.isfinite(x)).any(1).nonzero()[0])
+            raise ValueError(f"activations contain NaN or Inf (first at row {bad})")
+        total += x.sum(0)
+        sq += (x * x).sum(0)
+        norms += float(x.norm(dim=1).sum())
+    mean = total / n
+    return ActivationSummary(n, mean, norms / n, (sq / n - mean * mean).clamp_min(0))
+
+
 def shuffled_batches(acts: Tensor, batch_size: int, seed: int = 0) -> Iterator[Tensor]:
     """Endless epochs of shuffled activation batches (a sae_lens DataProvider)."""
     if acts.shape[0] < batch_size:

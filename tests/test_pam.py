@@ -177,3 +177,23 @@ def test_to_sae_lens_keeps_weights_exactly() -> None:
     z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
     with torch.no_grad():
         torch.testing.assert_close(sae(x), z @ W_dec + b_dec)
+
+
+def test_memory_mapped_activations_train_like_in_memory_ones(
+    sparse_data: CachedActivations, tmp_path
+) -> None:
+    x = sparse_data.acts[:1024].contiguous()
+    path = tmp_path / "acts.bin"
+    x.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=x.numel(), dtype=x.dtype).view(x.shape)
+    settings = PAMSettings(d_sae=32, k=4, epochs=2, chunk_size=300)
+    a, b = (
+        train_pam(
+            CachedActivations(t, sparse_data.token_ids[:1024], HOOK, 32, 0.0),
+            settings,
+            progress=False,
+        )
+        for t in (x, mapped)
+    )
+    torch.testing.assert_close(a.sae.W_dec, b.sae.W_dec)
+    assert a.history == b.history

@@ -53,3 +53,18 @@ def test_train_sae_returns_a_loadable_inference_sae(model, cached, arch: str, cl
     assert sae.cfg.metadata.hook_name == HOOK and sae.cfg.metadata.context_size == 32
     metrics = evaluate(sae, model, make_tokens(16, seed=4))
     assert math.isfinite(metrics["explained_variance"]) and metrics["l0"] > 0
+
+
+def test_summarise_activations_matches_torch_and_names_bad_rows() -> None:
+    from itda_lens.sae_training import summarise_activations
+
+    x = torch.randn(1000, 7, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    s = summarise_activations(x, chunk_size=128)
+    torch.testing.assert_close(s.mean, x.double().mean(0))
+    torch.testing.assert_close(s.variance, x.double().var(0, unbiased=False))
+    assert s.mean_norm == pytest.approx(float(x.double().norm(dim=1).mean()))
+    x[700, 3] = math.nan
+    with pytest.raises(ValueError, match="row 700"):
+        summarise_activations(x, chunk_size=128)
+    with pytest.raises(ValueError, match="float tensor"):
+        summarise_activations(torch.zeros(3, 2, dtype=torch.long))
