@@ -123,6 +123,12 @@ def saebench_core(
     """
     if saebench_core_main is None:
         raise ImportError("SAEBench is not installed: pip install 'itda_lens[saebench]'")
+    missing = [k for k in ("model_name", "hook_name") if not getattr(sae.cfg.metadata, k, None)]
+    if missing:
+        raise ValueError(
+            f"SAEBench needs cfg.metadata.{' and '.join(missing)}; set it on the SAE (or pass "
+            "model_name= / hook_name= when building or training it)"
+        )
     load_and_format_sae("itda_lens", sae, str(sae.device))
     n_batches = max(1, tokens.shape[0] // batch_size_prompts)
     cfg = CoreEvalConfig(

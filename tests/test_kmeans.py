@@ -12,7 +12,7 @@ from sae_lens import SAE
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from itda_lens.evals import evaluate
+from itda_lens.evals import evaluate, saebench_core
 from itda_lens.kmeans import (
     KMeansSAE,
     KMeansSAEConfig,
@@ -123,7 +123,9 @@ def test_cluster_saes_round_trip_and_run_in_sae_lens(model, tmp_path) -> None:
     cached = collect_activations(model, make_tokens(48), HOOK)
     for name, sae in {
         "km": fit_kmeans_sae(cached, 16, model_name="tiny-0", progress=False),
-        "pca": fit_local_pca_sae(cached, 8, 2, assignment="flat", progress=False),
+        "pca": fit_local_pca_sae(
+            cached, 8, 2, assignment="flat", model_name="tiny-0", progress=False
+        ),
     }.items():
         sae.save_model(tmp_path / name)
         loaded = SAE.load_from_disk(tmp_path / name)
@@ -135,6 +137,11 @@ def test_cluster_saes_round_trip_and_run_in_sae_lens(model, tmp_path) -> None:
             torch.testing.assert_close(loaded(acts), sae(acts))
         metrics = evaluate(loaded, model, make_tokens(16, seed=4))
         assert math.isfinite(metrics["explained_variance"]) and 1 <= metrics["l0"] <= 3
+        core = saebench_core(loaded, model, make_tokens(16, seed=4))  # SAEBench, unchanged
+        assert math.isfinite(core["model_performance_preservation.ce_loss_score"])
+        loaded.cfg.metadata.model_name = None
+        with pytest.raises(ValueError, match="model_name"):
+            saebench_core(loaded, model, make_tokens(16, seed=4))
 
 
 def test_cluster_configs_refuse_impossible_settings() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sae_lens import SAE, StandardSAE, TopKSAE
 
-from itda_lens.evals import evaluate
+from itda_lens.evals import evaluate, saebench_core
 from itda_lens.pam import DecoderStats, PAMSettings, solve_decoder, to_sae_lens, train_pam
 from itda_lens.sae_training import CachedActivations, collect_activations
 from tests.helpers import make_tokens
@@ -164,6 +164,8 @@ def test_pam_sae_runs_in_sae_lens_and_transformer_lens(model, tmp_path) -> None:
     assert f"{HOOK}.hook_sae_acts_post" in cache
     metrics = evaluate(loaded, model, make_tokens(16, seed=4))
     assert math.isfinite(metrics["explained_variance"]) and 0 < metrics["l0"] <= 4
+    core = saebench_core(loaded, model, make_tokens(16, seed=4))
+    assert math.isfinite(core["model_performance_preservation.ce_loss_score"])
 
 
 def test_to_sae_lens_keeps_weights_exactly() -> None:
