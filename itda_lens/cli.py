@@ -1,4 +1,5 @@
-"""``itda-lens``: build, inspect and demo ITDA dictionaries from the command line.
+"""``itda-lens``: build, inspect, evaluate, compare and demo ITDA dictionaries, and train the
+comparison SAEs (sae_lens TopK / BatchTopK, PAM-SGD, k-means, local PCA), from the command line.
 
 Without ``--model`` every command uses the zoo's default model, and without ``--data`` the zoo corpus
 (``kjv``), so everything runs offline.
@@ -22,12 +23,15 @@ from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
 from itda_lens.demo import default_setup, run_demo
 from itda_lens.evals import evaluate_all
+from itda_lens.kmeans import fit_kmeans_sae, fit_local_pca_sae
+from itda_lens.pam import PAMSettings, train_pam
 from itda_lens.plots import heatmap
 from itda_lens.probing import probe_data
 from itda_lens.resolve import resolve_model, resolve_tokens
 from itda_lens.sae import ITDA, check_sae_folder, hook_layer_of
+from itda_lens.sae_training import collect_activations, train_sae
 from itda_lens.similarity import model_jaccard, similarity_matrix
-from itda_lens.sources import token_batches
+from itda_lens.sources import check_hook_names, token_batches
 
 MODEL_HELP = (
     "zoo model (default kjv-4l128-s0), model folder, or TransformerLens pretrained name (hub)"
@@ -109,6 +113,81 @@ def _cmd_build(args: argparse.Namespace) -> int:
         itda.save_model(folders[hook])
         print(f"saved ITDA at {hook}: {itda.cfg.d_sae} atoms (k={itda.cfg.k}) -> {folders[hook]}")
     print(f"next: itda-lens inspect {folders[args.hook[0]]}")
+    return 0
+
+
+TRAIN_ARCHS = ("topk", "batchtopk", "pam", "pam-relu", "kmeans", "kmeans-pca")
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a comparison SAE (sae_lens TopK/BatchTopK, PAM-SGD, k-means, local PCA)",
+    )
+    p.add_argument("arch", choices=TRAIN_ARCHS)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--hook", required=True, help="hook point, e.g. blocks.2.hook_resid_post")
+    p.add_argument("--data", "--dataset", dest="data", default=None, help=DATA_HELP)
+    p.add_argument("--split", default="train", help="dataset split (hub and save_to_disk data)")
+    p.add_argument("--context-size", type=int, default=None, help="tokens per sequence")
+    p.add_argument(
+        "--max-tokens", type=int, default=262_144, help="activations to cache and train on"
+    )
+    p.add_argument("--d-sae", type=int, default=None, help="latents (default 8 x d_model)")
+    p.add_argument("--k", type=int, default=16, help="L0 (TopK k; local PCA uses k - 1 components)")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the cached activations")
+    p.add_argument("--batch-size", type=int, default=256, help="activations per SGD step")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder (a sae_lens SAE folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"{out} is not empty; pass --overwrite to replace it")
+    if args.k < 1 or args.epochs < 1 or args.max_tokens < 1:
+        raise SystemExit("--k, --epochs and --max-tokens must be >= 1")
+    model = resolve_model(args.model, device=args.device)
+    check_hook_names(model, [args.hook])
+    tokens, _ = resolve_tokens(args.data, model, split=args.split, context_size=args.context_size)
+    cached = collect_activations(
+        model, tokens, args.hook, context_size=args.context_size, max_tokens=args.max_tokens
+    )
+    n = cached.acts.shape[0]
+    d_sae = args.d_sae or 8 * cached.acts.shape[1]
+    name = args.model or model.cfg.model_name
+    print(f"cached {n:,} activations at {args.hook}; training {args.arch} with {d_sae} latents")
+    sae: Any
+    if args.arch in ("topk", "batchtopk"):
+        sae = train_sae(
+            cached,
+            architecture=args.arch,
+            d_sae=d_sae,
+            k=args.k,
+            training_tokens=args.epochs * n,
+            batch_size=min(args.batch_size, n),
+            model_name=name,
+            device=args.device,
+        ).sae
+    elif args.arch in ("pam", "pam-relu"):
+        settings = PAMSettings(
+            d_sae=d_sae,
+            k=None if args.arch == "pam-relu" else args.k,
+            epochs=args.epochs,
+            batch_size=min(args.batch_size, n),
+        )
+        sae = train_pam(cached, settings, model_name=name, device=args.device).sae
+    elif args.arch == "kmeans":
+        sae = fit_kmeans_sae(cached, d_sae, model_name=name, device=args.device)
+    else:
+        clusters = d_sae // args.k
+        if clusters < 1:
+            raise SystemExit(f"--d-sae {d_sae} is smaller than --k {args.k}: no room for a cluster")
+        sae = fit_local_pca_sae(cached, clusters, args.k - 1, model_name=name, device=args.device)
+    sae.save_model(out)
+    print(f"saved {type(sae).__name__} ({sae.cfg.d_sae} latents) -> {out}")
+    print(f"next: itda-lens eval {out}")
     return 0
 
 
@@ -357,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_inspect(sub)
     _add_eval(sub)
+    _add_train(sub)
     _add_similarity(sub)
     _add_demo(sub)
     return parser
@@ -366,6 +446,7 @@ COMMANDS = {
     "build": _cmd_build,
     "inspect": _cmd_inspect,
     "eval": _cmd_eval,
+    "train": _cmd_train,
     "similarity": _cmd_similarity,
     "demo": _cmd_demo,
 }

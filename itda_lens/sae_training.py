@@ -23,7 +23,13 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 from transformer_lens import HookedRootModule
 
-from itda_lens.sources import hook_activations, special_token_ids, stop_at_layer, token_batches
+from itda_lens.sources import (
+    TokenInput,
+    hook_activations,
+    special_token_ids,
+    stop_at_layer,
+    token_batches,
+)
 
 
 @dataclass
@@ -42,20 +48,37 @@ class CachedActivations:
 
 
 def collect_activations(
-    model: HookedRootModule, tokens: Int[Tensor, "n seq"], hook_name: str, *, batch_size: int = 32
+    model: HookedRootModule,
+    tokens: TokenInput,
+    hook_name: str,
+    *,
+    batch_size: int = 32,
+    context_size: int | None = None,
+    max_tokens: int | None = None,
 ) -> CachedActivations:
-    """One forward pass (stopping after ``hook_name``) over ``tokens``; BOS/EOS/PAD positions dropped."""
+    """One forward pass (stopping after ``hook_name``) over ``tokens`` (a token tensor, batches, or a
+    dataset, as for ``build_itda``); BOS/EOS/PAD positions dropped; at most ``max_tokens`` kept."""
     stop = stop_at_layer([hook_name])
     skip = torch.tensor(special_token_ids(model), dtype=torch.long)
-    chunks, ids, seconds = [], [], 0.0
-    for batch in token_batches(tokens, batch_size):
+    chunks, ids, seconds, kept, seq = [], [], 0.0, 0, 0
+    tokenizer = getattr(model, "tokenizer", None)
+    for batch in token_batches(tokens, batch_size, context_size=context_size, tokenizer=tokenizer):
         t0 = time.perf_counter()
         acts = hook_activations(model, batch, [hook_name], stop)[hook_name]
         seconds += time.perf_counter() - t0
-        keep = ~torch.isin(batch.reshape(-1), skip)
-        chunks.append(acts.reshape(-1, acts.shape[-1])[keep].float().cpu())
-        ids.append(batch.reshape(-1)[keep])
-    return CachedActivations(torch.cat(chunks), torch.cat(ids), hook_name, tokens.shape[1], seconds)
+        keep = ~torch.isin(batch.reshape(-1).cpu(), skip)
+        chunks.append(acts.reshape(-1, acts.shape[-1])[keep.to(acts.device)].float().cpu())
+        ids.append(batch.reshape(-1).cpu()[keep])
+        kept += int(keep.sum())
+        seq = batch.shape[1]
+        if max_tokens is not None and kept >= max_tokens:
+            break
+    if not chunks or kept == 0:
+        raise ValueError("no activations collected: the token input is empty or all special tokens")
+    acts_all, ids_all = torch.cat(chunks), torch.cat(ids)
+    if max_tokens is not None:
+        acts_all, ids_all = acts_all[:max_tokens], ids_all[:max_tokens]
+    return CachedActivations(acts_all, ids_all, hook_name, seq, seconds)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,40 @@ def test_similarity_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         main(["similarity", str(tmp_path / "s0"), str(tmp_path / "other"), "--out", str(png)]) == 2
     )
     assert "different token streams" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arch", "cls"),
+    [
+        ("pam", "TopKSAE"),
+        ("kmeans-pca", "LocalPCASAE"),
+        ("kmeans", "KMeansSAE"),
+        ("topk", "TopKSAE"),
+    ],
+)
+def test_train_command_saves_an_evaluable_sae(
+    tmp_path: Path, capsys: pytest.CaptureFixture, arch: str, cls: str
+) -> None:
+    import json
+
+    from sae_lens import SAE
+
+    out = tmp_path / arch
+    args = ["train", arch, "--hook", "blocks.1.hook_resid_post", "--max-tokens", "2048"]
+    args += ["--d-sae", "128", "--k", "4", "--epochs", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert f"next: itda-lens eval {out}" in capsys.readouterr().out
+    sae = SAE.load_from_disk(out)
+    assert type(sae).__name__ == cls and sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert main(["eval", str(out), "--heldout-seqs", "8", "--no-probe"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert 0 < result["run_evals"]["l0"] <= 4 and math.isfinite(
+        result["run_evals"]["explained_variance"]
+    )
+    with pytest.raises(SystemExit, match="not empty"):
+        main(args)
+
+
+def test_train_command_refuses_unknown_hooks(tmp_path: Path) -> None:
+    args = ["train", "kmeans", "--hook", "blocks.9.hook_resid_post", "--out", str(tmp_path / "x")]
+    assert main(args) != 0
