@@ -62,10 +62,13 @@ def geometry(sae: Any, x: torch.Tensor) -> dict[str, Any]:
     diagram = power_diagram(sae)
     geo = latent_geometry(diagram, x)
     stats = region_stats(region_ids(diagram, x))
+    top1 = region_stats(region_ids(diagram, x, order=1))
     return {
         "dead_frac": float(geo.dead.double().mean()),
         "regions": stats.n_regions,
         "region_perplexity": stats.perplexity,
+        "top1_cells": top1.n_regions,
+        "top1_perplexity": top1.perplexity,
     }
 
 
@@ -268,6 +271,9 @@ def main() -> None:
             "l0": f"{r['l0']:.1f}",
             "dead": f"{r['dead_frac']:.1%}" if "dead_frac" in r else "",
             "regions": r.get("regions", ""),
+            "top-1 cells (perplexity)": f"{r['top1_cells']} ({r['top1_perplexity']:.0f})"
+            if "top1_cells" in r
+            else "",
         }
         for r in rows
     ]
@@ -284,6 +290,7 @@ def main() -> None:
                 "l0",
                 "dead",
                 "regions",
+                "top-1 cells (perplexity)",
                 "fit_s",
             ],
         )

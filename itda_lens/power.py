@@ -99,15 +99,26 @@ def power_diagram(sae: SAE[Any]) -> PowerDiagram:
 
 
 def region_ids(
-    diagram: PowerDiagram, acts: Float[Tensor, "n d"], chunk_size: int = CHUNK
+    diagram: PowerDiagram,
+    acts: Float[Tensor, "n d"],
+    chunk_size: int = CHUNK,
+    *,
+    order: int | None = None,
 ) -> Int[Tensor, "n order"]:
-    """Sorted site indices of each input's order-k cell (ties broken as ``torch.topk`` does)."""
+    """Sorted site indices of each input's order-k cell (ties broken as ``torch.topk`` does).
+
+    ``order`` overrides the diagram's (e.g. ``order=1``: the cell of the top latent alone, which
+    stays informative when order-k cells are so many that every input has its own).
+    """
     if acts.ndim != 2 or acts.shape[1] != diagram.sites.shape[1]:
         raise ValueError(f"need activations [n, {diagram.sites.shape[1]}], got {tuple(acts.shape)}")
+    order = diagram.order if order is None else order
+    if not 1 <= order <= diagram.sites.shape[0]:
+        raise ValueError(f"order must be in [1, {diagram.sites.shape[0]}], got {order}")
     out = []
     for s in range(0, acts.shape[0], chunk_size):
         h = diagram.scores(acts[s : s + chunk_size].double())
-        out.append(h.topk(diagram.order, dim=1).indices.sort(1).values)
+        out.append(h.topk(order, dim=1).indices.sort(1).values)
     return torch.cat(out)
 
 

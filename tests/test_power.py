@@ -38,6 +38,10 @@ def test_topk_region_is_the_order_k_power_cell(cfg: dict) -> None:
     brute = diagram.power_distances(x).topk(5, dim=1, largest=False).indices.sort(1).values
     ids = region_ids(diagram, x, chunk_size=300)
     assert torch.equal(ids, brute)
+    top1 = region_ids(diagram, x, order=1)[:, 0]
+    assert torch.equal(top1, diagram.power_distances(x).argmin(1))  # the ordinary power diagram
+    with pytest.raises(ValueError, match="order"):
+        region_ids(diagram, x, order=0)
     pre = []
     sae.hook_sae_acts_pre.add_hook(lambda t, hook: pre.append(t))
     with torch.no_grad():
