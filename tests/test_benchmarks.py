@@ -85,3 +85,16 @@ def test_sample_efficiency_benchmark_quick(tmp_path: Path) -> None:
         assert f"| {method} |" in text
     assert "N=2048: FVU PAM" in text and (tmp_path / "sample_efficiency.json").is_file()
     assert (tmp_path / "fvu_vs_n.png").is_file() and (tmp_path / "ce_loss_score_vs_n.png").is_file()
+
+
+@pytest.mark.slow
+def test_build_budget_benchmark_quick(tmp_path: Path) -> None:
+    text = run_quick("build_budget.py", "--out", str(tmp_path))
+    for method in (
+        "TopK SAE 8x",
+        "TopK SAE 32x",
+        "ITDA 8x (stops when full)",
+        "ITDA <=32x, 8k-token budget",
+    ):
+        assert f"| {method} |" in text
+    assert (tmp_path / "build_budget.json").is_file() and (tmp_path / "ce_vs_tokens.png").is_file()
