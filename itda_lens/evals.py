@@ -8,6 +8,9 @@ L0/L1/density with ``!= 0`` / ``abs``, so signed ITDA codes are measured correct
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,6 +44,18 @@ CORE_METRICS = (
     "ce_loss_without_sae",
     "ce_loss_with_ablation",
 )
+
+
+@contextmanager
+def _quiet_store() -> Iterator[None]:
+    """Silence two ActivationsStore warnings that are noise when evaluating a fixed token set
+    (its training-sample budget, and a tensor copy inside sae_lens)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "The training dataset contains fewer samples", UserWarning
+        )
+        warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
+        yield
 
 
 def activation_store(
@@ -93,7 +108,7 @@ def evaluate(
         compute_featurewise_weight_based_metrics=featurewise,
     )
     excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_store():
         nested, _ = run_evals(
             sae,
             activation_store(model, sae, tokens, batch_size_prompts),
@@ -142,7 +157,7 @@ def saebench_core(
         compute_sparsity_metrics=True,
         compute_variance_metrics=True,
     )
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_store():
         nested, _ = saebench_core_main.run_evals(
             sae,
             activation_store(model, sae, tokens, batch_size_prompts),
