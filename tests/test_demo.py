@@ -20,12 +20,14 @@ def test_quick_demo_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixtur
     for hook in ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"):
         r = results["layers"][hook]
         assert 0 < r["l0"] <= results["k"] and r["explained_variance"] > 0
+        control = r["random_control"]  # same size, random training activations, same MP
+        assert 0 < control["explained_variance"] < 1 and control["ce_loss_score"] > 0.5
         assert isinstance(SAE.load_from_disk(out / "itdas" / hook), ITDA)
     assert (out / "growth.png").stat().st_size > 1000 and (
         out / "recon_vs_l0.png"
     ).stat().st_size > 1000
     text = (out / "report.md").read_text()
-    assert "CE-loss score" in text and "[[" in text
+    assert "CE-loss score" in text and "[[" in text and "random-activations control" in text
     # refuses to overwrite unless told to
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
