@@ -98,3 +98,12 @@ def test_build_budget_benchmark_quick(tmp_path: Path) -> None:
     ):
         assert f"| {method} |" in text
     assert (tmp_path / "build_budget.json").is_file() and (tmp_path / "ce_vs_tokens.png").is_file()
+
+
+@pytest.mark.slow
+def test_greedy_vs_random_benchmark_quick(tmp_path: Path) -> None:
+    text = run_quick("greedy_vs_random.py", "--out", str(tmp_path))
+    assert "| k | atoms | greedy FVU | random FVU |" in text and "| 4 | 128 |" in text
+    assert (tmp_path / "greedy_vs_random.json").is_file() and (
+        tmp_path / "fvu_vs_atoms.png"
+    ).is_file()
