@@ -1,12 +1,16 @@
-"""Shared benchmark helpers: wall-clock timing and peak extra RSS of a call, in this process."""
+"""Shared benchmark helpers: the common options, wall-clock timing and peak extra RSS of a call in
+this process, tables and plot series."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,3 +76,35 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def bench_parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--quick`` (a reduced run of the same code),
+    ``--threads`` and, for those that write results, ``--out``."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    if out is not None:
+        parser.add_argument("--out", default=out)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """Set the thread count, silence library warnings and create ``--out``; returns it."""
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def series_by(
+    rows: list[dict[str, Any]], group: str, x: str, y: str
+) -> dict[str, tuple[list[Any], list[Any]]]:
+    """Line-plot series: one per distinct ``row[group]`` (first-seen order), points ``(x, y)``."""
+    return {
+        g: ([r[x] for r in rows if r[group] == g], [r[y] for r in rows if r[group] == g])
+        for g in dict.fromkeys(r[group] for r in rows)
+    }

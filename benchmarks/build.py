@@ -9,13 +9,12 @@ dictionary.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from _common import fmt_bytes, measure, table
+from _common import bench_parser, fmt_bytes, measure, table
 
 from itda_lens import build_itda, zoo
 from itda_lens.builder import ITDABuilder
@@ -58,16 +57,12 @@ def run(label: str, model, tokens: torch.Tensor, hook: str, k: int, threshold: f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", default=zoo.DEFAULT_MODEL)
     parser.add_argument("--hook", default="blocks.2.hook_resid_post")
     parser.add_argument("--k", type=int, default=40)
     parser.add_argument("--cos-threshold", type=float, default=0.8)
     parser.add_argument("--n-seq", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -18,15 +18,11 @@ training + forward).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
-import torch
-from _common import table
+from _common import bench_parser, prepare, table
 
 from itda_lens import build_itda, zoo
 from itda_lens.evals import evaluate
@@ -37,22 +33,14 @@ MODEL, HOOK = "kjv-4l128-s0", "blocks.2.hook_resid_post"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench_out/build_budget")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser(__doc__, "bench_out/build_budget")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     if args.quick:
         l0s, budgets, windows, heldout_n, sae_tokens = [8], [2048, 8192], 96, 8, 20_000
     else:
         l0s, budgets = [8, 16], [8192, 16384, 32768, 65536, 131072, 262144]
         windows, heldout_n, sae_tokens = 4096, 64, 500_000
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare(args)
     t0 = time.perf_counter()
     model = zoo.load_model(MODEL)
     d = model.cfg.d_model

@@ -13,15 +13,12 @@ from (random sampling over-represents frequent tokens).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import table
+from _common import bench_parser, prepare, table
 
 from itda_lens import ITDA, build_itda_from_activations, zoo
 from itda_lens.plots import line_plot
@@ -37,22 +34,14 @@ def fvu(itda: ITDA, x: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench_out/greedy_vs_random")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser(__doc__, "bench_out/greedy_vs_random")
     parser.add_argument("--seeds", type=int, default=3, help="random draws per control")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     if args.quick:
         mults, ks, windows, heldout_n = (0.25, 1.0), (4,), 64, 8
     else:
         mults, ks, windows, heldout_n = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0), (4, 16), 512, 64
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare(args)
     t0 = time.perf_counter()
     model = zoo.load_model(MODEL)
     d = model.cfg.d_model

@@ -15,16 +15,14 @@ tokens, accumulated as moments (no N x N matrices).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import table
+from _common import bench_parser, prepare, table
 
 from itda_lens import build_itda, zoo
 from itda_lens.plots import heatmap, line_plot
@@ -78,16 +76,8 @@ def baseline_matrices(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench_out/layer_matching")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    warnings.filterwarnings("ignore")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = bench_parser(__doc__, "bench_out/layer_matching").parse_args()
+    out = prepare(args)
     t0 = time.perf_counter()
     small = [n for n in zoo.list_models() if n.startswith("kjv-4l128-s")][
         : 2 if args.quick else None

@@ -14,14 +14,13 @@ residual streams) — ``--data gaussian`` uses isotropic data instead (the worst
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import fmt_bytes, matmul_gflops, measure, table
+from _common import bench_parser, fmt_bytes, matmul_gflops, measure, table
 from sklearn.linear_model import orthogonal_mp_gram
 
 from itda_lens.pursuit import (
@@ -105,13 +104,9 @@ def run_config(n: int, d: int, k: int, tokens: int, sk_tokens: int, data: str, r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
+    parser = bench_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--data", choices=["anisotropic", "gaussian"], default="anisotropic")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

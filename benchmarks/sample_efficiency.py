@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import table
+from _common import bench_parser, prepare, series_by, table
 
 from itda_lens import ITDA, build_itda_from_activations, zoo
 from itda_lens.evals import evaluate
@@ -225,12 +223,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench_out/sample_efficiency")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser(__doc__, "bench_out/sample_efficiency")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--sweep-alpha",
@@ -238,8 +231,6 @@ def main() -> None:
         help="only PAM's ridge sweep on validation activations",
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     if args.quick:
         args.sizes, args.width_mult, args.l0, args.budget = [512, 2048], 2, 8, 2**14
         args.train_windows, args.heldout_windows, args.ce_windows, args.kmeans_iters = 32, 8, 8, 5
@@ -252,8 +243,7 @@ def main() -> None:
             32,
             10,
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare(args)
     t0 = time.perf_counter()
     if args.sweep_alpha:
         args.alphas = (0.1, 16.0, 64.0, 256.0)
@@ -297,16 +287,9 @@ def main() -> None:
     )
     summary = summarise(rows)
     print("\n" + "\n".join(summary))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
     for metric, label in (("fvu", "held-out FVU"), ("ce_loss_score", "CE-loss score (held-out)")):
         line_plot(
-            {
-                m: (
-                    [r["N"] for r in rows if r["method"] == m],
-                    [r[metric] for r in rows if r["method"] == m],
-                )
-                for m in methods
-            },
+            series_by(rows, "method", "N", metric),
             out / f"{metric}_vs_n.png",
             xlabel="training activations N",
             ylabel=label,

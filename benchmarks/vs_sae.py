@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import table
+from _common import bench_parser, prepare, series_by, table
 
 from itda_lens import ITDA, build_itda, zoo
 from itda_lens.evals import evaluate_all
@@ -260,15 +259,8 @@ def plots(rows: list[dict[str, Any]], out: Path) -> None:
             }
         ):
             sel = [r for r in rows if r["model"] == model and r["width"] == width and "hook" in r]
-            series = {
-                m: (
-                    [r["L0"] for r in sel if r["method"] == m],
-                    [r["ce_loss_score"] for r in sel if r["method"] == m],
-                )
-                for m in dict.fromkeys(r["method"] for r in sel)
-            }
             line_plot(
-                series,
+                series_by(sel, "method", "L0", "ce_loss_score"),
                 out / f"ce_vs_l0_{model}_w{width}.png",
                 xlabel="L0",
                 ylabel="CE-loss score (held-out)",
@@ -276,15 +268,8 @@ def plots(rows: list[dict[str, Any]], out: Path) -> None:
                 logx=True,
             )
         sel = [r for r in rows if r["model"] == model and r["wall_s"] > 0]
-        series = {
-            m: (
-                [r["wall_s"] for r in sel if r["method"] == m],
-                [r["ce_loss_score"] for r in sel if r["method"] == m],
-            )
-            for m in dict.fromkeys(r["method"] for r in sel)
-        }
         line_plot(
-            series,
+            series_by(sel, "method", "wall_s", "ce_loss_score"),
             out / f"ce_vs_wallclock_{model}.png",
             xlabel="wall-clock to build / train (s, incl. model forward)",
             ylabel="CE-loss score (held-out)",
@@ -294,15 +279,8 @@ def plots(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench_out/vs_sae")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser(__doc__, "bench_out/vs_sae")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     if args.quick:
         args.models, args.l0_fractions, args.widths = [FULL[0][0]], (0.0625, 0.125), (8,)
         args.train_windows, args.build_windows, args.heldout_windows, args.sae_tokens = (
@@ -321,8 +299,7 @@ def main() -> None:
             500_000,
         )
         args.probe_train, args.probe_test, args.core = 64, 64, True
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare(args)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     probe_cache: dict = {}
