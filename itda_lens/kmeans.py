@@ -15,7 +15,6 @@ passes (``lloyd``, checked against scikit-learn), then per-cluster covariances f
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from itda_lens.sae import register_architecture
-from itda_lens.sae_training import CachedActivations, summarise_activations
+from itda_lens.sae_training import ActivationSummary, CachedActivations, summarise_activations
 
 CHUNK = 8192
 
@@ -88,27 +87,28 @@ def lloyd(
     tol: float = 1e-4,
     chunk_size: int = CHUNK,
     progress: bool = False,
+    summary: ActivationSummary | None = None,
 ) -> tuple[Float[Tensor, "c d"], float]:
     """Exact Lloyd iterations streamed over ``acts`` in chunks; returns (centroids, inertia).
 
     Distances are computed in the activations' dtype, sums accumulated in float64.
     Stops when no centroid moves by more than ``tol`` times the mean per-feature variance (as
     scikit-learn does). An empty cluster is re-seeded at the point farthest from its centroid.
+    ``summary``: ``summarise_activations(acts)`` if the caller already has it (saves a pass).
     """
-    var = float(summarise_activations(acts, chunk_size).variance.mean())
+    summary = summary or summarise_activations(acts, chunk_size)
+    var = float(summary.variance.mean())
     centroids = init.to(acts.device, torch.float64).clone()
     n = acts.shape[0]
-    inertia = math.inf
     for _ in tqdm(range(max_iter), desc="k-means", disable=not progress):
         sums = torch.zeros_like(centroids)
         counts = torch.zeros(centroids.shape[0], dtype=torch.float64, device=acts.device)
-        inertia, far_d, far_i = 0.0, -1.0, 0
+        far_d, far_i = -1.0, 0
         for start in range(0, n, chunk_size):
             x = acts[start : start + chunk_size]
             idx, d2 = nearest(x, centroids.to(x.dtype))  # distances in the input's dtype
             sums.index_add_(0, idx, x.double())
             counts.index_add_(0, idx, torch.ones_like(d2, dtype=torch.float64))
-            inertia += float(d2.double().sum())
             m, j = d2.max(0)
             if float(m) > far_d:
                 far_d, far_i = float(m), start + int(j)
@@ -166,20 +166,11 @@ def local_pca(
 
 
 @dataclass
-class KMeansSAEConfig(SAEConfig):
-    """A k-means autoencoder: ``d_sae`` centroids; code = one-hot nearest centroid.
+class _ClusterSAEConfig(SAEConfig):
+    """What the cluster SAEs share: no decoder bias, raw activations, latents in blocks of ``block``
+    per cluster (indicator first)."""
 
-    ``gain=True`` makes the code the least-squares scale ``⟨x, μ_c⟩/‖μ_c‖²`` instead of 1 (an
-    L0 = 1 baseline comparable with Top-1 SAEs and ITDA at k = 1).
-    """
-
-    gain: bool = False
     apply_b_dec_to_input: bool = False
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return "kmeans"
 
     @property
     def block(self) -> int:
@@ -188,11 +179,34 @@ class KMeansSAEConfig(SAEConfig):
     @override
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_cluster_cfg(self)
+        if self.apply_b_dec_to_input:
+            raise ValueError(
+                "cluster SAEs have no decoder bias: apply_b_dec_to_input must be False"
+            )
+        if self.normalize_activations != "none":
+            raise ValueError(
+                "cluster SAEs work on raw activations: normalize_activations must be 'none'"
+            )
 
 
 @dataclass
-class LocalPCASAEConfig(SAEConfig):
+class KMeansSAEConfig(_ClusterSAEConfig):
+    """A k-means autoencoder: ``d_sae`` centroids; code = one-hot nearest centroid.
+
+    ``gain=True`` makes the code the least-squares scale ``⟨x, μ_c⟩/‖μ_c‖²`` instead of 1 (an
+    L0 = 1 baseline comparable with Top-1 SAEs and ITDA at k = 1).
+    """
+
+    gain: bool = False
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "kmeans"
+
+
+@dataclass
+class LocalPCASAEConfig(_ClusterSAEConfig):
     """k-means + local PCA: ``d_sae = n_clusters · (1 + n_components)`` latents in cluster blocks.
 
     ``assignment="centroid"``: regions are k-means (Voronoi) cells; ``"flat"``: each input goes to
@@ -201,7 +215,6 @@ class LocalPCASAEConfig(SAEConfig):
 
     n_components: int = 4
     assignment: Literal["centroid", "flat"] = "centroid"
-    apply_b_dec_to_input: bool = False
 
     @override
     @classmethod
@@ -209,6 +222,7 @@ class LocalPCASAEConfig(SAEConfig):
         return "kmeans_pca"
 
     @property
+    @override
     def block(self) -> int:
         return 1 + self.n_components
 
@@ -225,19 +239,9 @@ class LocalPCASAEConfig(SAEConfig):
             raise ValueError(
                 f"d_sae={self.d_sae} is not a multiple of 1 + n_components = {self.block}"
             )
-        _check_cluster_cfg(self)
 
 
-def _check_cluster_cfg(cfg: SAEConfig) -> None:
-    if cfg.apply_b_dec_to_input:
-        raise ValueError("cluster SAEs have no decoder bias: apply_b_dec_to_input must be False")
-    if cfg.normalize_activations != "none":
-        raise ValueError(
-            "cluster SAEs work on raw activations: normalize_activations must be 'none'"
-        )
-
-
-class _ClusterSAE(SAE[Any]):
+class _ClusterSAE(SAE[_ClusterSAEConfig]):
     """Shared encode/decode of the cluster SAEs (see the module docstring)."""
 
     W_enc: nn.Parameter
@@ -347,13 +351,13 @@ def _centroids(
     progress: bool,
 ) -> Tensor:
     acts = cached.acts
-    summarise_activations(acts)  # validates: finite float [n, d]
+    summary = summarise_activations(acts)  # validates (finite float [n, d]) before sampling
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
     g = torch.Generator().manual_seed(seed)
     pool = acts[torch.randperm(acts.shape[0], generator=g)[: max(sample, n_clusters)]]
     init = kmeans_plus_plus(pool, n_clusters, seed=seed)
-    return lloyd(acts, init, max_iter=max_iter, progress=progress)[0]
+    return lloyd(acts, init, max_iter=max_iter, progress=progress, summary=summary)[0]
 
 
 def fit_kmeans_sae(
