@@ -117,12 +117,7 @@ def evaluate(
             cfg,
             exclude_special_tokens=excluded,
         )
-    flat = {k: v for group in nested.values() for k, v in group.items()}
-    return {
-        k: float(v)
-        for k, v in flat.items()
-        if isinstance(v, int | float) and math.isfinite(float(v))
-    }
+    return _finite_metrics(nested, prefix=False)
 
 
 def saebench_core(
@@ -165,8 +160,13 @@ def saebench_core(
             cfg,
             ignore_tokens=set(special_token_ids(model)),
         )
+    return _finite_metrics(nested, prefix=True)
+
+
+def _finite_metrics(nested: dict[str, dict[str, Any]], *, prefix: bool) -> dict[str, float]:
+    """The finite numeric metrics of grouped eval output, keyed ``group.name`` or ``name``."""
     return {
-        f"{group}.{k}": float(v)
+        f"{group}.{k}" if prefix else k: float(v)
         for group, d in nested.items()
         for k, v in d.items()
         if isinstance(v, int | float) and math.isfinite(float(v))
