@@ -84,12 +84,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"held-out; width {width}, L0 {k}; N = {args.sizes}",
         flush=True,
     )
-    meta = {
-        "hook_name": HOOK,
-        "model_name": MODEL,
-        "context_size": train.shape[1],
-        "prepend_bos": True,
-    }
+    meta = cached.usage_metadata(MODEL)
     rows: list[dict[str, Any]] = []
     for n in args.sizes:
         if n > cached.acts.shape[0]:

@@ -38,7 +38,12 @@ from itda_lens import ITDA, build_itda, zoo
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import line_plot
 from itda_lens.probing import probe_data
-from itda_lens.sae_training import CachedActivations, collect_activations, train_sae
+from itda_lens.sae_training import (
+    CachedActivations,
+    collect_activations,
+    train_sae,
+    usage_metadata,
+)
 
 FULL = [("kjv-4l128-s0", "blocks.2.hook_resid_post"), ("kjv-6l160-s0", "blocks.3.hook_resid_post")]
 L0_FRACTIONS = (0.025, 0.0625, 0.125, 0.25)
@@ -47,18 +52,12 @@ COS_THRESHOLD = 0.9
 PATIENCE = 32_768  # tokens without a new atom after which the build counts as converged
 
 
-def usage_meta(sae: Any) -> dict[str, Any]:
-    """The metadata an SAE needs to be evaluated where ``sae`` was."""
-    keep = ("hook_name", "model_name", "context_size", "prepend_bos")
-    return {k: v for k, v in sae.cfg.metadata.to_dict().items() if k in keep}
-
-
 def controls(itda: ITDA, cached: CachedActivations, k: int, seed: int) -> dict[str, ITDA]:
     """Same encoder and size as ``itda``, different atoms."""
     n, d = itda.cfg.d_sae, itda.cfg.d_in
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(cached.acts.shape[0], generator=g)[:n]
-    meta = usage_meta(itda)
+    meta = usage_metadata(itda)
     return {
         "ITDA atoms, OMP": ITDA.from_atoms(
             itda.W_dec, k, encoder="omp", labels=itda.atom_labels, metadata=meta
@@ -187,7 +186,7 @@ def run_model(
             )
             topk_sae, topk_s, topk_t = saes["TopK SAE"]
             saes["MP over TopK SAE decoder"] = (
-                ITDA.from_atoms(topk_sae.W_dec.detach(), k, metadata=usage_meta(itda)),
+                ITDA.from_atoms(topk_sae.W_dec.detach(), k, metadata=usage_metadata(itda)),
                 topk_s,
                 topk_t,
             )

@@ -22,7 +22,7 @@ from itda_lens.builder import build_itda
 from itda_lens.evals import evaluate
 from itda_lens.plots import line_plot
 from itda_lens.sae import ITDA
-from itda_lens.sae_training import collect_activations
+from itda_lens.sae_training import collect_activations, usage_metadata
 from itda_lens.sources import hook_activations, special_token_ids, stop_at_layer
 
 
@@ -203,12 +203,7 @@ def _random_control(itda: ITDA, setup: DemoSetup, hook: str) -> ITDA:
     cached = collect_activations(setup.model, setup.train_tokens, hook)
     g = torch.Generator().manual_seed(0)
     rows = torch.randperm(cached.acts.shape[0], generator=g)[: itda.cfg.d_sae]
-    meta = {
-        k: v
-        for k, v in itda.cfg.metadata.to_dict().items()
-        if k in ("hook_name", "model_name", "context_size", "prepend_bos")
-    }
-    return ITDA.from_atoms(cached.acts[rows], itda.cfg.k, metadata=meta)
+    return ITDA.from_atoms(cached.acts[rows], itda.cfg.k, metadata=usage_metadata(itda))
 
 
 def _heldout_acts(setup: DemoSetup, hooks: list[str]) -> dict[str, Tensor]:

@@ -26,7 +26,12 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from itda_lens.sae import register_architecture
-from itda_lens.sae_training import ActivationSummary, CachedActivations, summarise_activations
+from itda_lens.sae_training import (
+    ActivationSummary,
+    CachedActivations,
+    set_metadata,
+    summarise_activations,
+)
 
 CHUNK = 8192
 
@@ -333,15 +338,6 @@ class LocalPCASAE(_ClusterSAE):
 # --- fitting ---------------------------------------------------------------------------------
 
 
-def _metadata(cached: CachedActivations, model_name: str | None) -> dict[str, Any]:
-    return {
-        "hook_name": cached.hook_name,
-        "model_name": model_name,
-        "context_size": cached.context_size,
-        "prepend_bos": True,
-    }
-
-
 def _centroids(
     cached: CachedActivations,
     n_clusters: int,
@@ -375,7 +371,7 @@ def fit_kmeans_sae(
     """Fit a k-means autoencoder with ``n_clusters`` latents (k-means++ on a sample, then Lloyd)."""
     centroids = _centroids(cached, n_clusters, seed, max_iter, seed_sample, progress)
     cfg = KMeansSAEConfig(d_in=centroids.shape[1], d_sae=n_clusters, gain=gain, device=str(device))
-    _set_metadata(cfg, _metadata(cached, model_name))
+    set_metadata(cfg, cached.usage_metadata(model_name))
     empty = centroids.new_zeros(n_clusters, 0, centroids.shape[1])
     return KMeansSAE._from_parts(cfg, centroids, empty, device)
 
@@ -406,7 +402,7 @@ def fit_local_pca_sae(
         assignment="centroid",
         device=str(device),
     )
-    _set_metadata(cfg, _metadata(cached, model_name))
+    set_metadata(cfg, cached.usage_metadata(model_name))
 
     def assignments(sae: LocalPCASAE) -> Tensor:
         with torch.no_grad():
@@ -433,11 +429,6 @@ def fit_local_pca_sae(
             dirs = torch.where(keep[:, :, None], dirs2, dirs)
             sae = LocalPCASAE._from_parts(sae.cfg, means, dirs, device)
     return sae
-
-
-def _set_metadata(cfg: SAEConfig, values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        cfg.metadata[key] = value
 
 
 register_architecture("kmeans", KMeansSAE, KMeansSAEConfig)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from itda_lens.sae_training import (
     CachedActivations,
     TrainedSAE,
+    set_metadata,
     shuffled_batches,
     summarise_activations,
 )
@@ -203,28 +204,23 @@ class PAMResult(TrainedSAE):
     history: list[float] = field(default_factory=list)
 
 
-class _Codes:
+def _codes(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int | None) -> Tensor:
     """The encoder half: ``ρ(x W_enc + b_enc)`` with ρ = sae_lens TopK (top-k, then ReLU) or ReLU."""
-
-    def __init__(self, k: int | None):
-        self.k = k
-
-    def __call__(self, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-        pre = x @ W_enc + b_enc
-        if self.k is None:
-            return pre.relu()
-        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    pre = x @ W_enc + b_enc
+    if k is None:
+        return pre.relu()
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
 
 def _stats(
-    acts: Tensor, codes: _Codes, W_enc: Tensor, b_enc: Tensor, chunk: int, scale: float
+    acts: Tensor, k: int | None, W_enc: Tensor, b_enc: Tensor, chunk: int, scale: float
 ) -> DecoderStats:
     stats = DecoderStats.empty(W_enc.shape[1], acts.shape[1], device=W_enc.device)
     with torch.no_grad():
         for start in range(0, acts.shape[0], chunk):
             x = acts[start : start + chunk].to(W_enc.device, W_enc.dtype) * scale
-            stats.add(codes(x, W_enc, b_enc), x)
+            stats.add(_codes(x, W_enc, b_enc, k), x)
     return stats
 
 
@@ -258,7 +254,6 @@ def train_pam(
     W_enc = W_dec.T.clone().requires_grad_(True)
     b_enc = torch.zeros(st.d_sae, device=device, requires_grad=True)
     b_dec = (summary.mean * scale).float().to(device)
-    codes = _Codes(st.k)
     params = [W_enc, b_enc]
     if st.decoder == "adam":
         W_dec.requires_grad_(True)
@@ -269,7 +264,7 @@ def train_pam(
 
     def solve() -> None:
         nonlocal W_dec, b_dec
-        stats = _stats(acts, codes, W_enc.detach(), b_enc.detach(), st.chunk_size, scale)
+        stats = _stats(acts, st.k, W_enc.detach(), b_enc.detach(), st.chunk_size, scale)
         W, b = solve_decoder(
             stats,
             W_dec,
@@ -296,7 +291,7 @@ def train_pam(
         anchor_W, anchor_b = W_enc.detach().clone(), b_enc.detach().clone()
         for _ in range(steps_per_epoch):
             x = next(batches).to(device) * scale
-            z = codes(x, W_enc, b_enc)
+            z = _codes(x, W_enc, b_enc, st.k)
             loss = ((z @ W_dec + b_dec - x) ** 2).mean()
             if st.k is None:
                 loss = loss + st.l1_coefficient * (z * W_dec.detach().norm(dim=1)).sum(-1).mean()
@@ -312,7 +307,7 @@ def train_pam(
             bar.update()
         bar.set_postfix(loss=float(loss.detach()))
         if st.decoder == "adam":
-            stats = _stats(acts, codes, W_enc.detach(), b_enc.detach(), st.chunk_size, scale)
+            stats = _stats(acts, st.k, W_enc.detach(), b_enc.detach(), st.chunk_size, scale)
             history.append(stats.sse(W_dec.detach(), b_dec.detach()) / n)
     bar.close()
     if st.decoder == "pam":
@@ -324,12 +319,7 @@ def train_pam(
         W_dec.detach() / scale,
         b_dec.detach() / scale,
         k=st.k,
-        metadata={
-            "hook_name": cached.hook_name,
-            "model_name": model_name,
-            "context_size": cached.context_size,
-            "prepend_bos": True,
-        },
+        metadata=cached.usage_metadata(model_name),
         device=device,
     )
     return PAMResult(sae, seconds, st.epochs * steps_per_epoch * st.batch_size, history)
@@ -356,8 +346,7 @@ def to_sae_lens(
         "device": str(device),
     }
     cfg = StandardSAEConfig(**common) if k is None else TopKSAEConfig(k=k, **common)
-    for key, value in (metadata or {}).items():
-        cfg.metadata[key] = value
+    set_metadata(cfg, metadata or {})
     sae = SAE.from_dict(cfg.to_dict())
     with torch.no_grad():
         for name, value in {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}.items():

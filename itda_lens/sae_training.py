@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
-from sae_lens import SAE, BatchTopKTrainingSAEConfig, TopKTrainingSAEConfig
+from sae_lens import SAE, BatchTopKTrainingSAEConfig, SAEConfig, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
@@ -30,6 +30,8 @@ from itda_lens.sources import (
     stop_at_layer,
     token_batches,
 )
+
+USAGE_KEYS = ("hook_name", "model_name", "context_size", "prepend_bos")
 
 
 @dataclass
@@ -45,6 +47,27 @@ class CachedActivations:
     @property
     def tokens_per_second(self) -> float:
         return self.acts.shape[0] / max(self.forward_seconds, 1e-9)
+
+    def usage_metadata(self, model_name: str | None) -> dict[str, Any]:
+        """The sae_lens metadata an SAE trained on these activations needs to be attached and
+        evaluated where they came from."""
+        return {
+            "hook_name": self.hook_name,
+            "model_name": model_name,
+            "context_size": self.context_size,
+            "prepend_bos": True,
+        }
+
+
+def usage_metadata(sae: SAE[Any]) -> dict[str, Any]:
+    """The same keys, read from an existing SAE (for another SAE used in its place)."""
+    return {k: v for k, v in sae.cfg.metadata.to_dict().items() if k in USAGE_KEYS}
+
+
+def set_metadata(cfg: SAEConfig, values: Mapping[str, Any]) -> None:
+    """Write ``values`` into ``cfg.metadata``."""
+    for key, value in values.items():
+        cfg.metadata[key] = value
 
 
 def collect_activations(
@@ -175,15 +198,14 @@ def train_sae(
     t0 = time.perf_counter()
     trained = trainer.fit()
     seconds = time.perf_counter() - t0
-    for key, value in {
-        "hook_name": cached.hook_name,
-        "model_name": model_name,
-        "context_size": cached.context_size,
-        "prepend_bos": True,
-        "hook_head_index": None,
-        "model_from_pretrained_kwargs": {},
-    }.items():
-        trained.cfg.metadata[key] = value
+    set_metadata(
+        trained.cfg,
+        {
+            **cached.usage_metadata(model_name),
+            "hook_head_index": None,
+            "model_from_pretrained_kwargs": {},
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         trained.save_inference_model(tmp)
         inference = SAE.load_from_disk(tmp, device=device)
