@@ -22,8 +22,8 @@ from itda_lens.builder import build_itda
 from itda_lens.evals import evaluate
 from itda_lens.plots import line_plot
 from itda_lens.sae import ITDA
-from itda_lens.sae_training import collect_activations, usage_metadata
-from itda_lens.sources import hook_activations, special_token_ids, stop_at_layer
+from itda_lens.sae_training import usage_metadata
+from itda_lens.sources import hook_activations, special_token_ids, stop_at_layer, token_batches
 
 
 @dataclass
@@ -161,11 +161,14 @@ def run_demo(
         "build_seconds": round(build_seconds, 2),
         "layers": {},
     }
+    train_acts = _acts(setup, setup.train_tokens, hooks)
     for hook, itda in itdas.items():
         itda.save_model(out / "itdas" / hook)
         t1 = time.perf_counter()
         metrics = evaluate(itda, setup.model, setup.heldout_tokens)
-        control = evaluate(_random_control(itda, setup, hook), setup.model, setup.heldout_tokens)
+        control = evaluate(
+            _random_control(itda, train_acts[hook]), setup.model, setup.heldout_tokens
+        )
         results["layers"][hook] = {
             "n_atoms": itda.cfg.d_sae,
             "eval_seconds": round(time.perf_counter() - t1, 2),
@@ -185,7 +188,7 @@ def run_demo(
                 key: control.get(key) for key in ("ce_loss_score", "explained_variance")
             },
         }
-    acts = _heldout_acts(setup, hooks)
+    acts = _acts(setup, setup.heldout_tokens, hooks)
     _growth_plot(itdas, out / "growth.png")
     ks = sorted({1, 2, 5, 10, k, 2 * k})
     results["recon_vs_l0"] = {
@@ -197,22 +200,24 @@ def run_demo(
     return out
 
 
-def _random_control(itda: ITDA, setup: DemoSetup, hook: str) -> ITDA:
+def _random_control(itda: ITDA, train_acts: Tensor) -> ITDA:
     """The honest baseline: as many randomly sampled training activations as ITDA has atoms,
     encoded with the same signed MP. What ITDA beats it by is what the greedy selection buys."""
-    cached = collect_activations(setup.model, setup.train_tokens, hook)
     g = torch.Generator().manual_seed(0)
-    rows = torch.randperm(cached.acts.shape[0], generator=g)[: itda.cfg.d_sae]
-    return ITDA.from_atoms(cached.acts[rows], itda.cfg.k, metadata=usage_metadata(itda))
+    rows = torch.randperm(train_acts.shape[0], generator=g)[: itda.cfg.d_sae]
+    return ITDA.from_atoms(train_acts[rows], itda.cfg.k, metadata=usage_metadata(itda))
 
 
-def _heldout_acts(setup: DemoSetup, hooks: list[str]) -> dict[str, Tensor]:
-    toks = setup.heldout_tokens
-    acts = hook_activations(setup.model, toks, hooks, stop_at_layer(hooks))
-    keep = ~torch.isin(
-        toks.reshape(-1), torch.tensor(special_token_ids(setup.model), dtype=torch.long)
-    )
-    return {h: a.reshape(-1, a.shape[-1])[keep].float() for h, a in acts.items()}
+def _acts(setup: DemoSetup, tokens: Tensor, hooks: list[str]) -> dict[str, Tensor]:
+    """Activations at ``hooks`` for the non-special positions of ``tokens``, one forward pass."""
+    stop = stop_at_layer(hooks)
+    skip = torch.tensor(special_token_ids(setup.model), dtype=torch.long)
+    parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+    for batch in token_batches(tokens, 64):
+        keep = ~torch.isin(batch.reshape(-1), skip)
+        for h, a in hook_activations(setup.model, batch, hooks, stop).items():
+            parts[h].append(a.reshape(-1, a.shape[-1])[keep].float())
+    return {h: torch.cat(p) for h, p in parts.items()}
 
 
 def _write_report(
