@@ -21,16 +21,16 @@ import torch
 from _common import bench_parser, prepare, table
 
 from itda_lens import ITDA, build_itda_from_activations, zoo
+from itda_lens.analysis import fvu
 from itda_lens.plots import line_plot
 from itda_lens.sae_training import collect_activations
 
 MODEL, HOOK = "kjv-4l128-s0", "blocks.2.hook_resid_post"
 
 
-def fvu(itda: ITDA, x: torch.Tensor) -> float:
+def mp_fvu(itda: ITDA, x: torch.Tensor) -> float:
     with torch.no_grad():
-        xh = itda.decode_sparse(itda.encode_sparse(x))
-    return float(((xh - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+        return fvu(x, itda.decode_sparse(itda.encode_sparse(x)))
 
 
 def main() -> None:
@@ -68,17 +68,17 @@ def main() -> None:
             result = {
                 "k": k,
                 "atoms": n,
-                "greedy FVU": fvu(greedy, held),
+                "greedy FVU": mp_fvu(greedy, held),
                 "greedy tokens": len(set(train.token_ids[atoms_rows].tolist())),
             }
             rand, distinct, rand_tokens = [], [], []
             for seed in range(args.seeds):
                 g = torch.Generator().manual_seed(seed)
                 pick = torch.randperm(len(train.acts), generator=g)[:n]
-                rand.append(fvu(ITDA.from_atoms(train.acts[pick], k), held))
+                rand.append(mp_fvu(ITDA.from_atoms(train.acts[pick], k), held))
                 rand_tokens.append(len(set(train.token_ids[pick].tolist())))
                 dpick = distinct_rows[torch.randperm(len(distinct_rows), generator=g)[:n]]
-                distinct.append(fvu(ITDA.from_atoms(train.acts[dpick], k), held))
+                distinct.append(mp_fvu(ITDA.from_atoms(train.acts[dpick], k), held))
             result["random FVU"] = sum(rand) / len(rand)
             result["random FVU spread"] = max(rand) - min(rand)
             result["random tokens"] = sum(rand_tokens) / len(rand_tokens)

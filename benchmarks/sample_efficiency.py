@@ -33,6 +33,7 @@ import torch
 from _common import bench_parser, prepare, series_by, table
 
 from itda_lens import ITDA, build_itda_from_activations, zoo
+from itda_lens.analysis import fvu
 from itda_lens.evals import evaluate
 from itda_lens.kmeans import fit_kmeans_sae, fit_local_pca_sae
 from itda_lens.pam import PAMSettings, train_pam
@@ -49,10 +50,9 @@ def epochs_for(n: int, budget: int) -> int:
     return max(2, min(50, budget // n))
 
 
-def fvu(sae: Any, x: torch.Tensor) -> float:
+def sae_fvu(sae: Any, x: torch.Tensor) -> float:
     with torch.no_grad():
-        xh = torch.cat([sae(x[s : s + 4096]) for s in range(0, len(x), 4096)])
-    return float(((xh - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+        return fvu(x, torch.cat([sae(x[s : s + 4096]) for s in range(0, len(x), 4096)]))
 
 
 def geometry(sae: Any, x: torch.Tensor) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "epochs": epochs if "TopK" in label else "",
                 "method": label,
                 "d_sae": sae.cfg.d_sae,
-                "fvu": fvu(sae, held),
+                "fvu": sae_fvu(sae, held),
                 "ce_loss_score": ev["ce_loss_score"],
                 "l0": ev["l0"],
                 "fit_s": round(seconds, 1),
@@ -190,10 +190,10 @@ def sweep_alpha(args: argparse.Namespace) -> list[dict[str, Any]]:
         for alpha in args.alphas:
             settings = PAMSettings(d_sae=width, k=k, epochs=epochs, batch_size=BATCH, alpha=alpha)
             row[f"PAM alpha {alpha:g}"] = round(
-                fvu(train_pam(sub, settings, progress=False).sae, val), 3
+                sae_fvu(train_pam(sub, settings, progress=False).sae, val), 3
             )
         adam = PAMSettings(d_sae=width, k=k, epochs=epochs, batch_size=BATCH, decoder="adam")
-        row["Adam (PAM off)"] = round(fvu(train_pam(sub, adam, progress=False).sae, val), 3)
+        row["Adam (PAM off)"] = round(sae_fvu(train_pam(sub, adam, progress=False).sae, val), 3)
         rows.append(row)
         print(row, flush=True)
     return rows

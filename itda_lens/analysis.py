@@ -1,4 +1,5 @@
-"""Reading dictionaries: atom usage on data, and atoms shown as tokens in their source context."""
+"""Reading dictionaries: reconstruction error, atom usage on data, and atoms shown as tokens in
+their source context."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from torch import Tensor
 
 from itda_lens.sae import ITDA
 from itda_lens.sources import hook_activations, stop_at_layer, token_batches
+
+
+def fvu(x: Float[Tensor, "n d"], recon: Float[Tensor, "n d"]) -> float:
+    """Fraction of variance unexplained: ``Σ‖x̂ − x‖² / Σ‖x − x̄‖²`` (1 − explained variance)."""
+    return float(((recon - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
 
 @dataclass

@@ -17,7 +17,7 @@ from sae_lens import HookedSAETransformer
 from torch import Tensor
 
 from itda_lens import zoo
-from itda_lens.analysis import atom_usage, in_context, replay_sequences
+from itda_lens.analysis import atom_usage, fvu, in_context, replay_sequences
 from itda_lens.builder import build_itda
 from itda_lens.evals import evaluate
 from itda_lens.plots import line_plot
@@ -69,11 +69,7 @@ def _recon_vs_l0(
     curves: dict[str, list[float]] = {}
     for hook, itda in itdas.items():
         x = acts[hook]
-        total = ((x - x.mean(0)) ** 2).sum()
-        curves[hook] = [
-            float(1 - ((x - itda.decode_sparse(itda.encode_sparse(x, k=k))) ** 2).sum() / total)
-            for k in ks
-        ]
+        curves[hook] = [1 - fvu(x, itda.decode_sparse(itda.encode_sparse(x, k=k))) for k in ks]
     line_plot(
         {h: (ks, ev) for h, ev in curves.items()},
         path,
