@@ -6,7 +6,7 @@ sae_lens, so that ``sae_lens.SAE.load_from_disk`` returns :class:`ITDA`, :class:
 """
 
 from itda_lens.builder import (
-    BuildSettings,
+    BuildConfig,
     ITDABuilder,
     build_itda,
     build_itda_from_activations,
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ITDA",
-    "BuildSettings",
+    "BuildConfig",
     "ITDABuilder",
     "ITDAConfig",
     "KMeansSAE",

@@ -100,6 +100,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         context_size=args.context_size,
         max_tokens=args.max_tokens,
+        patience_tokens=args.patience_tokens,
         device=args.device,
         checkpoint_dir=out / "checkpoint",
         checkpoint_every=args.checkpoint_every,

@@ -62,6 +62,12 @@ class AtomStore:
         """``atoms @ atoms.T`` (a view), or None once the dictionary outgrew the Gram budget."""
         return None if self._gram is None else self._gram[: self.n, : self.n]
 
+    def gram_row(self, i: int) -> Float[Tensor, " n"]:
+        """``atoms @ atoms[i]``: from the Gram matrix while there is one, else computed."""
+        if self._gram is not None:
+            return self._gram[i, : self.n]
+        return self.atoms @ self._atoms[i]
+
     def _new_gram(self, capacity: int) -> Tensor | None:
         size = min(capacity, self._max_gram_atoms)
         return torch.empty(size, size, device=self.device, dtype=self.dtype) if size else None

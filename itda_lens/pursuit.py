@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "GRAM_MAX_BYTES",
     "UNIT_NORM_TOL",
+    "OMPTrace",
     "SparseCode",
     "check_atoms",
     "compute_dtype",
@@ -47,6 +48,7 @@ __all__ = [
     "mp_values",
     "omp_values",
     "orthogonal_matching_pursuit",
+    "pursue",
     "reference_matching_pursuit",
 ]
 
@@ -65,6 +67,19 @@ UNIT_NORM_TOL = 1e-2
 
 
 GramArg = Tensor | None | Literal["auto"]
+
+
+class OMPTrace(NamedTuple):
+    """What OMP saw at each step, for testing whether a new atom would change its path.
+
+    ``peaks[..., t]`` is the |correlation| of step t's pick with the residual (``inf`` once the
+    pursuit stopped early); ``coefs[..., t, :t]`` are the coefficients over the first t picks that
+    made that residual. A new atom ``a`` enters the path iff ``|<x, a> - coefs[t] . G[picks, a]|``
+    exceeds ``peaks[t]`` at some step (ties go to the older atom).
+    """
+
+    peaks: Float[Tensor, "*batch k"]
+    coefs: Float[Tensor, "*batch k k"]
 
 
 class SparseCode(NamedTuple):
@@ -224,8 +239,14 @@ def _mp_fused(corr: Tensor, gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(idx), torch.from_numpy(val)
 
 
-def _omp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Batched OMP (Cholesky of the support Gram, grown one row per step) on one chunk [T, d]."""
+def _omp_chunk(
+    x: Tensor, atoms: Tensor, k: int, gram: Tensor | None, trace: OMPTrace | None = None
+) -> tuple[Tensor, Tensor]:
+    """Batched OMP (Cholesky of the support Gram, grown one row per step) on one chunk [T, d].
+
+    With ``trace``, also records for each step the |correlation| of the pick with the residual
+    (``inf`` after an early stop) and the coefficients that made that residual (see OMPTrace).
+    """
     T, n = x.shape[0], atoms.shape[0]
     dev, dt = x.device, x.dtype
     eps = torch.finfo(dt).eps
@@ -257,6 +278,11 @@ def _omp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[T
         else:
             w = None
             lkk = g[rows, j]
+        if trace is not None:  # the residual before this step: x - atoms[idx[:, :t]] @ gamma
+            entering = live[:, t - 1] if t else torch.ones_like(active)
+            trace.peaks[:, t] = torch.where(entering, a.abs(), torch.inf)
+            if t:
+                trace.coefs[:, t, :t] = gamma
         active &= ~stop
         live[:, t] = active
         idx[:, t] = torch.where(active, j, 0)
@@ -277,6 +303,23 @@ def _pursue(
     _check_inputs(x, atoms, k, gram)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return pursue(kind, x, atoms, k, gram=gram, chunk_size=chunk_size)[0]
+
+
+def pursue(
+    kind: Literal["mp", "omp"],
+    x: Float[Tensor, "*batch d"],
+    atoms: Float[Tensor, "n d"],
+    k: int,
+    *,
+    gram: GramArg = "auto",
+    chunk_size: int | None = None,
+    trace: bool = False,
+) -> tuple[SparseCode, OMPTrace | None]:
+    """MP or OMP without input validation, for callers that own their atoms (the builder).
+
+    ``trace=True`` (OMP only) also returns the per-step :class:`OMPTrace`.
+    """
     dt = compute_dtype(x.dtype, atoms.dtype)
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
@@ -284,14 +327,30 @@ def _pursue(
     g = _resolve_gram(gram, a, flat.shape[0], k, dt)
     idx = torch.empty(flat.shape[0], k, dtype=torch.long, device=x.device)
     val = torch.empty(flat.shape[0], k, dtype=x.dtype, device=x.device)
-    kernel = _mp_chunk if kind == "mp" else _omp_chunk
+    tr = None
+    if trace:
+        if kind != "omp":
+            raise ValueError(
+                "trace is for OMP; MP's peaks are |values| and its coefs are cumulative"
+            )
+        tr = OMPTrace(
+            torch.empty(flat.shape[0], k, dtype=dt, device=x.device),
+            torch.zeros(flat.shape[0], k, k, dtype=dt, device=x.device),
+        )
     with torch.no_grad():
         size = chunk_size or _chunk_size(kind, k, a, g, flat[:0].to(dt))
         for start in range(0, flat.shape[0], size):
             sl = slice(start, start + size)
-            i, v = kernel(flat[sl].to(dt), a, k, g)
+            if kind == "mp":
+                i, v = _mp_chunk(flat[sl].to(dt), a, k, g)
+            else:
+                part = None if tr is None else OMPTrace(tr.peaks[sl], tr.coefs[sl])
+                i, v = _omp_chunk(flat[sl].to(dt), a, k, g, part)
             idx[sl], val[sl] = i, v.to(x.dtype)
-    return SparseCode(idx.reshape(*lead, k), val.reshape(*lead, k))
+    code = SparseCode(idx.reshape(*lead, k), val.reshape(*lead, k))
+    if tr is not None:
+        tr = OMPTrace(tr.peaks.reshape(*lead, k), tr.coefs.reshape(*lead, k, k))
+    return code, tr
 
 
 def matching_pursuit(

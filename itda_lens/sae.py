@@ -380,8 +380,8 @@ class ITDA(SAE[ITDAConfig]):
         cfg_dict = self.cfg.to_dict()
         cfg_dict["metadata"] = {**cfg_dict["metadata"], _SAVE_ID_KEY: save_id}
         weights_path, cfg_path = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
-        _atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
-        _atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(cfg_dict, indent=2)))
+        atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
+        atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(cfg_dict, indent=2)))
         return weights_path, cfg_path
 
     @override
@@ -429,7 +429,7 @@ def check_itda_folder(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def _atomic_write(target: Path, write: Any) -> None:
+def atomic_write(target: Path, write: Any) -> None:
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)

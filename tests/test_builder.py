@@ -5,22 +5,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from sae_lens import HookedSAETransformer
+from sklearn.linear_model import orthogonal_mp_gram
 
 from itda_lens import (
     ITDA,
-    BuildSettings,
+    BuildConfig,
     ITDABuilder,
     build_itda,
     build_itda_from_activations,
     cos_threshold_from_tau,
 )
 from itda_lens.builder import ActivationBatch
-from itda_lens.pursuit import decode, matching_pursuit
+from itda_lens.pursuit import reference_matching_pursuit
 from tests.helpers import BOS, PAD, SEQ, make_tokens
 
 HOOK = "blocks.1.hook_resid_post"
@@ -37,43 +39,120 @@ def batch(acts: torch.Tensor, eligible: torch.Tensor | None = None) -> Activatio
     )
 
 
-def test_add_rule_and_threshold() -> None:
-    g = torch.Generator().manual_seed(0)
-    first = torch.randn(50, 8, generator=g, dtype=torch.float64)
-    b = ITDABuilder(8, BuildSettings(k=3, cos_threshold=0.9), dtype=torch.float64)
-    b.update(batch(first))
-    atoms = b.store.atoms.clone()
-    second = torch.randn(40, 8, generator=g, dtype=torch.float64)
-    b.update(batch(second))
-    # every activation added in the second batch was poorly reconstructed by the first batch's atoms,
-    # and every one left out was reconstructed above the threshold (or is a near-duplicate of one added)
-    code = matching_pursuit(second, atoms, 3)
-    cos = F.cosine_similarity(second, decode(code, atoms), dim=1)
-    added = b.store.atoms[len(atoms) :]
-    for i, x in enumerate(second):
-        is_atom = bool((F.cosine_similarity(added, x[None], dim=1) > 1 - 1e-12).any())
-        if cos[i] >= 0.9:
-            assert not is_atom
-    assert len(added) > 0 and len(added) <= int((cos < 0.9).sum())
+def sequential_transcription(
+    acts: torch.Tensor, k: int, threshold: float, encoder: str
+) -> list[int]:
+    """The rule read literally: one activation at a time, pursued over every atom before it
+    (MP: the paper's Algorithm 2; OMP: scikit-learn), added iff cos(x, x_hat) < threshold."""
+    atoms: list[torch.Tensor] = []
+    kept = []
+    for i, x in enumerate(acts.double()):
+        if x.norm() == 0:
+            continue
+        if atoms:
+            a = torch.stack(atoms)
+            if encoder == "mp":
+                recon = reference_matching_pursuit(x[None], a, k) @ a
+            else:
+                coef = orthogonal_mp_gram(
+                    (a @ a.T).numpy(), (a @ x).numpy(), n_nonzero_coefs=min(k, len(a))
+                )
+                recon = torch.as_tensor(np.asarray(coef))[None] @ a
+            if F.cosine_similarity(x[None], recon, dim=1, eps=1e-30).item() >= threshold:
+                continue
+        atoms.append(x / x.norm())
+        kept.append(i)
+    return kept
 
 
-def test_within_batch_duplicates_are_not_all_added() -> None:
+def anisotropic(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(d, d, generator=g)
+    return (torch.randn(n, d, generator=g) * torch.logspace(0, -1, d)) @ basis
+
+
+def chunks(acts: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [acts[s : s + size] for s in range(0, len(acts), size)]
+
+
+@pytest.mark.parametrize("encoder", ["mp", "omp"])
+def test_exact_rule_is_the_sequential_rule(encoder: str) -> None:
+    acts = anisotropic(900, 24)
+    acts[100] = 0  # zero vectors never become atoms
+    acts[200] = 3 * acts[150]  # a rescaled copy is reconstructed exactly
+    expected = sequential_transcription(acts, 6, 0.9, encoder)
+    itda = build_itda_from_activations(
+        chunks(acts, 64), k=6, cos_threshold=0.9, encoder=encoder, progress=False
+    )
+    assert itda.atom_labels[:, 0].tolist() == expected
+    assert len(expected) > 20, "the test should exercise many additions"
+
+
+@pytest.mark.parametrize("encoder", ["mp", "omp"])
+def test_dictionary_does_not_depend_on_the_batch_size(encoder: str) -> None:
+    acts = anisotropic(1500, 32, seed=1)
+    builds = [
+        build_itda_from_activations(
+            chunks(acts, size), k=8, cos_threshold=0.9, encoder=encoder, progress=False
+        )
+        for size in (1, 7, 64, 4096)
+    ]
+    for other in builds[1:]:
+        assert torch.equal(other.W_dec, builds[0].W_dec)
+        assert torch.equal(other.atom_labels, builds[0].atom_labels)
+    # the reference code's batch rule does depend on it (that is why it is not the default)
+    by_batch = [
+        build_itda_from_activations(
+            chunks(acts, size),
+            k=8,
+            cos_threshold=0.9,
+            encoder=encoder,
+            add_rule="batch",
+            progress=False,
+        ).cfg.d_sae
+        for size in (1, 1500)
+    ]
+    assert by_batch[0] == builds[0].cfg.d_sae and by_batch[1] > 2 * by_batch[0]
+
+
+def test_every_atom_was_poorly_reconstructed_when_added() -> None:
+    acts = anisotropic(400, 16, seed=2)
+    itda = build_itda_from_activations([acts], k=3, cos_threshold=0.9, progress=False)
+    rows = itda.atom_labels[:, 0].tolist()
+    atoms = F.normalize(acts.double(), dim=1)
+    for n, row in enumerate(rows):
+        if n == 0:
+            continue
+        recon = reference_matching_pursuit(acts[row : row + 1].double(), atoms[rows[:n]], 3)
+        recon = recon @ atoms[rows[:n]]
+        assert F.cosine_similarity(acts[row : row + 1].double(), recon).item() < 0.9
+    # and every other activation was reconstructed above the threshold by the atoms before it
+    for row in sorted(set(range(400)) - set(rows)):
+        before = [r for r in rows if r < row]
+        recon = reference_matching_pursuit(acts[row : row + 1].double(), atoms[before], 3)
+        cos = F.cosine_similarity(acts[row : row + 1].double(), recon @ atoms[before]).item()
+        assert cos >= 0.9
+
+
+def test_batch_rule_skips_near_duplicates_within_a_batch() -> None:
     x = torch.randn(1, 16).repeat(20, 1) * torch.linspace(1, 3, 20)[:, None]
-    b = ITDABuilder(16, BuildSettings(k=4, cos_threshold=0.8))
+    b = ITDABuilder(16, BuildConfig(k=4, cos_threshold=0.8, add_rule="batch"))
     b.update(batch(x))
     assert len(b.store) == 1
     # greedy packing: no two atoms accepted from one batch have |cos| >= threshold
     y = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
-    b2 = ITDABuilder(16, BuildSettings(k=4, cos_threshold=0.5))
+    b2 = ITDABuilder(16, BuildConfig(k=4, cos_threshold=0.5, add_rule="batch"))
     b2.update(batch(y))
     sims = (b2.store.atoms @ b2.store.atoms.T).abs() - torch.eye(len(b2.store))
     assert sims.max() < 0.5
 
 
-def test_max_atoms_caps_and_stops_scoring() -> None:
-    b = ITDABuilder(8, BuildSettings(k=2, cos_threshold=0.99, max_atoms=7))
+@pytest.mark.parametrize("rule", ["exact", "batch"])
+def test_max_atoms_caps_and_stops_reading(rule: str) -> None:
+    b = ITDABuilder(8, BuildConfig(k=2, cos_threshold=0.99, max_atoms=7, add_rule=rule))
     b.update(batch(torch.randn(100, 8)))
-    assert len(b.store) == 7 and b.full
+    assert len(b.store) == 7 and b.full and b.stop_reason == "full"
+    assert b.tokens_seen == b.added_at[-1] + 1, "reading stops at the atom that filled it"
     assert b.update(batch(torch.randn(100, 8))) == 0 and len(b.store) == 7
 
 
@@ -82,10 +161,11 @@ def test_zero_vectors_and_excluded_rows_never_become_atoms() -> None:
     x[3] = 0
     eligible = torch.ones(10, dtype=torch.bool)
     eligible[5] = False
-    b = ITDABuilder(4, BuildSettings(k=2, cos_threshold=1.0))
+    b = ITDABuilder(4, BuildConfig(k=2, cos_threshold=1.0))
     b.update(batch(x, eligible))
     kept = set(b.store.token_ids.tolist())
     assert 3 not in kept and 5 not in kept and len(kept) > 0
+    assert b.tokens_seen == 10 and b.tokens_scored == 8
 
 
 def test_nan_activations_raise() -> None:
@@ -104,11 +184,22 @@ def test_nan_activations_raise() -> None:
         ({"cos_threshold": 1.5}, "cos_threshold"),
         ({"max_atoms": 0}, "max_atoms"),
         ({"encoder": "ista"}, "encoder"),
+        ({"add_rule": "fast"}, "add_rule"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"patience_tokens": 0}, "patience_tokens"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"decision_dtype": "float16"}, "decision_dtype"),
+        ({"target_atoms": 100, "max_atoms": 50}, "never be reached"),
     ],
 )
 def test_impossible_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        BuildSettings(**kwargs)
+        BuildConfig(**kwargs)
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(TypeError, match="no field"):
+        build_itda_from_activations([torch.randn(4, 4)], k_steps=3, progress=False)
 
 
 def test_tau_conversion() -> None:
@@ -145,7 +236,13 @@ def test_build_itda_on_a_model(model: HookedSAETransformer) -> None:
 
 def test_exclusion_is_configurable(model: HookedSAETransformer) -> None:
     itda = build_itda(
-        model, make_tokens(8), HOOK, k=4, cos_threshold=0.95, exclude_token_ids=None, progress=False
+        model,
+        make_tokens(8),
+        HOOK,
+        k=4,
+        cos_threshold=0.95,
+        exclude_special_tokens=False,
+        progress=False,
     )
     assert BOS in set(itda.atom_token_ids.tolist())
 
@@ -303,30 +400,57 @@ def test_from_activations_bad_input() -> None:
         build_itda_from_activations([torch.zeros(5, 4)], progress=False)
 
 
-def test_patience_stops_a_converged_build(model: HookedSAETransformer) -> None:
+def test_patience_stops_exactly_and_independently_of_the_batch_size(
+    model: HookedSAETransformer,
+) -> None:
     toks = make_tokens(64)
-    full = build_itda(model, toks, HOOK, k=12, cos_threshold=0.8, batch_size=4, progress=False)
-    early = build_itda(
-        model,
-        toks,
-        HOOK,
-        k=12,
-        cos_threshold=0.8,
-        batch_size=4,
-        patience_tokens=3 * 4 * SEQ,
-        progress=False,
-    )
-    growth = full.cfg.metadata.itda_builder["growth"]
-    last_add = (
-        max(g[0] for g, prev in zip(growth[1:], growth, strict=False) if g[1] > prev[1])
-        if len(growth) > 2
-        else growth[0][0]
-    )
-    seen = early.cfg.metadata.itda_builder["tokens_seen"]
-    assert seen <= last_add + 3 * 4 * SEQ and seen < full.cfg.metadata.itda_builder["tokens_seen"]
-    assert (
-        torch.equal(early.W_dec, full.W_dec[: early.cfg.d_sae])
-        and early.cfg.d_sae == full.cfg.d_sae
-    )
+    kw = {"k": 12, "cos_threshold": 0.8, "progress": False}
+    full = build_itda(model, toks, HOOK, batch_size=4, **kw)
+    added_at = (full.atom_labels[:, 0] * SEQ + full.atom_labels[:, 1]).tolist()
+    patience = 2 * SEQ
+    # the first gap of `patience` tokens without a new atom ends the build there
+    gaps = [b - a for a, b in zip(added_at, [*added_at[1:], 64 * SEQ], strict=True)]
+    stop_after = next(a for a, gap in zip(added_at, gaps, strict=True) if gap > patience)
+    for batch_size in (1, 4, 64):
+        early = build_itda(model, toks, HOOK, batch_size=batch_size, patience_tokens=patience, **kw)
+        meta = early.cfg.metadata.itda_builder
+        assert meta["stop_reason"] == "converged"
+        assert meta["tokens_seen"] == stop_after + patience + 1
+        n = early.cfg.d_sae
+        assert torch.equal(early.W_dec, full.W_dec[:n])
+        assert added_at[n - 1] == stop_after
     with pytest.raises(ValueError, match="patience_tokens"):
         build_itda(model, toks, HOOK, patience_tokens=0, progress=False)
+
+
+def test_sequence_batch_size_and_token_budget_do_not_change_the_atoms(
+    model: HookedSAETransformer,
+) -> None:
+    toks = make_tokens(48, seed=5)
+    kw = {"k": 8, "cos_threshold": 0.9, "progress": False}
+    builds = [build_itda(model, toks, HOOK, batch_size=b, **kw) for b in (1, 7, 48, 100)]
+    for other in builds[1:]:
+        assert torch.equal(other.W_dec, builds[0].W_dec)
+        assert torch.equal(other.atom_labels, builds[0].atom_labels)
+    budget = 10 * SEQ + 5  # mid-sequence: the stream is cut at exactly this token
+    cut = [build_itda(model, toks, HOOK, batch_size=b, max_tokens=budget, **kw) for b in (3, 16)]
+    assert torch.equal(cut[0].atom_labels, cut[1].atom_labels)
+    assert cut[0].cfg.metadata.itda_builder["tokens_seen"] == budget
+    labels = builds[0].atom_labels
+    before = (labels[:, 0] * SEQ + labels[:, 1]) < budget
+    assert torch.equal(cut[0].atom_labels, labels[before])
+
+
+def test_target_atoms_finds_the_threshold() -> None:
+    acts = anisotropic(3000, 32, seed=4)
+    itda = build_itda_from_activations(chunks(acts, 256), k=6, target_atoms=150, progress=False)
+    meta = itda.cfg.metadata.itda_builder
+    search = meta["threshold_search"]
+    assert abs(itda.cfg.d_sae - 150) <= 1 and search["atoms_on_sample"] == itda.cfg.d_sae
+    again = build_itda_from_activations(
+        [acts], k=6, cos_threshold=search["threshold"], progress=False
+    )
+    assert torch.equal(again.atom_labels, itda.atom_labels)
+    assert meta["cos_threshold"] == search["threshold"] and meta["target_atoms"] == 150
+    with pytest.raises(ValueError, match="exceeds"):
+        build_itda_from_activations([acts[:100]], k=6, target_atoms=150, progress=False)

@@ -1,0 +1,127 @@
+"""``BuildConfig``: every setting of an ITDA build in one frozen dataclass (the CLI is made from it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+from sae_lens.util import str_to_dtype
+
+AddRule = Literal["exact", "batch"]
+Encoder = Literal["mp", "omp"]
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def check_k(k: object, name: str = "k") -> int:
+    """``k`` must be an int >= 1 (bools refused); returns it."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
+    return k
+
+
+def _check_optional_positive(value: object, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How an ITDA is built: the add rule, the stream it reads, and how the work is done."""
+
+    k: int = 40
+    """Pursuit steps (L0): each activation is judged, and later encoded, with k steps."""
+    cos_threshold: float = 0.8
+    """An activation becomes an atom when cos(x, its k-step reconstruction) is below this."""
+    target_atoms: int | None = None
+    """Instead of cos_threshold: search the threshold whose converged dictionary has about this many atoms."""
+    max_atoms: int | None = None
+    """Stop adding (and reading) once the dictionary holds this many atoms."""
+    encoder: Encoder = "mp"
+    """Pursuit: 'mp' (signed matching pursuit, ITDA's) or 'omp' (orthogonal, least-squares refit)."""
+    add_rule: AddRule = "exact"
+    """'exact': judged against every atom added before it (batch size never matters); 'batch': against the batch start (reference code)."""
+    batch_size: int = 32
+    """Sequences per forward pass (throughput only, under the exact rule)."""
+    context_size: int | None = None
+    """Tokens per sequence (rows are cut to it; text data is packed to it, default 128)."""
+    max_tokens: int | None = None
+    """Stop after reading this many tokens (the stream is cut at exactly this token)."""
+    patience_tokens: int | None = None
+    """Stop a hook's build once this many tokens passed without a new atom (converged)."""
+    exclude_special_tokens: bool = True
+    """BOS and PAD positions never become atoms."""
+    dtype: str = "float32"
+    """dtype of the saved dictionary."""
+    decision_dtype: str = "float64"
+    """dtype the add rule computes in; float64 makes verdicts reproducible across batch sizes."""
+    device: str | None = None
+    """Where the dictionary work runs (default: the model's device)."""
+    checkpoint_every: int = 50
+    """Batches between checkpoints (when the build has a checkpoint folder)."""
+
+    def __post_init__(self) -> None:
+        check_k(self.k)
+        if not (
+            isinstance(self.cos_threshold, int | float)
+            and not isinstance(self.cos_threshold, bool)
+            and 0.0 < self.cos_threshold <= 1.0
+        ):
+            raise ValueError(
+                f"cos_threshold must be in (0, 1], got {self.cos_threshold!r} "
+                "(for the reference code's tau use cos_threshold_from_tau)"
+            )
+        for name in ("target_atoms", "max_atoms", "context_size", "max_tokens", "patience_tokens"):
+            _check_optional_positive(getattr(self, name), name)
+        for name in ("batch_size", "checkpoint_every"):
+            check_k(getattr(self, name), name)
+        if self.encoder not in ("mp", "omp"):
+            raise ValueError(f"encoder must be 'mp' or 'omp', got {self.encoder!r}")
+        if self.add_rule not in ("exact", "batch"):
+            raise ValueError(f"add_rule must be 'exact' or 'batch', got {self.add_rule!r}")
+        for name in ("dtype", "decision_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.decision_dtype in ("float16", "bfloat16"):
+            raise ValueError(
+                "decision_dtype must be float32 or float64 (half precision cannot rank atoms)"
+            )
+        if (
+            self.target_atoms is not None
+            and self.max_atoms is not None
+            and self.max_atoms < self.target_atoms
+        ):
+            raise ValueError(
+                f"max_atoms={self.max_atoms} is below target_atoms={self.target_atoms}: "
+                "the target could never be reached"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return str_to_dtype(self.dtype)
+
+    @property
+    def torch_decision_dtype(self) -> torch.dtype:
+        return str_to_dtype(self.decision_dtype)
+
+    def replace(self, **changes: Any) -> BuildConfig:
+        """A copy with some fields changed (validated again); unknown names are refused."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"BuildConfig has no field(s) {unknown}; fields: {sorted(names)}")
+        return BuildConfig(**{**asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cos_threshold_from_tau(tau: float, d_model: int) -> float:
+    """Convert the reference code's ``loss_threshold`` tau (normalised per-dimension MSE) to ours:
+    it adds x when ``mean((x/|x| - x_hat/|x_hat|)^2) = (2 - 2 cos) / d > tau``."""
+    cos = 1.0 - tau * d_model / 2.0
+    if cos <= -1.0:
+        raise ValueError(
+            f"tau={tau} with d_model={d_model} can never add an atom (needs tau < {4 / d_model:.3g})"
+        )
+    return cos

@@ -1,0 +1,354 @@
+"""The add rule: which activations of a stream become atoms.
+
+**Exact** (``add_rule="exact"``, the default; the paper's rule): the activation at stream position
+t becomes an atom iff ``cos(x_t, x_hat_t) < cos_threshold``, where ``x_hat_t`` is its k-step pursuit
+reconstruction over *every atom added before it*. Batches exist only for throughput: the same
+stream gives the same atoms, labels and order for any batch size. A sub-batch is scored against
+the dictionary at its start in one pass; a verdict can change only if an atom added later in the
+sub-batch would enter the token's pursuit path, which is tested exactly from the new atom's Gram row
+and the path's coefficients (``|<r_t, a_new>| > |<r_t, a_pick>|`` at some step t); only those
+tokens are pursued again, in order. Verdicts are computed in ``decision_dtype`` (float64 by default)
+so that rounding, which differs between batch shapes, cannot flip one.
+
+**Batch** (``add_rule="batch"``, the reference code's behaviour): every token of a batch is judged
+against the dictionary as it stood at the start of the batch; candidates are then taken in stream
+order, skipping any with ``|cos| >= cos_threshold`` to an atom accepted earlier in the same batch
+(the reference code adds them all). The dictionary then depends on the batch size.
+
+Ineligible positions (BOS/PAD) and zero vectors are never candidates but count as tokens read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from itda_lens.builder.config import BuildConfig
+from itda_lens.dictionary import AtomStore
+from itda_lens.pursuit import decode, pursue
+from itda_lens.sae import ITDA
+
+#: Sub-batch sizes of the exact rule (tokens scored in one pass): small while most tokens become
+#: atoms (each new atom sends later tokens back to the pursuit), large once few do.
+MIN_SUB_BATCH, MAX_SUB_BATCH = 8, 4096
+#: Growth-curve points kept in the metadata (geometric in the atom count, plus the end).
+GROWTH_POINTS = 256
+
+
+class ActivationBatch(NamedTuple):
+    """Activations [n, d] with provenance; ``eligible`` marks rows allowed to become atoms."""
+
+    acts: Float[Tensor, "n d"]
+    labels: Int[Tensor, "n 2"]
+    token_ids: Int[Tensor, " n"]
+    eligible: Bool[Tensor, " n"]
+
+    def head(self, n: int) -> ActivationBatch:
+        """The first ``n`` rows."""
+        return ActivationBatch(*(t[:n] for t in self))
+
+
+@dataclass
+class _Paths:
+    """Pursuit paths of a sub-batch: picks, values, the |correlation| at each pick and (OMP) the
+    residual's coefficients before each step; ``accept`` is the verdict they give."""
+
+    idx: Tensor
+    val: Tensor
+    peaks: Tensor
+    coefs: Tensor | None
+    accept: Tensor
+
+    def put(self, rows: Tensor, other: _Paths) -> None:
+        for name in ("idx", "val", "peaks", "accept"):
+            getattr(self, name)[rows] = getattr(other, name)
+        if self.coefs is not None and other.coefs is not None:
+            self.coefs[rows] = other.coefs
+
+
+@dataclass
+class ITDABuilder:
+    """Greedy dictionary state for one hook point: feed it batches in stream order with :meth:`update`."""
+
+    d_in: int
+    cfg: BuildConfig = field(default_factory=BuildConfig)
+    device: str | torch.device = "cpu"
+    store: AtomStore = field(init=False)
+    tokens_seen: int = 0
+    tokens_scored: int = 0
+    n_batches: int = 0
+    seconds: float = 0.0
+    #: stream position (token index) at which each atom was read
+    added_at: list[int] = field(default_factory=list)
+    stop_reason: str | None = None
+    _sub: int = MIN_SUB_BATCH
+
+    def __post_init__(self) -> None:
+        self.store = AtomStore(self.d_in, device=self.device, dtype=self.cfg.torch_decision_dtype)
+
+    @property
+    def full(self) -> bool:
+        return self.cfg.max_atoms is not None and len(self.store) >= self.cfg.max_atoms
+
+    @property
+    def stopped(self) -> bool:
+        """Full, or converged (``patience_tokens`` read without a new atom): reads nothing more."""
+        return self.stop_reason is not None
+
+    def _cutoff(self) -> float:
+        """Last stream position this builder may read before it counts as converged."""
+        p = self.cfg.patience_tokens
+        if p is None:
+            return math.inf
+        return (self.added_at[-1] if self.added_at else -1) + p
+
+    def update(self, batch: ActivationBatch) -> int:
+        """Read one batch (rows in stream order); returns the number of atoms added."""
+        start = time.perf_counter()
+        acts = batch.acts
+        if acts.ndim != 2 or acts.shape[1] != self.d_in:
+            raise ValueError(
+                f"d_in mismatch: expected activations [n, {self.d_in}], got {tuple(acts.shape)}"
+            )
+        if not bool(torch.isfinite(acts).all()):
+            raise ValueError(f"activations contain NaN or Inf (batch {self.n_batches})")
+        if self.stopped:
+            return 0
+        self.n_batches += 1
+        before = len(self.store)
+        pos = torch.arange(self.tokens_seen, self.tokens_seen + acts.shape[0])
+        x = acts.to(self.store.device, self.store.dtype)
+        keep = (batch.eligible.to(x.device) & (x.norm(dim=1) > 0)).cpu()
+        rows = keep.nonzero().flatten()
+        if self.cfg.add_rule == "exact":
+            self._exact(x, rows, pos, batch)
+        else:
+            self._batch(x, rows, pos, batch)
+        self.seconds += time.perf_counter() - start
+        return len(self.store) - before
+
+    def _read_until(self, last: int) -> None:
+        """Advance ``tokens_seen`` past stream position ``last`` and record why reading stopped."""
+        self.tokens_seen = last + 1
+        if self.full:
+            self.stop_reason = "full"
+        elif self.tokens_seen > self._cutoff():
+            self.stop_reason = "converged"
+
+    def _add(self, x: Tensor, j: int, pos: Tensor, batch: ActivationBatch) -> None:
+        dev = self.store.device
+        self.store.add(
+            x[j : j + 1], batch.labels[j : j + 1].to(dev), batch.token_ids[j : j + 1].to(dev)
+        )
+        self.added_at.append(int(pos[j]))
+
+    # --- the exact sequential rule ----------------------------------------------------------
+
+    def _exact(self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch) -> None:
+        n = x.shape[0]
+        i = 0  # index into rows
+        while i < len(rows) and not self.full:
+            cutoff = self._cutoff()
+            if pos[rows[i]] > cutoff:
+                break
+            end = min(i + self._sub, len(rows))
+            if cutoff < math.inf:  # rows past the cutoff are read only if an atom comes first
+                end = min(
+                    end, i + int(torch.searchsorted(pos[rows[i:end]], int(cutoff), right=True))
+                )
+            sub = rows[i:end]
+            added, last = self._resolve(x, sub, pos, batch)
+            self.tokens_scored += int((sub <= last).sum())
+            if self.full:
+                self._read_until(int(pos[last]))
+                return
+            # adapt the sub-batch to the acceptance rate (a speed choice; verdicts do not depend on it)
+            if added * 16 > len(sub):
+                self._sub = max(MIN_SUB_BATCH, self._sub // 2)
+            elif added * 256 < len(sub):
+                self._sub = min(MAX_SUB_BATCH, self._sub * 2)
+            i = end
+        last_read = n - 1
+        cutoff = self._cutoff()
+        if cutoff < math.inf:
+            last_read = min(last_read, int(cutoff) - int(pos[0]))
+        self._read_until(int(pos[last_read]) if last_read >= 0 else int(pos[0]) - 1)
+
+    def _resolve(
+        self, x: Tensor, sub: Tensor, pos: Tensor, batch: ActivationBatch
+    ) -> tuple[int, int]:
+        """Judge the rows ``sub`` of ``x`` in order; returns (atoms added, last row judged)."""
+        xs = x[sub]
+        T = xs.shape[0]
+        paths = self._score(xs)
+        valid = torch.full((T,), len(self.store) > 0, dtype=torch.bool)
+        tol = xs.norm(dim=1) * math.sqrt(torch.finfo(xs.dtype).eps) * 4
+        added, i = 0, 0
+        while i < T:
+            todo = (~valid[i:] | paths.accept[i:]).nonzero()
+            if todo.numel() == 0:
+                break
+            j = i + int(todo[0])
+            if not bool(valid[j]):  # an atom added since it was scored enters its path: re-pursue
+                again = j + (~valid[j:]).nonzero().flatten()
+                paths.put(again, self._score(xs[again]))
+                valid[again] = True
+                if not bool(paths.accept[j]):
+                    i = j + 1
+                    continue
+            self._add(x, int(sub[j]), pos, batch)
+            added += 1
+            if self.full:
+                return added, int(sub[j])
+            later = j + 1 + valid[j + 1 :].nonzero().flatten()
+            if later.numel():
+                valid[later[self._enters(xs[later], paths, later, tol[later])]] = False
+            i = j + 1
+        return added, int(sub[-1])
+
+    def _score(self, xs: Tensor) -> _Paths:
+        """Pursue ``xs`` over the current dictionary (an empty one accepts everything)."""
+        T, k = xs.shape[0], self.cfg.k
+        omp = self.cfg.encoder == "omp"
+        if len(self.store) == 0:
+            return _Paths(
+                torch.zeros(T, k, dtype=torch.long, device=xs.device),
+                xs.new_zeros(T, k),
+                xs.new_full((T, k), -math.inf),
+                xs.new_zeros(T, k, k) if omp else None,
+                torch.ones(T, dtype=torch.bool),
+            )
+        atoms, gram = self.store.atoms, self.store.gram
+        code, trace = pursue(self.cfg.encoder, xs, atoms, k, gram=gram, trace=omp)
+        cos = F.cosine_similarity(xs, decode(code, atoms), dim=1, eps=1e-30)
+        return _Paths(
+            code.indices,
+            code.values,
+            trace.peaks if trace is not None else code.values.abs(),
+            trace.coefs if trace is not None else None,
+            (cos < self.cfg.cos_threshold).cpu(),
+        )
+
+    def _enters(self, xs: Tensor, paths: _Paths, rows: Tensor, tol: Tensor) -> Tensor:
+        """Which of these tokens' paths the newest atom would enter (conservatively, within ``tol``)."""
+        new = self.store.atoms[-1]
+        row = self.store.gram_row(len(self.store) - 1)
+        corr = xs @ new
+        idx = paths.idx[rows]
+        g = row[idx]  # <atom picked at step s, new atom>
+        if paths.coefs is None:  # MP: the residual before step t is x - sum_{s<t} v_s a_s
+            w = paths.val[rows] * g
+            before = corr.unsqueeze(1) - (w.cumsum(dim=1) - w)
+        else:
+            before = corr.unsqueeze(1) - (paths.coefs[rows] * g.unsqueeze(1)).sum(dim=-1)
+        return (before.abs() > paths.peaks[rows] - tol.unsqueeze(1)).any(dim=1).cpu()
+
+    # --- the reference code's batch rule ------------------------------------------------------
+
+    def _batch(self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch) -> None:
+        cutoff = self._cutoff()
+        if cutoff < math.inf:
+            rows = rows[pos[rows] <= cutoff]
+        xs = x[rows]
+        self.tokens_scored += xs.shape[0]
+        cand = self._score(xs).accept.nonzero().flatten()
+        limit = math.inf if self.cfg.max_atoms is None else self.cfg.max_atoms - len(self.store)
+        sel = cand[_greedy_distinct(F.normalize(xs[cand], dim=1), self.cfg.cos_threshold, limit)]
+        if sel.numel():
+            dev = self.store.device
+            r = rows[sel]
+            self.store.add(x[r], batch.labels[r].to(dev), batch.token_ids[r].to(dev))
+            self.added_at.extend(pos[r].tolist())
+        last = pos.shape[0] - 1
+        if self.full:
+            last = int(rows[sel[-1]])
+        elif cutoff < math.inf:
+            last = min(last, int(self._cutoff()) - int(pos[0]))
+        self._read_until(int(pos[last]) if last >= 0 else int(pos[0]) - 1)
+
+    # --- results ------------------------------------------------------------------------------
+
+    def to_itda(self, **from_atoms_kwargs: Any) -> ITDA:
+        """The dictionary as an ITDA (an sae_lens SAE) in the config's dtype."""
+        if len(self.store) == 0:
+            raise ValueError(
+                "empty dictionary: no activation was eligible to become an atom "
+                "(all inputs were excluded tokens or zero vectors?)"
+            )
+        return ITDA.from_atoms(
+            self.store.atoms,
+            self.cfg.k,
+            labels=self.store.labels,
+            token_ids=self.store.token_ids,
+            encoder=self.cfg.encoder,
+            dtype=self.cfg.torch_dtype,
+            **from_atoms_kwargs,
+        )
+
+    def growth(self) -> list[list[int]]:
+        """(tokens read, atoms) after each atom (thinned geometrically) and at the end."""
+        n = len(self.added_at)
+        counts = range(1, n + 1) if n <= GROWTH_POINTS else np.geomspace(1, n, GROWTH_POINTS)
+        keep = sorted({int(round(v)) for v in counts} | {n})
+        points = [[self.added_at[c - 1] + 1, c] for c in keep if 1 <= c <= n]
+        if not points or points[-1][0] != self.tokens_seen:
+            points.append([self.tokens_seen, n])
+        return points
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **{
+                key: getattr(self.cfg, key)
+                for key in (
+                    "k",
+                    "cos_threshold",
+                    "max_atoms",
+                    "encoder",
+                    "add_rule",
+                    "decision_dtype",
+                    "patience_tokens",
+                )
+            },
+            "n_atoms": len(self.store),
+            "tokens_seen": self.tokens_seen,
+            "tokens_scored": self.tokens_scored,
+            "batches": self.n_batches,
+            "stop_reason": self.stop_reason,
+            "growth": self.growth(),
+            "dictionary_seconds": round(self.seconds, 3),
+        }
+
+
+def _greedy_distinct(
+    units: Float[Tensor, "c d"], threshold: float, limit: float, block: int = 2048
+) -> Int[Tensor, " s"]:
+    """Indices of candidates kept in order, skipping any with |cos| >= threshold to one kept before."""
+    kept: list[int] = []
+    kept_units = units[:0]
+    for start in range(0, units.shape[0], block):
+        if len(kept) >= limit:
+            break
+        u = units[start : start + block]
+        alive = np.ones(u.shape[0], dtype=bool)
+        if kept_units.shape[0]:
+            alive &= ((u @ kept_units.T).abs() < threshold).all(dim=1).cpu().numpy()
+        close = ((u @ u.T).abs() >= threshold).cpu().numpy()
+        new: list[int] = []
+        for i in np.flatnonzero(alive):
+            if not alive[i]:
+                continue
+            new.append(int(i))
+            if len(kept) + len(new) >= limit:
+                break
+            alive &= ~close[i]
+        kept.extend(start + i for i in new)
+        kept_units = torch.cat([kept_units, u[new]])
+    return torch.tensor(kept, dtype=torch.long, device=units.device)
