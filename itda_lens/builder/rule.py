@@ -297,7 +297,7 @@ class ITDABuilder:
         """(tokens read, atoms) after each atom (thinned geometrically) and at the end."""
         n = len(self.added_at)
         counts = range(1, n + 1) if n <= GROWTH_POINTS else np.geomspace(1, n, GROWTH_POINTS)
-        keep = sorted({int(round(v)) for v in counts} | {n})
+        keep = sorted({round(float(v)) for v in counts} | {n})
         points = [[self.added_at[c - 1] + 1, c] for c in keep if 1 <= c <= n]
         if not points or points[-1][0] != self.tokens_seen:
             points.append([self.tokens_seen, n])
