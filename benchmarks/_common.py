@@ -1,10 +1,17 @@
 """Shared benchmark helpers: the common options, wall-clock timing and peak extra RSS of a call in
-this process, tables and plot series."""
+this process, tables, plot series, and the one place results are recorded.
+
+Every benchmark ends with :func:`record`: its JSON (raw rows, the tables as printed, the command and
+the machine) goes to ``--out`` and, for full runs, to ``benchmarks/results/<name>.json``, which is
+committed; ``benchmarks/render.py`` renders the tables in ``benchmarks/README.md`` from those files."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import sys
 import threading
 import time
 import warnings
@@ -16,6 +23,7 @@ from typing import Any
 import torch
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def rss_bytes() -> int:
@@ -70,12 +78,64 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def table_spec(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    """A table as recorded in results JSON: column names and every cell as the string shown."""
+    return {"columns": columns, "rows": [[str(r.get(c, "")) for c in columns] for r in rows]}
+
+
+def markdown(spec: dict[str, Any]) -> str:
+    """The markdown of a recorded table (what the README shows)."""
+    cols = spec["columns"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in spec["rows"]]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table of ``rows`` restricted to ``columns``."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
+    return markdown(table_spec(rows, columns))
+
+
+def record(
+    name: str,
+    args: argparse.Namespace,
+    tables: dict[str, dict[str, Any]],
+    data: Any,
+    seconds: float,
+) -> Path:
+    """Write the run's JSON (tables as printed + raw data) to ``--out`` and, unless ``--quick``,
+    to ``benchmarks/results/<name>.json``; print where. Returns the results file."""
+    payload = {
+        "benchmark": name,
+        "command": " ".join(["python", f"benchmarks/{name}.py", *sys.argv[1:]]),
+        "quick": bool(args.quick),
+        "seconds": round(seconds, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": getattr(args, "threads", None),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "tables": tables,
+        "data": data,
+    }
+    text = json.dumps(payload, indent=1, default=_jsonable) + "\n"
+    targets = [Path(args.out) / f"{name}.json"] if getattr(args, "out", None) else []
+    if not args.quick:
+        targets.append(RESULTS / f"{name}.json")
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"\nwrote {', '.join(str(p) for p in targets)} ({seconds:.0f} s)")
+    return targets[-1] if targets else Path()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def bench_parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:

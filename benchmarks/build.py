@@ -1,111 +1,153 @@
-"""End-to-end ITDA build throughput on a zoo model, split into model forward and dictionary work:
-our builder (pursuit engine, incremental Gram) against the same builder with the literal reference
-pursuit (k dense matmuls per batch, dense codes), plus peak memory. Both must end with the same
-dictionary.
+"""ITDA build throughput on zoo models, split into model forward and dictionary work: the exact
+sequential rule (the default) next to the reference code's batch rule on the same stream (same
+model, hooks, k, threshold), plus how each rule's dictionary size depends on the batch size.
 
-    python benchmarks/build.py            # full run
-    python benchmarks/build.py --quick    # reduced run (< 2 minutes), same code and table
+    python benchmarks/build.py            # full run (~2 minutes)
+    python benchmarks/build.py --quick    # reduced run, same code and tables
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from typing import Any
 
 import torch
-from _common import bench_parser, fmt_bytes, measure, table
+from _common import bench_parser, fmt_bytes, measure, prepare, record, table, table_spec
 
-from itda_lens import build_itda, zoo
-from itda_lens.builder import ITDABuilder
-from itda_lens.pursuit import matching_pursuit, reference_matching_pursuit
+from itda_lens import ITDA, build_itda, zoo
+from itda_lens.pursuit import matching_pursuit
 
-
-@contextmanager
-def literal_pursuit() -> Iterator[None]:
-    """Swap the builder's reconstruction for the paper's Algorithm 2 (dense codes @ atoms)."""
-    original = ITDABuilder._reconstruct
-
-    def literal(self: ITDABuilder, x: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-        return reference_matching_pursuit(x, atoms, self.settings.k) @ atoms
-
-    ITDABuilder._reconstruct = literal  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        ITDABuilder._reconstruct = original  # type: ignore[method-assign]
+MODEL = zoo.DEFAULT_MODEL
+#: (name, layers, k, cos_threshold, training windows): the demo's settings first
+SETTINGS = [
+    ("demo (layers 1+2, k=20, cos 0.8)", [1, 2], 20, 0.8, 512),
+    ("k=40, cos 0.8", [2], 40, 0.8, 1024),
+    ("k=16, cos 0.9", [2], 16, 0.9, 1024),
+]
+BATCH_SIZES = [1, 4, 32, 128]  # sequences of 128 tokens per forward pass
 
 
-def run(label: str, model, tokens: torch.Tensor, hook: str, k: int, threshold: float) -> dict:
-    m = measure(
-        lambda: build_itda(model, tokens, hook, k=k, cos_threshold=threshold, progress=False)
-    )
-    meta = m.result.cfg.metadata.itda_builder
-    n_tok = meta["tokens_seen"]
+def run(model: Any, tokens: torch.Tensor, hooks: list[str], rule: str, **kw: Any) -> dict:
+    m = measure(lambda: build_itda(model, tokens, hooks, add_rule=rule, progress=False, **kw))
+    itdas: dict[str, ITDA] = m.result
+    metas = [it.cfg.metadata.itda_builder for it in itdas.values()]
+    fwd = metas[0]["forward_seconds"]
+    dictionary = sum(meta["dictionary_seconds"] for meta in metas)
+    n_tok = metas[0]["tokens_seen"]
     return {
-        "builder": label,
-        "tokens": f"{n_tok:,}",
-        "atoms": m.result.cfg.d_sae,
-        "wall s": f"{m.seconds:.1f}",
-        "tok/s": f"{n_tok / m.seconds:,.0f}",
-        "forward s": f"{meta['forward_seconds']:.1f}",
-        "dictionary s": f"{meta['dictionary_seconds']:.1f}",
-        "dictionary / forward": f"{meta['dictionary_seconds'] / meta['forward_seconds']:.2f}",
-        "peak extra": fmt_bytes(m.peak_extra_bytes),
-        "_itda": m.result,
+        "rule": rule,
+        "tokens": n_tok,
+        "atoms": "+".join(str(it.cfg.d_sae) for it in itdas.values()),
+        "wall_s": m.seconds,
+        "tok_per_s": n_tok / m.seconds,
+        "forward_s": fwd,
+        "dictionary_s": dictionary,
+        "dictionary_over_forward": dictionary / fwd,
+        "peak_extra_bytes": m.peak_extra_bytes,
+        "labels": [it.atom_labels.tolist() for it in itdas.values()],
     }
 
 
 def main() -> None:
-    parser = bench_parser(__doc__)
-    parser.add_argument("--model", default=zoo.DEFAULT_MODEL)
-    parser.add_argument("--hook", default="blocks.2.hook_resid_post")
-    parser.add_argument("--k", type=int, default=40)
-    parser.add_argument("--cos-threshold", type=float, default=0.8)
-    parser.add_argument("--n-seq", type=int, default=None)
-    parser.add_argument("--json", default=None)
+    parser = bench_parser(__doc__, "bench_out/build")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warm = torch.nn.functional.normalize(
-        torch.randn(16, 8), dim=1
-    )  # JIT-compile the fused kernel first
-    matching_pursuit(torch.randn(4, 8), warm, 2, gram=warm @ warm.T)
-    model = zoo.load_model(args.model)
-    n_seq = args.n_seq or (64 if args.quick else 1024)
-    tokens = zoo.load_tokens("train", n_seq, tokenizer=zoo.model_card(args.model)["tokenizer"])
-    print(
-        f"{args.model} at {args.hook}, k={args.k}, cos_threshold={args.cos_threshold}, {tokens.numel():,} tokens"
-    )
-    ours = run("itda_lens (Gram-space MP)", model, tokens, args.hook, args.k, args.cos_threshold)
-    with literal_pursuit():
-        ref = run("same builder, literal MP", model, tokens, args.hook, args.k, args.cos_threshold)
-    same = torch.equal(ours["_itda"].atom_labels, ref["_itda"].atom_labels)
-    rows = [ours, ref]
-    print(
-        table(
-            rows,
-            [
-                "builder",
-                "tokens",
-                "atoms",
-                "wall s",
-                "tok/s",
-                "forward s",
-                "dictionary s",
-                "dictionary / forward",
-                "peak extra",
-            ],
-        )
-    )
-    d_ours, d_ref = (float(r["dictionary s"]) for r in rows)
-    print(
-        f"dictionary work: ours {d_ref / max(d_ours, 1e-9):.1f}x faster than literal; same dictionary: {same}"
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], f, indent=2
+    prepare(args)
+    t0 = time.perf_counter()
+    warm = torch.nn.functional.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
+    for dt in (torch.float32, torch.float64):  # compile the fused kernel before timing
+        matching_pursuit(torch.randn(4, 8, dtype=dt), warm.to(dt), 2, gram=(warm @ warm.T).to(dt))
+    model = zoo.load_model(MODEL)
+    settings = [(n, ls, k, c, 64) for n, ls, k, c, _ in SETTINGS[:2]] if args.quick else SETTINGS
+    rows: list[dict] = []
+    for name, layers, k, cos, n_seq in settings:
+        tokens = zoo.load_tokens("train", n_seq)
+        hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+        for rule in ("exact", "batch"):
+            r = run(model, tokens, hooks, rule, k=k, cos_threshold=cos, batch_size=32)
+            rows.append({"setting": name, **r})
+            print({k_: v for k_, v in rows[-1].items() if k_ != "labels"}, flush=True)
+    shown = [
+        {
+            **r,
+            "tokens": f"{r['tokens']:,}",
+            "wall s": f"{r['wall_s']:.1f}",
+            "tok/s": f"{r['tok_per_s']:,.0f}",
+            "forward s": f"{r['forward_s']:.2f}",
+            "dictionary s": f"{r['dictionary_s']:.2f}",
+            "dictionary / forward": f"{r['dictionary_over_forward']:.2f}",
+            "peak extra": fmt_bytes(r["peak_extra_bytes"]),
+        }
+        for r in rows
+    ]
+    cols = [
+        "setting",
+        "rule",
+        "tokens",
+        "atoms",
+        "wall s",
+        "tok/s",
+        "forward s",
+        "dictionary s",
+        "dictionary / forward",
+        "peak extra",
+    ]
+    rules = table_spec(shown, cols)
+    print(table(shown, cols))
+
+    # how the dictionary depends on the batch size under each rule
+    name, layers, k, cos, _ = SETTINGS[2]
+    tokens = zoo.load_tokens("train", 16 if args.quick else 256)
+    hook = f"blocks.{layers[0]}.hook_resid_post"
+    sizes = BATCH_SIZES[:3] if args.quick else BATCH_SIZES
+    by_batch: list[dict] = []
+    for rule in ("exact", "batch"):
+        labels = []
+        for bs in sizes:
+            it = build_itda(
+                model,
+                tokens,
+                hook,
+                k=k,
+                cos_threshold=cos,
+                batch_size=bs,
+                add_rule=rule,
+                progress=False,
             )
+            labels.append(it.atom_labels)
+            first = int((it.atom_labels[:, 0] < bs).sum())
+            by_batch.append(
+                {
+                    "rule": rule,
+                    "batch (tokens)": bs * tokens.shape[1],
+                    "atoms": it.cfg.d_sae,
+                    "atoms from the first batch": first,
+                    "same atoms, labels and order as batch 1": torch.equal(
+                        labels[0], it.atom_labels
+                    ),
+                }
+            )
+    batch_cols = [
+        "rule",
+        "batch (tokens)",
+        "atoms",
+        "atoms from the first batch",
+        "same atoms, labels and order as batch 1",
+    ]
+    print(f"\n{name} at {hook}, {tokens.numel():,} tokens:")
+    print(table(by_batch, batch_cols))
+    exact_same = all(
+        r["same atoms, labels and order as batch 1"] for r in by_batch if r["rule"] == "exact"
+    )
+    print(f"exact rule: same dictionary at every batch size: {exact_same}")
+    for r in rows:
+        r.pop("labels")
+    record(
+        "build",
+        args,
+        {"rules": rules, "batch_size": table_spec(by_batch, batch_cols)},
+        {"model": MODEL, "rows": rows, "by_batch": by_batch, "exact_invariant": exact_same},
+        time.perf_counter() - t0,
+    )
 
 
 if __name__ == "__main__":

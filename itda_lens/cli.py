@@ -117,7 +117,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_ARCHS = ("topk", "batchtopk", "pam", "pam-relu", "kmeans", "kmeans-pca")
+TRAIN_ARCHS = (
+    "topk",
+    "batchtopk",
+    "abstopk",
+    "matching_pursuit",
+    "pam",
+    "pam-relu",
+    "pam-abstopk",
+    "kmeans",
+    "kmeans-pca",
+)
 
 
 def _add_train(sub: Any) -> None:
@@ -160,7 +170,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     name = args.model or model.cfg.model_name
     print(f"cached {n:,} activations at {args.hook}; training {args.arch} with {d_sae} latents")
     sae: Any
-    if args.arch in ("topk", "batchtopk"):
+    if args.arch in ("topk", "batchtopk", "abstopk", "matching_pursuit"):
         sae = train_sae(
             cached,
             architecture=args.arch,
@@ -171,12 +181,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             model_name=name,
             device=args.device,
         ).sae
-    elif args.arch in ("pam", "pam-relu"):
+    elif args.arch in ("pam", "pam-relu", "pam-abstopk"):
+        activations = {"pam": "topk", "pam-relu": "relu", "pam-abstopk": "abstopk"}
         settings = PAMSettings(
             d_sae=d_sae,
-            k=None if args.arch == "pam-relu" else args.k,
+            k=args.k,
             epochs=args.epochs,
             batch_size=min(args.batch_size, n),
+            activation=activations[args.arch],  # type: ignore[arg-type]
         )
         sae = train_pam(cached, settings, model_name=name, device=args.device).sae
     elif args.arch == "kmeans":

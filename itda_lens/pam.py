@@ -1,4 +1,4 @@
-"""PAM-SGD (SplInterp, Budd et al. 2025): TopK / ReLU SAEs with a closed-form decoder.
+"""PAM-SGD (SplInterp, Budd et al. 2025): TopK / AbsTopK / ReLU SAEs with a closed-form decoder.
 
 The reconstruction loss is a linear least-squares problem in the decoder once the encoder is
 fixed, so each outer iteration (one epoch) solves the decoder exactly from streamed sufficient
@@ -8,8 +8,10 @@ at the start of the epoch. ``decoder="adam"`` turns the closed-form step off (de
 Adam in the same loop): the ablation the sample-efficiency claim is about.
 
 The decoder update is the exact normal equations of ``splinterp.md`` §1.3, not the reference
-code's uncentred fit + mean-residual bias. Codes are sae_lens's: TopK = signed top-k then ReLU,
-so the result is a plain sae_lens ``topk`` (or ``standard`` for ReLU) SAE, not the authors' abs-TopK.
+code's uncentred fit + mean-residual bias. Codes are sae_lens's, so the result is a plain sae_lens
+SAE: ``activation="topk"`` (default) is top-k then ReLU (``topk``), ``"abstopk"`` the authors'
+abs-TopK, the k entries of largest |pre-activation| with their signs (``abstopk``), ``"relu"`` ReLU
+with an L1 penalty (``standard``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float
-from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
+from sae_lens import SAE, AbsTopKSAEConfig, StandardSAEConfig, TopKSAEConfig
+from sae_lens.saes.abstopk_sae import AbsTopK
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -136,9 +140,31 @@ def solve_decoder(
     return W, b
 
 
+Activation = Literal["topk", "abstopk", "relu"]
+ACTIVATIONS: tuple[Activation, ...] = get_args(Activation)
+
+
+def resolve_activation(
+    k: int | None, activation: Activation | None
+) -> tuple[Activation, int | None]:
+    """``(activation, k)`` made consistent: ``None`` means TopK if ``k`` is set, else ReLU (the
+    original convention); ``"relu"`` drops ``k``; the top-k activations need one."""
+    if activation is None:
+        activation = "relu" if k is None else "topk"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if activation == "relu":
+        return activation, None
+    if k is None:
+        raise ValueError(f"activation={activation!r} needs k")
+    return activation, k
+
+
 @dataclass
 class PAMSettings:
-    """PAM-SGD settings. ``k`` set: TopK SAE; ``k=None``: ReLU SAE with an L1 penalty.
+    """PAM-SGD settings. ``activation``: ``"topk"`` (top-k then ReLU), ``"abstopk"`` (signed top-k
+    by magnitude) or ``"relu"`` (L1 penalty, ``k`` ignored); left ``None`` it is TopK when ``k`` is
+    set and ReLU for ``k=None``, so ``PAMSettings(d_sae=..., k=16)`` is TopK as before.
 
     Inputs are scaled to mean norm ``sqrt(d_in)`` while training (the scale is folded into the
     saved SAE), and the decoder terms ``alpha, beta, mu_dec, nu_dec`` are absolute in those units,
@@ -163,8 +189,10 @@ class PAMSettings:
     decoder: Literal["pam", "adam"] = "pam"
     seed: int = 0
     chunk_size: int = 8192
+    activation: Activation | None = None
 
     def __post_init__(self) -> None:
+        self.activation, self.k = resolve_activation(self.k, self.activation)
         if self.d_sae < 1:
             raise ValueError(f"d_sae must be >= 1, got {self.d_sae}")
         if self.k is not None and not 1 <= self.k <= self.d_sae:
@@ -192,8 +220,11 @@ class PAMSettings:
             )
 
     @property
-    def architecture(self) -> Literal["topk", "standard"]:
-        return "standard" if self.k is None else "topk"
+    def architecture(self) -> Literal["topk", "abstopk", "standard"]:
+        """The sae_lens architecture of the saved SAE."""
+        if self.activation == "relu":
+            return "standard"
+        return "abstopk" if self.activation == "abstopk" else "topk"
 
 
 @dataclass
@@ -204,23 +235,46 @@ class PAMResult(TrainedSAE):
     history: list[float] = field(default_factory=list)
 
 
-def _codes(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int | None) -> Tensor:
-    """The encoder half: ``ρ(x W_enc + b_enc)`` with ρ = sae_lens TopK (top-k, then ReLU) or ReLU."""
-    pre = x @ W_enc + b_enc
-    if k is None:
-        return pre.relu()
-    vals, idx = pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+def activation_fn(activation: Activation | None, k: int | None) -> Callable[[Tensor], Tensor]:
+    """ρ as the saved sae_lens SAE applies it: TopK (top-k, then ReLU), AbsTopK (sae_lens's own
+    module: top-k by magnitude, signs kept) or ReLU."""
+    activation, k = resolve_activation(k, activation)
+    if activation == "relu":
+        return torch.relu
+    assert k is not None
+    if activation == "abstopk":
+        return AbsTopK(k)
+
+    def topk(pre: Tensor) -> Tensor:
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+
+    return topk
+
+
+def _codes(
+    x: Float[Tensor, "b d_in"],
+    W_enc: Float[Tensor, "d_in d_sae"],
+    b_enc: Float[Tensor, " d_sae"],
+    rho: Callable[[Tensor], Tensor],
+) -> Float[Tensor, "b d_sae"]:
+    """The encoder half: ``ρ(x W_enc + b_enc)`` (the same expression as the sae_lens encode)."""
+    return rho(x @ W_enc + b_enc)
 
 
 def _stats(
-    acts: Tensor, k: int | None, W_enc: Tensor, b_enc: Tensor, chunk: int, scale: float
+    acts: Tensor,
+    rho: Callable[[Tensor], Tensor],
+    W_enc: Tensor,
+    b_enc: Tensor,
+    chunk: int,
+    scale: float,
 ) -> DecoderStats:
     stats = DecoderStats.empty(W_enc.shape[1], acts.shape[1], device=W_enc.device)
     with torch.no_grad():
         for start in range(0, acts.shape[0], chunk):
             x = acts[start : start + chunk].to(W_enc.device, W_enc.dtype) * scale
-            stats.add(_codes(x, W_enc, b_enc, k), x)
+            stats.add(_codes(x, W_enc, b_enc, rho), x)
     return stats
 
 
@@ -232,16 +286,19 @@ def train_pam(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> PAMResult:
-    """Train a TopK/ReLU SAE with PAM-SGD (or, ``decoder="adam"``, plain Adam) on cached activations.
+    """Train a TopK/AbsTopK/ReLU SAE with PAM-SGD (or, ``decoder="adam"``, plain Adam) on cached
+    activations, using ``settings.activation`` for the codes everywhere (solves and Adam steps).
 
     Per epoch: exact decoder solve on all N activations, then one shuffled pass of Adam steps on
     the encoder with the stay-close terms; a final solve matches the decoder to the last encoder.
-    Returns a sae_lens ``topk`` / ``standard`` SAE, round-tripped through ``SAE.load_from_disk``.
+    Returns a sae_lens ``topk`` / ``abstopk`` / ``standard`` SAE, round-tripped through
+    ``SAE.load_from_disk``.
     """
     acts = cached.acts
     summary = summarise_activations(acts, settings.chunk_size)
     n, d_in = acts.shape
     st = settings
+    rho = activation_fn(st.activation, st.k)
     if n < st.batch_size:
         raise ValueError(f"need at least batch_size={st.batch_size} activations, got {n}")
     if summary.mean_norm == 0:
@@ -264,7 +321,7 @@ def train_pam(
 
     def solve() -> None:
         nonlocal W_dec, b_dec
-        stats = _stats(acts, st.k, W_enc.detach(), b_enc.detach(), st.chunk_size, scale)
+        stats = _stats(acts, rho, W_enc.detach(), b_enc.detach(), st.chunk_size, scale)
         W, b = solve_decoder(
             stats,
             W_dec,
@@ -291,9 +348,9 @@ def train_pam(
         anchor_W, anchor_b = W_enc.detach().clone(), b_enc.detach().clone()
         for _ in range(steps_per_epoch):
             x = next(batches).to(device) * scale
-            z = _codes(x, W_enc, b_enc, st.k)
+            z = _codes(x, W_enc, b_enc, rho)
             loss = ((z @ W_dec + b_dec - x) ** 2).mean()
-            if st.k is None:
+            if st.activation == "relu":
                 loss = loss + st.l1_coefficient * (z * W_dec.detach().norm(dim=1)).sum(-1).mean()
             loss = (
                 loss
@@ -307,7 +364,7 @@ def train_pam(
             bar.update()
         bar.set_postfix(loss=float(loss.detach()))
         if st.decoder == "adam":
-            stats = _stats(acts, st.k, W_enc.detach(), b_enc.detach(), st.chunk_size, scale)
+            stats = _stats(acts, rho, W_enc.detach(), b_enc.detach(), st.chunk_size, scale)
             history.append(stats.sse(W_dec.detach(), b_dec.detach()) / n)
     bar.close()
     if st.decoder == "pam":
@@ -319,6 +376,7 @@ def train_pam(
         W_dec.detach() / scale,
         b_dec.detach() / scale,
         k=st.k,
+        activation=st.activation,
         metadata=cached.usage_metadata(model_name),
         device=device,
     )
@@ -332,11 +390,14 @@ def to_sae_lens(
     b_dec: Float[Tensor, " d_in"],
     *,
     k: int | None,
+    activation: Activation | None = None,
     metadata: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> SAE[Any]:
-    """A sae_lens ``topk`` (``k`` set) or ``standard`` SAE with these weights, loaded back from disk
-    (so what is returned is exactly what ``SAE.load_from_disk`` gives users)."""
+    """A sae_lens ``topk`` / ``abstopk`` / ``standard`` SAE (``activation`` and ``k`` as in
+    ``PAMSettings``) with these weights, loaded back from disk (so what is returned is exactly what
+    ``SAE.load_from_disk`` gives users)."""
+    activation, k = resolve_activation(k, activation)
     d_in, d_sae = W_enc.shape
     common: dict[str, Any] = {
         "d_in": d_in,
@@ -345,7 +406,12 @@ def to_sae_lens(
         "normalize_activations": "none",
         "device": str(device),
     }
-    cfg = StandardSAEConfig(**common) if k is None else TopKSAEConfig(k=k, **common)
+    cfg: StandardSAEConfig | TopKSAEConfig
+    if activation == "relu":
+        cfg = StandardSAEConfig(**common)
+    else:
+        cfg_cls = AbsTopKSAEConfig if activation == "abstopk" else TopKSAEConfig
+        cfg = cfg_cls(k=k, **common)
     set_metadata(cfg, metadata or {})
     sae = SAE.from_dict(cfg.to_dict())
     with torch.no_grad():

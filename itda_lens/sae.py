@@ -308,23 +308,31 @@ class ITDA(SAE[ITDAConfig]):
         itda.atom_token_ids.copy_(token_ids)
         return itda
 
+    def select(self, atoms: Int[Tensor, " m"], **metadata: Any) -> ITDA:
+        """A new ITDA with the given atoms (in that order), their provenance carried along;
+        ``metadata`` entries are added to the copied metadata."""
+        atoms = torch.as_tensor(atoms, dtype=torch.long, device=self.W_dec.device)
+        if atoms.ndim != 1 or atoms.numel() == 0:
+            raise ValueError("select needs a non-empty 1-D tensor of atom indices")
+        if int(atoms.min()) < 0 or int(atoms.max()) >= self.cfg.d_sae:
+            raise ValueError(f"atom indices must lie in [0, {self.cfg.d_sae})")
+        kept = {k: v for k, v in self.cfg.metadata.to_dict().items() if k != _SAVE_ID_KEY}
+        return type(self).from_atoms(
+            self.W_dec.detach()[atoms],
+            self.cfg.k,
+            labels=self.atom_labels[atoms],
+            token_ids=self.atom_token_ids[atoms],
+            encoder=self.cfg.encoder,
+            metadata={**kept, **metadata},
+            device=self.device,
+            dtype=self.dtype,
+        )
+
     def crop(self, n_atoms: int) -> ITDA:
         """A new ITDA with the first ``n_atoms`` atoms (insertion order), as the paper crops widths."""
         if not 1 <= n_atoms <= self.cfg.d_sae:
             raise ValueError(f"n_atoms must be in [1, {self.cfg.d_sae}], got {n_atoms}")
-        return type(self).from_atoms(
-            self.W_dec.detach()[:n_atoms],
-            self.cfg.k,
-            labels=self.atom_labels[:n_atoms],
-            token_ids=self.atom_token_ids[:n_atoms],
-            encoder=self.cfg.encoder,
-            metadata={
-                **{k: v for k, v in self.cfg.metadata.to_dict().items() if k != _SAVE_ID_KEY},
-                "cropped_from": self.cfg.d_sae,
-            },
-            device=self.device,
-            dtype=self.dtype,
-        )
+        return self.select(torch.arange(n_atoms), cropped_from=self.cfg.d_sae)
 
     # --- saving and loading ---------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 ``collect_activations`` runs the model once and keeps the activations at one hook (special-token
 positions dropped); ``train_sae`` feeds shuffled batches of them to ``sae_lens.SAETrainer`` and
 returns the *inference* SAE that sae_lens saves and loads (BatchTopK comes back as JumpReLU), with
-the metadata evals need. Caching once is what makes sweeps of many SAEs affordable on a CPU.
+the metadata evals need. Architectures: TopK, BatchTopK, AbsTopK (signed top-k by |pre-activation|)
+and matching pursuit (a trained dictionary, tied encoder, at most ``k`` greedy MP steps). Caching
+once is what makes sweeps of many SAEs affordable on a CPU.
 """
 
 from __future__ import annotations
@@ -12,13 +14,20 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
-from sae_lens import SAE, BatchTopKTrainingSAEConfig, SAEConfig, TopKTrainingSAEConfig
+from sae_lens import (
+    SAE,
+    AbsTopKTrainingSAEConfig,
+    BatchTopKTrainingSAEConfig,
+    MatchingPursuitTrainingSAEConfig,
+    SAEConfig,
+    TopKTrainingSAEConfig,
+)
 from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 from transformer_lens import HookedRootModule
@@ -32,6 +41,9 @@ from itda_lens.sources import (
 )
 
 USAGE_KEYS = ("hook_name", "model_name", "context_size", "prepend_bos")
+
+TrainArchitecture = Literal["topk", "batchtopk", "abstopk", "matching_pursuit"]
+TRAIN_ARCHITECTURES: tuple[TrainArchitecture, ...] = get_args(TrainArchitecture)
 
 
 @dataclass
@@ -157,10 +169,42 @@ class TrainedSAE:
     training_tokens: int
 
 
+def training_config(
+    architecture: TrainArchitecture, *, d_in: int, d_sae: int, k: int, device: str
+) -> TrainingSAEConfig:
+    """The sae_lens training config for ``architecture`` at L0 budget ``k``.
+
+    Matching pursuit has no ``k``: it runs ``max_iterations = k`` greedy steps with the residual
+    stop off (``residual_threshold = 0``, so it never stops early on a small residual, only when
+    the support stops changing), i.e. at most ``k`` active latents, like ITDA at the same ``k``.
+    sae_lens forces its decoder to unit-norm initialisation (``decoder_init_norm = 1``).
+    """
+    common: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "normalize_activations": "expected_average_only_in",
+        "device": device,
+    }
+    if architecture == "matching_pursuit":
+        return MatchingPursuitTrainingSAEConfig(
+            max_iterations=k, residual_threshold=0.0, decoder_init_norm=1.0, **common
+        )
+    cfg_cls: dict[str, type[TopKTrainingSAEConfig]] = {
+        "topk": TopKTrainingSAEConfig,
+        "batchtopk": BatchTopKTrainingSAEConfig,
+        "abstopk": AbsTopKTrainingSAEConfig,
+    }
+    if architecture not in cfg_cls:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; choose one of {', '.join(TRAIN_ARCHITECTURES)}"
+        )
+    return cfg_cls[architecture](k=k, **common)
+
+
 def train_sae(
     cached: CachedActivations,
     *,
-    architecture: Literal["topk", "batchtopk"] = "topk",
+    architecture: TrainArchitecture = "topk",
     d_sae: int,
     k: int,
     training_tokens: int,
@@ -170,18 +214,18 @@ def train_sae(
     model_name: str | None = None,
     device: str = "cpu",
 ) -> TrainedSAE:
-    """Train a TopK or BatchTopK SAE with ``sae_lens.SAETrainer`` on the cached activations.
+    """Train a TopK, BatchTopK, AbsTopK or matching-pursuit SAE with ``sae_lens.SAETrainer`` on the
+    cached activations (``k`` is the L0 budget; see ``training_config``).
 
     Settings follow what worked offline at this scale: Adam at ``lr`` with 5% warm-up and a linear
     decay over the last 20%, activations normalised to ``sqrt(d)`` (folded in afterwards), the
-    default aux-k loss against dead latents. Returns the inference SAE, loaded back through disk.
+    default aux-k loss against dead latents (none for matching pursuit). Returns the inference SAE,
+    loaded back through disk.
     """
-    torch.manual_seed(seed)
-    d_in = cached.acts.shape[1]
-    cfg_cls = TopKTrainingSAEConfig if architecture == "topk" else BatchTopKTrainingSAEConfig
-    sae_cfg = cfg_cls(
-        d_in=d_in, d_sae=d_sae, k=k, normalize_activations="expected_average_only_in", device=device
+    sae_cfg = training_config(
+        architecture, d_in=cached.acts.shape[1], d_sae=d_sae, k=k, device=device
     )
+    torch.manual_seed(seed)
     sae = TrainingSAE.from_dict(sae_cfg.to_dict())
     steps = max(1, training_tokens // batch_size)
     trainer_cfg = SAETrainerConfig(

@@ -6,10 +6,18 @@ import math
 
 import pytest
 import torch
-from sae_lens import SAE, StandardSAE, TopKSAE
+from sae_lens import SAE, AbsTopKSAE, StandardSAE, TopKSAE
 
 from itda_lens.evals import evaluate, saebench_core
-from itda_lens.pam import DecoderStats, PAMSettings, solve_decoder, to_sae_lens, train_pam
+from itda_lens.pam import (
+    DecoderStats,
+    PAMSettings,
+    _codes,
+    activation_fn,
+    solve_decoder,
+    to_sae_lens,
+    train_pam,
+)
 from itda_lens.sae_training import CachedActivations, collect_activations
 from tests.helpers import make_tokens
 
@@ -136,6 +144,49 @@ def test_relu_variant_gives_a_standard_sae(sparse_data: CachedActivations) -> No
     assert isinstance(result.sae, StandardSAE) and result.history[-1] < result.history[0]
 
 
+def test_abstopk_variant_trains_with_signed_codes_and_saves_what_it_trained(
+    sparse_data: CachedActivations,
+) -> None:
+    """On centred data PAM abs-TopK codes are signed, exactly k per row; the saved ``abstopk`` SAE
+    encodes exactly as PAM's encoder does with its weights, and reproduces the training loss (so the
+    decoder solves used the signed codes too, not top-k-then-ReLU ones)."""
+    x = sparse_data.acts - sparse_data.acts.mean(0)
+    centred = CachedActivations(x, sparse_data.token_ids, HOOK, 32, 0.0)
+    settings = PAMSettings(d_sae=64, k=5, epochs=3, activation="abstopk")
+    assert settings.architecture == "abstopk"
+    result = train_pam(centred, settings, progress=False)
+    sae = result.sae
+    assert isinstance(sae, AbsTopKSAE) and sae.cfg.k == 5 and not sae.cfg.apply_b_dec_to_input
+    assert len(result.history) == 4
+    assert all(b < a for a, b in zip(result.history, result.history[1:], strict=False))
+    with torch.no_grad():
+        z = sae.encode(x)
+        pam_z = _codes(x, sae.W_enc, sae.b_enc, activation_fn("abstopk", 5))
+        scale2 = x.shape[1] / float(x.double().norm(dim=1).mean()) ** 2
+        mse = float(((sae.decode(z).double() - x) ** 2).sum(1).mean()) * scale2
+    assert torch.equal(z, pam_z)
+    assert bool(((z != 0).sum(-1) == 5).all())
+    assert float((z < 0).sum()) > 0.2 * float((z != 0).sum())  # really signed, not a stray few
+    assert mse == pytest.approx(result.history[-1], rel=1e-3)
+    with torch.no_grad():  # the ReLU-after-top-k codes of the same encoder reconstruct worse
+        relu_z = _codes(x, sae.W_enc, sae.b_enc, activation_fn("topk", 5))
+        relu_mse = float(((sae.decode(relu_z).double() - x) ** 2).sum(1).mean()) * scale2
+    assert relu_mse > 1.1 * mse
+
+
+def test_activation_setting_keeps_the_k_convention() -> None:
+    assert PAMSettings(d_sae=32, k=16).activation == "topk"
+    assert PAMSettings(d_sae=32, k=16).architecture == "topk"
+    relu = PAMSettings(d_sae=32, k=None)
+    assert relu.activation == "relu" and relu.architecture == "standard"
+    forced = PAMSettings(d_sae=32, k=16, activation="relu")
+    assert forced.k is None and forced.architecture == "standard"
+    with pytest.raises(ValueError, match="needs k"):
+        PAMSettings(d_sae=32, k=None, activation="abstopk")
+    with pytest.raises(ValueError, match="topk, abstopk, relu"):
+        PAMSettings(d_sae=32, k=4, activation="jumprelu")  # type: ignore[arg-type]
+
+
 def test_settings_validation(sparse_data: CachedActivations) -> None:
     with pytest.raises(ValueError, match="k must be"):
         PAMSettings(d_sae=8, k=9)
@@ -179,6 +230,25 @@ def test_to_sae_lens_keeps_weights_exactly() -> None:
     z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
     with torch.no_grad():
         torch.testing.assert_close(sae(x), z @ W_dec + b_dec)
+
+
+def test_to_sae_lens_abstopk_encodes_exactly_like_pam() -> None:
+    """The saved ``abstopk`` SAE and PAM's training-time encoder give identical codes."""
+    g = torch.Generator().manual_seed(1)
+    W_enc, W_dec = torch.randn(8, 16, generator=g), torch.randn(16, 8, generator=g)
+    b_enc, b_dec = torch.randn(16, generator=g), torch.randn(8, generator=g)
+    sae = to_sae_lens(W_enc, b_enc, W_dec, b_dec, k=3, activation="abstopk")
+    assert isinstance(sae, AbsTopKSAE) and sae.cfg.k == 3
+    x = torch.randn(50, 8, generator=g)
+    pre = x @ W_enc + b_enc
+    idx = pre.abs().topk(3).indices
+    expected = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx))
+    with torch.no_grad():
+        z = sae.encode(x)
+        assert torch.equal(z, _codes(x, W_enc, b_enc, activation_fn("abstopk", 3)))
+        torch.testing.assert_close(z, expected)
+        torch.testing.assert_close(sae(x), expected @ W_dec + b_dec)
+    assert bool((z < 0).any()) and bool(((z != 0).sum(-1) == 3).all())
 
 
 def test_memory_mapped_activations_train_like_in_memory_ones(

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from sae_lens import SAE
+from sae_lens import SAE, AbsTopKSAE, MatchingPursuitSAE
 
 from itda_lens.evals import evaluate
 from itda_lens.sae_training import collect_activations, shuffled_batches, train_sae
@@ -53,6 +53,62 @@ def test_train_sae_returns_a_loadable_inference_sae(model, cached, arch: str, cl
     assert sae.cfg.metadata.hook_name == HOOK and sae.cfg.metadata.context_size == 32
     metrics = evaluate(sae, model, make_tokens(16, seed=4))
     assert math.isfinite(metrics["explained_variance"]) and metrics["l0"] > 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "cls"), [("abstopk", AbsTopKSAE), ("matching_pursuit", MatchingPursuitSAE)]
+)
+def test_new_architectures_train_save_load_and_reconstruct(
+    model, cached, tmp_path, arch: str, cls: type[SAE]
+) -> None:
+    """AbsTopK and matching pursuit through sae_lens's trainer: the inference class sae_lens
+    saves, the same codes after a save/load round trip, FVU < 1 on the training data, L0 <= k,
+    and sae_lens's evals run on it in the model."""
+    k = 4
+    trained = train_sae(
+        cached,
+        architecture=arch,  # type: ignore[arg-type]
+        d_sae=64,
+        k=k,
+        training_tokens=8192,
+        batch_size=256,
+        lr=1e-2,
+        model_name="tiny-0",
+    )
+    sae = trained.sae
+    assert type(sae) is cls and sae.cfg.metadata.hook_name == HOOK
+    assert sae.cfg.metadata.model_name == "tiny-0" and sae.cfg.normalize_activations == "none"
+    sae.save_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    assert type(loaded) is cls
+    x = cached.acts
+    with torch.no_grad():
+        z = sae.encode(x)
+        torch.testing.assert_close(loaded.encode(x), z)
+        fvu = float(((sae.decode(z) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    l0 = (z != 0).sum(-1)
+    assert fvu < 0.8, fvu
+    if arch == "matching_pursuit":
+        # k greedy steps, never stopped by the residual: up to k latents, non-negative codes
+        assert loaded.cfg.max_iterations == k and loaded.cfg.residual_threshold == 0.0
+        assert int(l0.max()) <= k and float(l0.float().mean()) > k - 1 and (z >= 0).all()
+    else:
+        # exactly k signed codes per row, and some of them negative
+        assert bool((l0 == k).all()) and bool((z < 0).any())
+    metrics = evaluate(loaded, model, make_tokens(16, seed=4))
+    assert math.isfinite(metrics["explained_variance"]) and 0 < metrics["l0"] <= k
+
+
+def test_unknown_architecture_names_the_valid_ones(cached) -> None:
+    with pytest.raises(ValueError, match="abstopk, matching_pursuit"):
+        train_sae(
+            cached,
+            architecture="gated",  # type: ignore[arg-type]
+            d_sae=8,
+            k=2,
+            training_tokens=256,
+            batch_size=256,
+        )
 
 
 def test_summarise_activations_matches_torch_and_names_bad_rows() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ import torch
 from sae_lens.util import str_to_dtype
 
 AddRule = Literal["exact", "batch"]
+Refine = Literal["none", "energy"]
 Encoder = Literal["mp", "omp"]
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -35,6 +37,10 @@ class BuildConfig:
     """An activation becomes an atom when cos(x, its k-step reconstruction) is below this."""
     target_atoms: int | None = None
     """Instead of cos_threshold: search the threshold whose converged dictionary has about this many atoms."""
+    refine: Refine = "none"
+    """With target_atoms: 'energy' builds refine_factor x wider, then keeps the atoms carrying the most coefficient energy."""
+    refine_factor: float = 3.0
+    """How much wider the dictionary is built before refine='energy' prunes it to target_atoms."""
     max_atoms: int | None = None
     """Stop adding (and reading) once the dictionary holds this many atoms."""
     encoder: Encoder = "mp"
@@ -86,15 +92,30 @@ class BuildConfig:
             raise ValueError(
                 "decision_dtype must be float32 or float64 (half precision cannot rank atoms)"
             )
+        if self.refine not in ("none", "energy"):
+            raise ValueError(f"refine must be 'none' or 'energy', got {self.refine!r}")
+        if self.refine != "none" and self.target_atoms is None:
+            raise ValueError("refine='energy' prunes to target_atoms: set target_atoms too")
+        if not (isinstance(self.refine_factor, int | float) and self.refine_factor >= 1):
+            raise ValueError(f"refine_factor must be >= 1, got {self.refine_factor!r}")
         if (
             self.target_atoms is not None
             and self.max_atoms is not None
-            and self.max_atoms < self.target_atoms
+            and self.max_atoms < (self.atoms_to_build or 0)
         ):
             raise ValueError(
-                f"max_atoms={self.max_atoms} is below target_atoms={self.target_atoms}: "
-                "the target could never be reached"
+                f"max_atoms={self.max_atoms} is below the {self.atoms_to_build} atoms the sized "
+                "build aims at: the target could never be reached"
             )
+
+    @property
+    def atoms_to_build(self) -> int | None:
+        """Atoms the sized build aims at: target_atoms, times refine_factor when refining."""
+        if self.target_atoms is None:
+            return None
+        if self.refine == "none":
+            return self.target_atoms
+        return math.ceil(self.refine_factor * self.target_atoms)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -25,6 +25,7 @@ from transformer_lens import HookedRootModule
 
 from itda_lens.builder.checkpoint import Checkpointer
 from itda_lens.builder.config import BuildConfig
+from itda_lens.builder.refine import prune_by_energy
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 from itda_lens.builder.target import ThresholdSearch, find_threshold
 from itda_lens.sae import ITDA
@@ -202,13 +203,11 @@ def _config(cfg: BuildConfig | None, overrides: dict[str, Any]) -> BuildConfig:
     return (cfg or BuildConfig()).replace(**overrides) if overrides else (cfg or BuildConfig())
 
 
-def _sample_and_search(
+def _read_sample(
     raw: Iterator[Any], to_updates: ToUpdates, cfg: BuildConfig
-) -> tuple[list[Any], dict[str, ThresholdSearch]]:
-    """Read the stream's first ``TARGET_SAMPLE_TOKENS`` tokens (at most ``max_tokens``) and find,
-    per hook, the threshold whose dictionary over them has about ``target_atoms`` atoms. Returns
-    the raw batches read (to be streamed again) and the searches."""
-    assert cfg.target_atoms is not None
+) -> tuple[list[Any], dict[str, Tensor]]:
+    """The stream's first ``TARGET_SAMPLE_TOKENS`` tokens (at most ``max_tokens``): the raw batches
+    read (to be streamed again) and, per hook, the activations allowed to become atoms."""
     budget = min(cfg.max_tokens or TARGET_SAMPLE_TOKENS, TARGET_SAMPLE_TOKENS)
     head: list[Any] = []
     parts: dict[str, list[Tensor]] = {}
@@ -223,7 +222,50 @@ def _sample_and_search(
             parts.setdefault(hook, []).append(b.acts[b.eligible])
     if not head:
         raise ValueError("no activations: the input yielded no batches")
-    return head, {h: find_threshold(torch.cat(p), cfg, cfg.target_atoms) for h, p in parts.items()}
+    return head, {h: torch.cat(p) for h, p in parts.items()}
+
+
+class _Sizing:
+    """``target_atoms``: the threshold per hook found on a sample of the stream, and the optional
+    energy refinement that prunes the (wider) built dictionary back to the target on that sample."""
+
+    def __init__(self, raw: Iterator[Any], to_updates: ToUpdates, cfg: BuildConfig):
+        self.cfg = cfg
+        self.searches: dict[str, ThresholdSearch] = {}
+        self.samples: dict[str, Tensor] = {}
+        self.raw = raw
+        if cfg.atoms_to_build is not None:
+            head, self.samples = _read_sample(raw, to_updates, cfg)
+            self.searches = {
+                h: find_threshold(x, cfg, cfg.atoms_to_build) for h, x in self.samples.items()
+            }
+            self.raw = itertools.chain(head, raw)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {h: s.threshold for h, s in self.searches.items()}
+
+    def metadata(self, hook: str) -> dict[str, Any]:
+        search = self.searches.get(hook)
+        if search is None:
+            return {}
+        return {
+            "target_atoms": self.cfg.target_atoms,
+            "threshold_search": {
+                "threshold": search.threshold,
+                "target": search.target,
+                "sample_tokens": search.sample_rows,
+                "atoms_on_sample": search.atoms,
+                "steps": [list(p) for p in search.history],
+            },
+        }
+
+    def finish(self, hook: str, itda: ITDA) -> ITDA:
+        """The built ITDA, pruned to ``target_atoms`` when refining (and wider than that)."""
+        target = self.cfg.target_atoms
+        if self.cfg.refine == "none" or target is None or itda.cfg.d_sae <= target:
+            return itda
+        return prune_by_energy(itda, self.samples[hook], target)
 
 
 def build_itda(
@@ -295,11 +337,7 @@ def build_itda(
     raw: Iterator[Tensor] = token_batches(
         tokens, cfg.batch_size, context_size=cfg.context_size, tokenizer=tokenizer
     )
-    searches: dict[str, ThresholdSearch] = {}
-    if cfg.target_atoms is not None:
-        head, searches = _sample_and_search(raw, to_updates, cfg)
-        raw = itertools.chain(head, raw)
-    thresholds = {h: s.threshold for h, s in searches.items()}
+    sizing = _Sizing(raw, to_updates, cfg)
     fingerprint = {
         **cfg.to_dict(),
         "checkpoint_every": None,  # how often is not what
@@ -318,7 +356,7 @@ def build_itda(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         progress=progress,
-        thresholds=thresholds,
+        thresholds=sizing.thresholds,
     )
     bos = getattr(tokenizer, "bos_token_id", None)
     first = state.first_column
@@ -338,38 +376,27 @@ def build_itda(
         "prefix_sequences": PREFIX_SEQUENCES,
     }
     out = {
-        h: b.to_itda(
-            hook_name=h,
-            **common,
-            metadata={
-                "itda_builder": {
-                    **b.summary(),
-                    **_search_meta(searches.get(h)),
-                    "forward_seconds": round(state.forward_seconds, 3),
-                    "batch_size": cfg.batch_size,
-                    "excluded_token_ids": excluded.tolist(),
+        h: sizing.finish(
+            h,
+            b.to_itda(
+                hook_name=h,
+                **common,
+                metadata={
+                    "itda_builder": {
+                        **b.summary(),
+                        **sizing.metadata(h),
+                        "forward_seconds": round(state.forward_seconds, 3),
+                        "batch_size": cfg.batch_size,
+                        "excluded_token_ids": excluded.tolist(),
+                    },
+                    "build_config": cfg.to_dict(),
+                    "token_stream": stream_meta,
                 },
-                "build_config": cfg.to_dict(),
-                "token_stream": stream_meta,
-            },
+            ),
         )
         for h, b in builders.items()
     }
     return out[hooks[0]] if isinstance(hook_name, str) else out
-
-
-def _search_meta(search: ThresholdSearch | None) -> dict[str, Any]:
-    if search is None:
-        return {}
-    return {
-        "target_atoms": search.target,
-        "threshold_search": {
-            "threshold": search.threshold,
-            "sample_tokens": search.sample_rows,
-            "atoms_on_sample": search.atoms,
-            "steps": [list(p) for p in search.history],
-        },
-    }
 
 
 def build_itda_from_activations(
@@ -413,12 +440,12 @@ def build_itda_from_activations(
 
     total = len(batches) if hasattr(batches, "__len__") else None
     raw: Iterator[Any] = iter(batches)
-    searches: dict[str, ThresholdSearch] = {}
-    if cfg.target_atoms is not None:
-        head, searches = _sample_and_search(raw, parse, cfg)
-        raw = itertools.chain(head, raw)
+    sizing = _Sizing(raw, parse, cfg)
     stream = Stream(
-        raw, parse, key=lambda item: item if isinstance(item, Tensor) else item[0], total=total
+        sizing.raw,
+        parse,
+        key=lambda item: item if isinstance(item, Tensor) else item[0],
+        total=total,
     )
     fingerprint = {**cfg.to_dict(), "checkpoint_every": None}
     builders, state = run_stream(
@@ -429,12 +456,12 @@ def build_itda_from_activations(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         progress=progress,
-        thresholds={h: s.threshold for h, s in searches.items()},
+        thresholds=sizing.thresholds,
     )
     b = builders["activations"]
     meta = {
-        "itda_builder": {**b.summary(), **_search_meta(searches.get("activations"))},
+        "itda_builder": {**b.summary(), **sizing.metadata("activations")},
         "build_config": cfg.to_dict(),
         "token_stream": {"sha256": state.stream_sha256, "n_rows": state.sequences},
     }
-    return b.to_itda(metadata={**meta, **(metadata or {})})
+    return sizing.finish("activations", b.to_itda(metadata={**meta, **(metadata or {})}))
