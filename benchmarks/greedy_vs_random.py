@@ -1,31 +1,33 @@
-"""Where does ITDA's greedy selection beat randomly sampled activations? A width sweep.
+"""Does ITDA's greedy selection beat randomly sampled activations? Converged dictionaries by width.
 
-At 8x-32x d_model the random-activation control matches ITDA everywhere (``vs_sae.py``). Here the
-dictionary is made small (1/8 to 8 x d_model atoms): the greedy build capped at n atoms (cos_threshold
-0.9, the paper's rule) against n randomly sampled training activations and n random *distinct-token*
-activations, all encoded with the same signed MP at k steps; held-out FVU (fraction of variance
-unexplained) on activations of held-out text. Also printed: how many distinct tokens the atoms come
-from (random sampling over-represents frequent tokens).
+For each zoo size (at a middle layer), k in {4, 16} and widths from 1x to 32x d_model: the exact
+greedy dictionary over the training stream whose threshold is searched so that it converges at
+that width (``target_atoms``), the same refined (built 3x wider, pruned back by coefficient
+energy), and as many randomly sampled training activations (5 draws: mean and spread = max - min),
+all encoded with the same signed MP at k steps; held-out FVU (fraction of variance unexplained) on
+activations of the held-out books. The greedy build is repeated on the windows in shuffled order
+to check that what it measures is not the stream order.
 
-    python benchmarks/greedy_vs_random.py --out bench_out/greedy_vs_random          # ~1 min, 2 cores
+    python benchmarks/greedy_vs_random.py                     # full run (about an hour, 2 cores)
     python benchmarks/greedy_vs_random.py --quick --out bench_out/greedy_vs_random_q
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import torch
-from _common import bench_parser, prepare, table
+from _common import bench_parser, prepare, record, table, table_spec
 
 from itda_lens import ITDA, build_itda_from_activations, zoo
 from itda_lens.analysis import fvu
 from itda_lens.plots import line_plot
 from itda_lens.sae_training import collect_activations
 
-MODEL, HOOK = "kjv-4l128-s0", "blocks.2.hook_resid_post"
+MODELS = {"kjv-4l128-s0": "blocks.2.hook_resid_post", "kjv-6l160-s0": "blocks.3.hook_resid_post"}
+DRAWS = 5
+SEARCH_TOL = 0.02  # the random control always takes the greedy dictionary's exact count
 
 
 def mp_fvu(itda: ITDA, x: torch.Tensor) -> float:
@@ -33,112 +35,158 @@ def mp_fvu(itda: ITDA, x: torch.Tensor) -> float:
         return fvu(x, itda.decode_sparse(itda.encode_sparse(x)))
 
 
-def main() -> None:
-    parser = bench_parser(__doc__, "bench_out/greedy_vs_random")
-    parser.add_argument("--seeds", type=int, default=3, help="random draws per control")
-    args = parser.parse_args()
-    if args.quick:
-        mults, ks, windows, heldout_n = (0.25, 1.0), (4,), 64, 8
-    else:
-        mults, ks, windows, heldout_n = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0), (4, 16), 512, 64
-    out = prepare(args)
-    t0 = time.perf_counter()
-    model = zoo.load_model(MODEL)
+def greedy(acts: torch.Tensor, k: int, n: int, refine: str = "none") -> ITDA:
+    return build_itda_from_activations(
+        [acts[s : s + 8192] for s in range(0, len(acts), 8192)],
+        k=k,
+        target_atoms=n,
+        refine=refine,
+        target_tolerance=SEARCH_TOL,
+        target_sample_tokens=len(acts),  # search on the whole stream: converged at the width
+        progress=False,
+    )
+
+
+def run_model(
+    name: str, hook: str, ks: tuple[int, ...], mults: tuple[float, ...], windows: int, heldout: int
+) -> list[dict[str, Any]]:
+    model = zoo.load_model(name)
     d = model.cfg.d_model
-    train = collect_activations(model, zoo.load_tokens("train", windows), HOOK)
-    held = collect_activations(model, zoo.load_tokens("heldout", heldout_n), HOOK).acts
-    first_of_token: dict[int, int] = {}
-    for i, t in enumerate(train.token_ids.tolist()):
-        first_of_token.setdefault(t, i)
-    distinct_rows = torch.tensor(list(first_of_token.values()))
-    rows: list[dict[str, Any]] = []
+    tokens = zoo.load_tokens("train", windows)
+    train = collect_activations(model, tokens, hook)
+    held = collect_activations(model, zoo.load_tokens("heldout", heldout), hook).acts
+    # the same activations, the windows in another order
+    order = torch.randperm(windows, generator=torch.Generator().manual_seed(1))
+    shuffled = collect_activations(model, tokens[order], hook).acts
+    rows = []
     for k in ks:
         for mult in mults:
             n = int(mult * d)
-            if n < k:
-                continue
-            greedy = build_itda_from_activations(
-                [train.acts[s : s + 1024] for s in range(0, len(train.acts), 1024)],
-                k=k,
-                cos_threshold=0.9,
-                max_atoms=n,
-                progress=False,
-            )
-            atoms_rows = greedy.atom_labels[:, 0]  # row in the activation stream
-            result = {
-                "k": k,
-                "atoms": n,
-                "greedy FVU": mp_fvu(greedy, held),
-                "greedy tokens": len(set(train.token_ids[atoms_rows].tolist())),
-            }
-            rand, distinct, rand_tokens = [], [], []
-            for seed in range(args.seeds):
-                g = torch.Generator().manual_seed(seed)
-                pick = torch.randperm(len(train.acts), generator=g)[:n]
+            t0 = time.perf_counter()
+            g = greedy(train.acts, k, n)
+            t_greedy = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            refined = greedy(train.acts, k, n, refine="energy")
+            t_refined = time.perf_counter() - t0
+            other = greedy(shuffled, k, n)
+            m = g.cfg.d_sae  # the random control takes exactly as many activations
+            rand = []
+            for seed in range(DRAWS):
+                pick = torch.randperm(
+                    len(train.acts), generator=torch.Generator().manual_seed(seed)
+                )[:m]
                 rand.append(mp_fvu(ITDA.from_atoms(train.acts[pick], k), held))
-                rand_tokens.append(len(set(train.token_ids[pick].tolist())))
-                dpick = distinct_rows[torch.randperm(len(distinct_rows), generator=g)[:n]]
-                distinct.append(mp_fvu(ITDA.from_atoms(train.acts[dpick], k), held))
-            result["random FVU"] = sum(rand) / len(rand)
-            result["random FVU spread"] = max(rand) - min(rand)
-            result["random tokens"] = sum(rand_tokens) / len(rand_tokens)
-            result["distinct-token FVU"] = sum(distinct) / len(distinct)
-            result["greedy / random"] = result["greedy FVU"] / result["random FVU"]
-            rows.append(result)
-            print(result, flush=True)
+            r = {
+                "model": name,
+                "k": k,
+                "width": f"{mult:g}x",
+                "target": n,
+                "greedy atoms": m,
+                "threshold": g.cfg.metadata.itda_builder["cos_threshold"],
+                "greedy FVU": mp_fvu(g, held),
+                "refined FVU": mp_fvu(refined, held),
+                "refined atoms": refined.cfg.d_sae,
+                "random FVU": sum(rand) / DRAWS,
+                "random spread": max(rand) - min(rand),
+                "random draws": rand,
+                "shuffled-order greedy FVU": mp_fvu(other, held),
+                "shuffled-order atoms": other.cfg.d_sae,
+                "greedy s": t_greedy,
+                "refined s": t_refined,
+            }
+            r["greedy / random"] = r["greedy FVU"] / r["random FVU"]
+            r["refined / random"] = r["refined FVU"] / r["random FVU"]
+            rows.append(r)
+            print({key: v for key, v in r.items() if key != "random draws"}, flush=True)
+    return rows
+
+
+def verdict(r: dict[str, Any], col: str) -> str:
+    """'better' / 'worse' by more than the random draws' spread, else 'within spread'."""
+    gap = r["random FVU"] - r[col]
+    if abs(gap) <= r["random spread"]:
+        return "within spread"
+    return "better" if gap > 0 else "worse"
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, "bench_out/greedy_vs_random")
+    parser.add_argument("--model", choices=list(MODELS), default=None, help="one model only")
+    args = parser.parse_args()
+    out = prepare(args)
+    t0 = time.perf_counter()
+    if args.quick:
+        ks, mults, windows, heldout = (16,), (1.0, 2.0), 64, 8
+        models = {"kjv-4l128-s0": MODELS["kjv-4l128-s0"]}
+    else:
+        ks, mults, windows, heldout = (4, 16), (1.0, 2.0, 4.0, 8.0, 16.0, 32.0), 1024, 64
+        models = {args.model: MODELS[args.model]} if args.model else MODELS
+    rows = [
+        r
+        for name, hook in models.items()
+        for r in run_model(name, hook, ks, mults, windows, heldout)
+    ]
     shown = [
         {
             **r,
             **{
-                c: f"{r[c]:.3f}"
+                c: f"{r[c]:.4f}"
                 for c in (
                     "greedy FVU",
+                    "refined FVU",
                     "random FVU",
-                    "random FVU spread",
-                    "distinct-token FVU",
-                    "greedy / random",
+                    "random spread",
+                    "shuffled-order greedy FVU",
                 )
             },
-            "random tokens": f"{r['random tokens']:.0f}",
+            **{c: f"{r[c]:.3f}" for c in ("greedy / random", "refined / random", "threshold")},
+            "greedy vs random": verdict(r, "greedy FVU"),
+            "refined vs random": verdict(r, "refined FVU"),
         }
         for r in rows
     ]
-    print(
-        table(
-            shown,
-            [
-                "k",
-                "atoms",
-                "greedy FVU",
-                "random FVU",
-                "random FVU spread",
-                "distinct-token FVU",
-                "greedy / random",
-                "greedy tokens",
-                "random tokens",
-            ],
-        )
-    )
-    line_plot(
-        {
-            f"{label}, k={k}": (
-                [r["atoms"] for r in rows if r["k"] == k],
-                [r[col] for r in rows if r["k"] == k],
+    cols = [
+        "model",
+        "k",
+        "width",
+        "greedy atoms",
+        "threshold",
+        "greedy FVU",
+        "refined FVU",
+        "random FVU",
+        "random spread",
+        "greedy / random",
+        "refined / random",
+        "greedy vs random",
+        "refined vs random",
+        "shuffled-order greedy FVU",
+    ]
+    print(table(shown, cols))
+    for name in models:
+        for k in ks:
+            sub = [r for r in rows if r["model"] == name and r["k"] == k]
+            line_plot(
+                {
+                    label: ([r["greedy atoms"] for r in sub], [r[col] for r in sub])
+                    for label, col in (
+                        ("greedy", "greedy FVU"),
+                        ("refined greedy", "refined FVU"),
+                        ("random activations", "random FVU"),
+                    )
+                },
+                out / f"fvu_vs_atoms_{name}_k{k}.png",
+                xlabel="atoms",
+                ylabel="held-out FVU",
+                title=f"{name}: greedy ITDA vs random activations, k={k}",
+                logx=True,
             )
-            for k in ks
-            for label, col in (("greedy", "greedy FVU"), ("random", "random FVU"))
-        },
-        out / "fvu_vs_atoms.png",
-        xlabel="atoms",
-        ylabel="held-out FVU",
-        title=f"{MODEL} {HOOK}: greedy ITDA vs random activations",
-        logx=True,
+    record(
+        "greedy_vs_random",
+        args,
+        {"main": table_spec(shown, cols)},
+        {"rows": rows, "draws": DRAWS, "windows": windows},
+        time.perf_counter() - t0,
     )
-    seconds = time.perf_counter() - t0
-    (out / "greedy_vs_random.json").write_text(
-        json.dumps({"rows": rows, "seconds": seconds}, indent=2)
-    )
-    print(f"\nwrote {out / 'greedy_vs_random.json'} and fvu_vs_atoms.png; total {seconds:.0f}s")
 
 
 if __name__ == "__main__":

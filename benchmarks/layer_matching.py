@@ -5,11 +5,14 @@ span overlap and dictionary convergence over training.
 For every ordered pair of different models of the same depth and every layer i of the first, is the
 most similar layer of the second layer i? Accuracy is reported without self-pairs (the paper
 counted them, which every measure gets right) and with them. ITDAs are built for all layers of a
-model in one pass over the same shuffled training windows (k = 8, cos_threshold = 0.9), so their
-(sequence, position) labels are comparable; the baselines see the activations of the same held-out
-tokens, accumulated as moments (no N x N matrices).
+model in one pass over the same shuffled training windows (k = 8, cos_threshold = 0.9, the exact
+sequential add rule), so their (sequence, position) labels are comparable; the baselines see the
+activations of the same held-out tokens, accumulated as moments (no N x N matrices). Also recorded:
+each layer's atom count and how many of its atoms come from the first batch (under the reference
+code's batch rule most of them did), the model-level Jaccard of every pair, the cross-tokenizer span
+overlap and the convergence of the dictionaries over training.
 
-    python benchmarks/layer_matching.py --out bench_out/layer_matching
+    python benchmarks/layer_matching.py                   # full run (see benchmarks/README.md)
     python benchmarks/layer_matching.py --quick --out bench_out/layer_matching_q
 """
 
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import bench_parser, prepare, table
+from _common import bench_parser, prepare, record, table, table_spec
 
 from itda_lens import build_itda, zoo
 from itda_lens.plots import heatmap, line_plot
@@ -38,6 +41,7 @@ from itda_lens.sources import hook_activations, special_token_ids
 
 MEASURES = ("ITDA Jaccard", "linear CKA", "SVCCA", "relative", "linear regression R2")
 K, COS = 8, 0.9
+BATCH = 8  # windows per forward pass (the exact rule's dictionaries do not depend on it)
 
 
 def hooks_of(model: Any) -> list[str]:
@@ -85,10 +89,11 @@ def main() -> None:
     large = [n for n in zoo.list_models() if n.startswith("kjv-6l160-s")][
         : 0 if args.quick else None
     ]
-    build_windows, act_windows, n_anchors = (64, 16, 50) if args.quick else (1024, 128, 300)
+    build_windows, act_windows, n_anchors = (32, 16, 50) if args.quick else (1024, 128, 300)
     build_tokens = zoo.load_tokens("train", build_windows)
     act_tokens = zoo.load_tokens("heldout", act_windows)
     itdas, acts = {}, {}
+    atom_rows: list[dict[str, Any]] = []
     for name in small + large:
         model = zoo.load_model(name)
         built = build_itda(
@@ -97,14 +102,20 @@ def main() -> None:
             hooks_of(model),
             k=K,
             cos_threshold=COS,
-            batch_size=8,
+            batch_size=BATCH,
             progress=False,
             model_name=name,
             dataset_path="kjv:train",
         )
         itdas[name] = [built[h] for h in hooks_of(model)]
         acts[name] = layer_acts(model, act_tokens)
-        print(f"{name}: atoms per layer {[i.cfg.d_sae for i in itdas[name]]}", flush=True)
+        atom_rows.append(atom_counts(name, itdas[name], build_tokens))
+        print(
+            f"{name}: atoms per layer {atom_rows[-1]['atoms per layer']} "
+            f"({atom_rows[-1]['from the first batch']} from the first batch)",
+            flush=True,
+        )
+    phases = {"builds and activations": time.perf_counter() - t0}
     n_tok = acts[small[0]][0].shape[0]
     anchors = torch.randperm(n_tok, generator=torch.Generator().manual_seed(42))[:n_anchors]
     matrices: dict[str, dict[tuple[str, str], torch.Tensor]] = {m: {} for m in MEASURES}
@@ -138,7 +149,10 @@ def main() -> None:
                 total += m.shape[0]
             row["cross size (4 x 128 -> 6 x 160), nearest relative depth"] = f"{hits / total:.2f}"
         rows.append(row)
-    print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    accuracy_cols = list(dict.fromkeys(k for r in rows for k in r))
+    print(table(rows, accuracy_cols))
+    atom_cols = list(atom_rows[0])
+    print(table(atom_rows, atom_cols))
     for measure in MEASURES:
         a, b = small[0], small[1]
         layers = [f"L{i}" for i in range(matrices[measure][(a, b)].shape[0])]
@@ -167,36 +181,95 @@ def main() -> None:
         for a, b in itertools.combinations(names, 2)
     }
     print("model-level ITDA Jaccard (union over layers):", json.dumps(model_level))
+    model_rows = [
+        {
+            "model a": a,
+            "model b": b,
+            "pair": "same size" if (a in small) == (b in small) else "cross size",
+            "Jaccard": f"{model_level[f'{a} vs {b}']:.3f}",
+        }
+        for a, b in itertools.combinations(names, 2)
+    ]
     # cross-tokenizer: the same documents in canonical order, two tokenizers, overlap of text spans
     cross_tok = [
         n for n in zoo.list_models() if zoo.model_card(n)["tokenizer"] != zoo.DEFAULT_TOKENIZER
     ][:1]
+    phases["similarities and heatmaps"] = time.perf_counter() - t0 - sum(phases.values())
     span_result = {}
     if cross_tok:
         span_result = cross_tokenizer(small[0], cross_tok[0], 16 if args.quick else 256, out)
         print(
-            "cross-tokenizer span Jaccard (rows: " + small[0] + ", cols: " + cross_tok[0] + "):",
-            json.dumps(span_result),
+            f"cross-tokenizer span Jaccard ({span_result['windows']} windows; the diagonal is "
+            f"every row's maximum: {span_result['diagonal_is_row_max']}):"
         )
-    convergence = training_convergence(build_tokens, out)
+        print(table(span_result["rows"], span_result["columns"]))
+    phases["cross-tokenizer"] = time.perf_counter() - t0 - sum(phases.values())
+    convergence = training_convergence(build_tokens, out, itdas)
+    phases["convergence"] = time.perf_counter() - t0 - sum(phases.values())
+    print("seconds per phase:", json.dumps({k: round(v, 1) for k, v in phases.items()}))
     print(
         "dictionary convergence (Jaccard with the final model's ITDA, per layer):",
         json.dumps(convergence),
     )
-    result = {
-        "accuracy": rows,
-        "model_level_jaccard": model_level,
-        "cross_tokenizer": span_result,
-        "convergence": convergence,
-        "matrices": {
-            m: {f"{a}|{b}": v.tolist() for (a, b), v in mm.items()} for m, mm in matrices.items()
-        },
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    (out / "layer_matching.json").write_text(json.dumps(result, indent=2))
-    print(
-        f"wrote {out / 'layer_matching.json'} and heatmaps; total {time.perf_counter() - t0:.0f}s"
+    steps = convergence["steps"]
+    conv_cols = ["layer", *(f"step {s}" for s in steps)]
+    conv_rows = [
+        {"layer": layer, **{f"step {s}": f"{v:.3f}" for s, v in zip(steps, curve, strict=True)}}
+        for layer, curve in convergence.items()
+        if layer not in ("steps", "atoms")
+    ]
+    conv_rows.append(
+        {
+            "layer": "atoms per layer",
+            **{
+                f"step {s}": " / ".join(map(str, n))
+                for s, n in zip(steps, convergence["atoms"], strict=True)
+            },
+        }
     )
+    print(table(conv_rows, conv_cols))
+    tables = {
+        "accuracy": table_spec(rows, accuracy_cols),
+        "atoms": table_spec(atom_rows, atom_cols),
+        "model_level": table_spec(model_rows, list(model_rows[0])),
+        "convergence": table_spec(conv_rows, conv_cols),
+    }
+    if span_result:
+        tables["cross_tokenizer"] = table_spec(span_result["rows"], span_result["columns"])
+    record(
+        "layer_matching",
+        args,
+        tables,
+        {
+            "accuracy": rows,
+            "atoms": atom_rows,
+            "model_level_jaccard": model_level,
+            "cross_tokenizer": span_result,
+            "convergence": convergence,
+            "matrices": {
+                m: {f"{a}|{b}": v.tolist() for (a, b), v in mm.items()}
+                for m, mm in matrices.items()
+            },
+            "build_windows": build_windows,
+            "phase_seconds": phases,
+            "heldout_windows": act_windows,
+        },
+        time.perf_counter() - t0,
+    )
+
+
+def atom_counts(name: str, itdas: list[Any], tokens: torch.Tensor) -> dict[str, Any]:
+    """Atoms per layer, and how many of them come from the first batch of ``BATCH`` windows."""
+    first = [int((it.atom_labels[:, 0] < BATCH).sum()) for it in itdas]
+    total = [it.cfg.d_sae for it in itdas]
+    return {
+        "model": name,
+        "tokens read": f"{itdas[0].cfg.metadata.itda_builder['tokens_seen']:,}",
+        "atoms per layer": " / ".join(map(str, total)),
+        "from the first batch": " / ".join(map(str, first)),
+        "share from the first batch": f"{sum(first) / sum(total):.1%}",
+        "first batch's share of the tokens": f"{BATCH / tokens.shape[0]:.1%}",
+    }
 
 
 def cross_tokenizer(name_a: str, name_b: str, n_windows: int, out: Path) -> dict[str, Any]:
@@ -214,7 +287,7 @@ def cross_tokenizer(name_a: str, name_b: str, n_windows: int, out: Path) -> dict
     for name, toks in ((name_a, toks_a), (name_b, toks_b)):
         model = zoo.load_model(name)
         built = build_itda(
-            model, toks, hooks_of(model), k=K, cos_threshold=COS, batch_size=8, progress=False
+            model, toks, hooks_of(model), k=K, cos_threshold=COS, batch_size=BATCH, progress=False
         )
         itdas[name] = [built[h] for h in hooks_of(model)]
     mat = torch.tensor(
@@ -233,26 +306,43 @@ def cross_tokenizer(name_a: str, name_b: str, n_windows: int, out: Path) -> dict
         xlabel=name_b,
         ylabel=name_a,
     )
+    atoms = {name: [it.cfg.d_sae for it in itdas[name]] for name in itdas}
+    head = [f"{name_b} L{j} ({n} atoms)" for j, n in enumerate(atoms[name_b])]
+    cols = [f"{name_a} layer (atoms)", *head]
     return {
         "matrix": [[round(v, 3) for v in r] for r in mat.tolist()],
         "diagonal_is_row_max": bool((mat.argmax(1) == torch.arange(mat.shape[0])).all()),
         "windows": [n_windows, n_b],
+        "atoms": atoms,
+        "columns": cols,
+        "rows": [
+            {
+                cols[0]: f"L{i} ({atoms[name_a][i]})",
+                **{c: f"{v:.3f}" for c, v in zip(head, r, strict=True)},
+            }
+            for i, r in enumerate(mat.tolist())
+        ],
     }
 
 
-def training_convergence(tokens: torch.Tensor, out: Path) -> dict[str, list[float]]:
-    """Per layer: Jaccard of each checkpoint's ITDA with the final model's, over training steps."""
+def training_convergence(
+    tokens: torch.Tensor, out: Path, known: dict[str, list[Any]]
+) -> dict[str, Any]:
+    """Per layer: Jaccard of each checkpoint's ITDA with the final model's, over training steps
+    (``known``: dictionaries already built on ``tokens`` with the same settings, reused)."""
     final = zoo.DEFAULT_MODEL
     ckpts = sorted(
         (n for n in zoo.list_models(include_checkpoints=True) if n.startswith(final + "@")),
         key=lambda n: int(n.split("@step")[1]),
     )
     steps = [int(n.split("@step")[1]) for n in ckpts] + [zoo.model_card(final)["steps"]]
-    dicts = {}
+    dicts = {name: known[name] for name in [*ckpts, final] if name in known}
     for name in [*ckpts, final]:
+        if name in dicts:
+            continue
         model = zoo.load_model(name)
         built = build_itda(
-            model, tokens, hooks_of(model), k=K, cos_threshold=COS, batch_size=8, progress=False
+            model, tokens, hooks_of(model), k=K, cos_threshold=COS, batch_size=BATCH, progress=False
         )
         dicts[name] = [built[h] for h in hooks_of(model)]
     curves = {
@@ -260,13 +350,14 @@ def training_convergence(tokens: torch.Tensor, out: Path) -> dict[str, list[floa
         for i in range(len(dicts[final]))
     }
     line_plot(
-        {k: (steps, v) for k, v in curves.items()},
+        {layer: (steps, v) for layer, v in curves.items()},
         out / "convergence.png",
         xlabel="training step",
         ylabel="Jaccard with the final model's ITDA",
         title=f"Dictionary convergence, {final}",
     )
-    return {"steps": steps, **curves}
+    atoms = [[it.cfg.d_sae for it in dicts[n]] for n in [*ckpts, final]]
+    return {"steps": steps, **curves, "atoms": atoms}
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """Sample efficiency: held-out quality against the number of training activations, side by side.
 
 On one zoo hook point (default model ``kjv-4l128-s0``, ``blocks.2.hook_resid_post``, d_model 128),
-for N training activations in a log-spaced range (1k ... 262k, nested random subsets of one cache):
+for N training activations in a log-spaced range (1k ... 262k, nested random subsets of one cache;
+the random control's N are the last N of the same permutation, so never overlap the first N):
 
 * PAM-SGD TopK SAE (``itda_lens.pam``: exact decoder solve per epoch + Adam encoder steps);
 * the same code with the PAM step off (decoder trained by Adam too): the ablation the claim is about;
 * sae_lens's own TopK trainer (``SAETrainer``: unit-norm decoder, aux-k loss, lr schedule) at the
   same batch size and the same number of samples processed: the modern baseline;
-* ITDA built from the same N activations (k = L0, cos_threshold 0.9, at most the SAE width), and
-  the same number of randomly sampled activations with the same MP (ITDA's control);
+* ITDA built from the same N activations under the exact sequential rule (k = L0), sized to the SAE
+  width (``target_atoms``: the threshold is searched on the N activations; where even
+  cos_threshold 1 cannot give that many atoms from N activations, the table says so); its control:
+  as many randomly sampled activations, with the same MP, drawn from N *other* training
+  activations (the same data budget, no activation shared with the ITDA's pool). Of a draw from
+  the ITDA's own N activations, a fraction atoms/N would on average be ITDA atoms (listed as
+  "same-pool overlap": 100% when the ITDA keeps every activation), which is no control;
 * a k-means autoencoder (width clusters, L0 = 1: where "piecewise constant" lands) and k-means +
   local PCA at matched L0 and width (``width / L0`` clusters of ``L0 - 1`` components).
 
@@ -17,7 +23,7 @@ method processes the same samples. Scored on held-out text: FVU (fraction of var
 on held-out activations) and sae_lens's CE-loss score; plus dead latents and the number of
 power-diagram regions (TopK SAEs) visited by the held-out activations. Table, JSON and plots.
 
-    python benchmarks/sample_efficiency.py --out bench_out/sample_efficiency          # ~10 min, 2 cores
+    python benchmarks/sample_efficiency.py                # full run (see benchmarks/README.md)
     python benchmarks/sample_efficiency.py --quick --out bench_out/sample_efficiency_q
     python benchmarks/sample_efficiency.py --sweep-alpha   # PAM's ridge, on validation activations
 """
@@ -30,7 +36,7 @@ import time
 from typing import Any
 
 import torch
-from _common import bench_parser, prepare, series_by, table
+from _common import bench_parser, prepare, record, series_by, table, table_spec
 
 from itda_lens import ITDA, build_itda_from_activations, zoo
 from itda_lens.analysis import fvu
@@ -78,7 +84,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     heldout = zoo.load_tokens("heldout", args.heldout_windows)
     cached = collect_activations(model, train, HOOK)
     held = collect_activations(model, heldout, HOOK).acts
-    order = torch.randperm(cached.acts.shape[0], generator=torch.Generator().manual_seed(0))
+    total = cached.acts.shape[0]
+    if 2 * max(args.sizes) > total:
+        raise SystemExit(
+            f"N={max(args.sizes)} needs {2 * max(args.sizes)} cached activations (N for the methods, "
+            f"N other ones for the random control); only {total}: raise --train-windows"
+        )
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(0))
     print(
         f"{MODEL} {HOOK}: {cached.acts.shape[0]:,} training activations cached, {held.shape[0]:,} "
         f"held-out; width {width}, L0 {k}; N = {args.sizes}",
@@ -87,14 +99,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     meta = cached.usage_metadata(MODEL)
     rows: list[dict[str, Any]] = []
     for n in args.sizes:
-        if n > cached.acts.shape[0]:
-            raise SystemExit(f"N={n} exceeds the {cached.acts.shape[0]} cached activations")
         sub = CachedActivations(
             cached.acts[order[:n]], cached.token_ids[order[:n]], HOOK, train.shape[1], 0.0
         )
         epochs = epochs_for(n, args.budget)
         processed = epochs * (n // BATCH) * BATCH
-        saes: dict[str, tuple[Any, float]] = {}
+        saes: dict[str, tuple[Any, float] | None] = {}
         for decoder, label in (("pam", "PAM-SGD TopK"), ("adam", "Adam TopK (PAM step off)")):
             t0 = time.perf_counter()
             res = train_pam(
@@ -118,18 +128,36 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             model_name=MODEL,
         )
         saes["sae_lens TopK"] = (trained.sae, time.perf_counter() - t0)
+        notes: dict[str, dict[str, Any]] = {}
         t0 = time.perf_counter()
-        itda = build_itda_from_activations(
-            [sub.acts[s : s + 1024] for s in range(0, n, 1024)],
-            k=k,
-            cos_threshold=0.9,
-            max_atoms=width,
-            progress=False,
-            metadata=meta,
-        )
-        saes["ITDA"] = (itda, time.perf_counter() - t0)
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(n))[: itda.cfg.d_sae]
-        saes["random activations, MP"] = (ITDA.from_atoms(sub.acts[pick], k, metadata=meta), 0.0)
+        try:
+            itda = build_itda_from_activations(
+                [sub.acts[s : s + 4096] for s in range(0, n, 4096)],
+                k=k,
+                target_atoms=width,
+                target_sample_tokens=n,
+                progress=False,
+                metadata=meta,
+            )
+        except ValueError as err:  # the width is not reachable from N activations: say so
+            saes["ITDA"] = None
+            notes["ITDA"] = {"d_sae": "", "note": f"not reachable: {err}"}
+            m = min(width, n)
+            note = "the SAE width (no ITDA); "
+        else:
+            saes["ITDA"] = (itda, time.perf_counter() - t0)
+            builder = itda.cfg.metadata.itda_builder
+            notes["ITDA"] = {"threshold": builder["cos_threshold"], "note": ""}
+            m = itda.cfg.d_sae
+            note = ""
+        # the control: m of N *other* activations (the end of the permutation, disjoint from sub)
+        pool = cached.acts[order[total - n :]]
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(n))[:m]
+        saes["random activations, MP"] = (ITDA.from_atoms(pool[pick], k, metadata=meta), 0.0)
+        notes["random activations, MP"] = {
+            "same-pool overlap": m / n,
+            "note": f"{note}drawn from {n:,} other training activations",
+        }
         if n >= width:
             t0 = time.perf_counter()
             saes["k-means (L0 = 1)"] = (
@@ -152,7 +180,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 ),
                 time.perf_counter() - t0,
             )
-        for label, (sae, seconds) in saes.items():
+        for label, fitted in saes.items():
+            if fitted is None:
+                rows.append({"N": n, "epochs": "", "method": label, **notes[label]})
+                continue
+            sae, seconds = fitted
             ev = evaluate(sae, model, heldout[: args.ce_windows])
             row = {
                 "N": n,
@@ -166,10 +198,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             }
             if "TopK" in label:
                 row.update(geometry(sae, held))
+            row.update(notes.get(label, {}))
             rows.append(row)
         print(
             f"  N={n:,} ({epochs} epochs): "
-            + ", ".join(f"{r['method']} FVU {r['fvu']:.3f}" for r in rows if r["N"] == n),
+            + ", ".join(
+                f"{r['method']} FVU {r['fvu']:.3f}" for r in rows if r["N"] == n and "fvu" in r
+            ),
             flush=True,
         )
     return rows
@@ -206,15 +241,47 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
         pam, adam, sl = (
             by[(n, m)] for m in ("PAM-SGD TopK", "Adam TopK (PAM step off)", "sae_lens TopK")
         )
-        itda = by[(n, "ITDA")]
-        lines.append(
+        itda, rand = by[(n, "ITDA")], by[(n, "random activations, MP")]
+        line = (
             f"N={n}: FVU PAM {pam['fvu']:.3f} vs Adam (same code) {adam['fvu']:.3f} "
             f"(ratio {pam['fvu'] / adam['fvu']:.2f}) vs sae_lens TopK {sl['fvu']:.3f} "
-            f"(ratio {pam['fvu'] / sl['fvu']:.2f}); ITDA {itda['fvu']:.3f} ({itda['d_sae']} atoms); "
-            f"CE score PAM {pam['ce_loss_score']:.3f} / Adam {adam['ce_loss_score']:.3f} / "
-            f"sae_lens {sl['ce_loss_score']:.3f} / ITDA {itda['ce_loss_score']:.3f}"
+            f"(ratio {pam['fvu'] / sl['fvu']:.2f}); "
         )
+        if "fvu" in itda:
+            line += (
+                f"ITDA {itda['fvu']:.3f} ({itda['d_sae']} atoms, threshold "
+                f"{itda['threshold']:.4f}) vs {rand['d_sae']} random activations of {n} others "
+                f"{rand['fvu']:.3f} (a draw from the ITDA's own {n} would share "
+                f"{rand['same-pool overlap']:.0%} of its atoms); "
+            )
+        else:
+            line += f"ITDA {itda['note']}; "
+        line += (
+            f"CE score PAM {pam['ce_loss_score']:.3f} / Adam {adam['ce_loss_score']:.3f} / "
+            f"sae_lens {sl['ce_loss_score']:.3f}"
+            + (f" / ITDA {itda['ce_loss_score']:.3f}" if "fvu" in itda else "")
+            + f" / random {rand['ce_loss_score']:.3f}"
+        )
+        lines.append(line)
     return lines
+
+
+COLUMNS = [
+    "N",
+    "method",
+    "epochs",
+    "d_sae",
+    "fvu",
+    "ce_loss_score",
+    "l0",
+    "dead",
+    "regions",
+    "top-1 cells (perplexity)",
+    "fit_s",
+    "threshold",
+    "same-pool overlap",
+    "note",
+]
 
 
 def main() -> None:
@@ -226,14 +293,15 @@ def main() -> None:
         help="only PAM's ridge sweep on validation activations",
     )
     args = parser.parse_args()
+    # training windows: at least twice the largest N non-special tokens (for the random control)
     if args.quick:
         args.sizes, args.width_mult, args.l0, args.budget = [512, 2048], 2, 8, 2**14
-        args.train_windows, args.heldout_windows, args.ce_windows, args.kmeans_iters = 32, 8, 8, 5
+        args.train_windows, args.heldout_windows, args.ce_windows, args.kmeans_iters = 40, 8, 8, 5
     else:
         args.sizes, args.width_mult, args.l0 = [1024, 4096, 16384, 65536, 262144], 8, 16
         args.budget = 2**19
         args.train_windows, args.heldout_windows, args.ce_windows, args.kmeans_iters = (
-            2200,
+            4400,
             64,
             32,
             10,
@@ -253,51 +321,38 @@ def main() -> None:
         {
             **r,
             **{c: f"{r[c]:.3f}" for c in ("fvu", "ce_loss_score") if c in r},
-            "l0": f"{r['l0']:.1f}",
+            "l0": f"{r['l0']:.1f}" if "l0" in r else "",
             "dead": f"{r['dead_frac']:.1%}" if "dead_frac" in r else "",
             "regions": r.get("regions", ""),
             "top-1 cells (perplexity)": f"{r['top1_cells']} ({r['top1_perplexity']:.0f})"
             if "top1_cells" in r
             else "",
+            "threshold": f"{r['threshold']:.4f}" if "threshold" in r else "",
+            "same-pool overlap": f"{r['same-pool overlap']:.1%}"
+            if "same-pool overlap" in r
+            else "",
         }
         for r in rows
     ]
-    print(
-        table(
-            shown,
-            [
-                "N",
-                "method",
-                "epochs",
-                "d_sae",
-                "fvu",
-                "ce_loss_score",
-                "l0",
-                "dead",
-                "regions",
-                "top-1 cells (perplexity)",
-                "fit_s",
-            ],
-        )
-    )
+    print(table(shown, COLUMNS))
     summary = summarise(rows)
     print("\n" + "\n".join(summary))
     for metric, label in (("fvu", "held-out FVU"), ("ce_loss_score", "CE-loss score (held-out)")):
         line_plot(
-            series_by(rows, "method", "N", metric),
+            series_by([r for r in rows if metric in r], "method", "N", metric),
             out / f"{metric}_vs_n.png",
             xlabel="training activations N",
             ylabel=label,
             title=f"{MODEL} {HOOK}: sample efficiency",
             logx=True,
         )
-    seconds = time.perf_counter() - t0
-    (out / "sample_efficiency.json").write_text(
-        json.dumps(
-            {"rows": rows, "summary": summary, "seconds": seconds, "settings": vars(args)}, indent=2
-        )
+    record(
+        "sample_efficiency",
+        args,
+        {"main": table_spec(shown, COLUMNS)},
+        {"rows": rows, "summary": summary, "settings": vars(args)},
+        time.perf_counter() - t0,
     )
-    print(f"\nwrote {out / 'sample_efficiency.json'} and plots; total {seconds:.0f}s")
 
 
 if __name__ == "__main__":

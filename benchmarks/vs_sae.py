@@ -3,13 +3,16 @@
 For each model (the default zoo model and a larger one, at a middle layer's resid_post), each L0
 (about 2%, 6%, 12% and 25% of d_model) and each width (8x and 32x d_model):
 
-* ITDA built by our builder the paper's way (k = L0, cos_threshold = 0.9, at most 32x d_model
-  atoms, batches of 8 sequences, stopping once 32k tokens in a row added no atom, or after 262k
-  tokens), cropped to the width (first atoms in insertion order);
-* TopK SAEs (both widths) and BatchTopK SAEs (8x width; the 32x ones would push the run past
-  40 minutes) trained with sae_lens's own trainer (``SAETrainer``) on activations of the same model,
-  hook and training windows (budget: 500k activations), and the TopK SAE trained on only the
-  activations the ITDA read;
+* ITDA built by our builder with the exact greedy rule at k = L0, sized to the width
+  (``target_atoms``: the threshold whose converged dictionary over the 1,024 build windows has that
+  many atoms, searched on all of them), and the same refined (``refine="energy"``: built 3x wider,
+  pruned back by coefficient energy);
+* SAEs trained with sae_lens's own trainer (``SAETrainer``) on activations of the same model, hook
+  and training windows (budget: 500k activations): TopK and AbsTopK (signed top-k, the SplInterp
+  authors' activation) at both widths, BatchTopK and the ``matching_pursuit`` SAE (a trained
+  dictionary with MP encoding: the method closest to ITDA; max_iterations = L0, no residual stop) at
+  the 8x width (at 32x the MP SAE alone would take hours on 2 CPU cores), and the TopK SAE trained on
+  only the activations the ITDA read;
 * controls with the same encoder (signed MP, k = L0) and the same size as the ITDA: randomly sampled
   training activations (ITDA without the greedy selection), random Gaussian atoms, the trained TopK
   SAE's decoder rows, and OMP instead of MP over the ITDA's atoms.
@@ -17,22 +20,21 @@ For each model (the default zoo model and a larger one, at a middle layer's resi
 Each is scored with sae_lens ``run_evals`` on held-out windows (CE-loss score, KL score, explained
 variance, L0); k-sparse probing (SAEBench's procedure, zoo-corpus tasks) at one L0 and the 8x width;
 SAEBench ``core`` for one of each kind. Wall-clock counts the model forward for the tokens each
-method needs; tokens are activations read. Writes a table, JSON and two plots.
+method needs; tokens are activations read. Writes tables (JSON), and two plots per model.
 
-    python benchmarks/vs_sae.py --out bench_out/vs_sae            # full run (~35 min on 2 cores)
-    python benchmarks/vs_sae.py --quick --out bench_out/vs_sae_q  # reduced run (< 2 minutes)
+    python benchmarks/vs_sae.py --out bench_out/vs_sae            # full run (about 90 min, 2 cores)
+    python benchmarks/vs_sae.py --quick --out bench_out/vs_sae_q  # reduced run (a few minutes)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import bench_parser, prepare, series_by, table
+from _common import bench_parser, prepare, record, series_by, table, table_spec
 
 from itda_lens import ITDA, build_itda, zoo
 from itda_lens.evals import evaluate_all
@@ -48,8 +50,13 @@ from itda_lens.sae_training import (
 FULL = [("kjv-4l128-s0", "blocks.2.hook_resid_post"), ("kjv-6l160-s0", "blocks.3.hook_resid_post")]
 L0_FRACTIONS = (0.025, 0.0625, 0.125, 0.25)
 WIDTHS = (8, 32)
-COS_THRESHOLD = 0.9
-PATIENCE = 32_768  # tokens without a new atom after which the build counts as converged
+#: sae_lens trainers, label -> (architecture, trained at every width or only the narrowest)
+SAE_ARCHS = {
+    "TopK SAE": ("topk", True),
+    "AbsTopK SAE": ("abstopk", True),
+    "BatchTopK SAE": ("batchtopk", False),
+    "MP SAE": ("matching_pursuit", False),
+}
 
 
 def controls(itda: ITDA, cached: CachedActivations, k: int, seed: int) -> dict[str, ITDA]:
@@ -118,41 +125,39 @@ def run_model(
             "tokens": 0,
         }
     )
+    build_tokens = train[: args.build_windows]
     for k in l0s:
-        t0 = time.perf_counter()
-        built = build_itda(
-            model,
-            train[: args.build_windows],
-            hook,
-            k=k,
-            cos_threshold=COS_THRESHOLD,
-            max_atoms=max(widths),
-            batch_size=8,
-            patience_tokens=PATIENCE,
-            progress=False,
-            model_name=name,
-            dataset_path="kjv:train",
-        )
-        build_meta = built.cfg.metadata.itda_builder
-        itda_seconds = build_meta["forward_seconds"] + build_meta["dictionary_seconds"]
-        itda_tokens = build_meta["tokens_seen"]
-        print(
-            f"  L0={k}: ITDA {built.cfg.d_sae} atoms from {itda_tokens:,} tokens in {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
         for width in widths:
-            itda = built.crop(min(width, built.cfg.d_sae))
-            saes: dict[str, tuple[Any, float, int]] = {
-                "ITDA (MP)": (itda, itda_seconds, itda_tokens)
-            }
+            saes: dict[str, tuple[Any, float, int]] = {}
+            for label, refine in (("ITDA (MP)", "none"), ("ITDA refined (MP)", "energy")):
+                t0 = time.perf_counter()
+                built = build_itda(
+                    model,
+                    build_tokens,
+                    hook,
+                    k=k,
+                    target_atoms=width,
+                    target_sample_tokens=build_tokens.numel(),
+                    refine=refine,
+                    progress=False,
+                    model_name=name,
+                    dataset_path="kjv:train",
+                )
+                meta = built.cfg.metadata.itda_builder
+                # wall-clock = the forward over the build windows + everything the build did
+                seconds = time.perf_counter() - t0 + per_token_forward * build_tokens.numel()
+                saes[label] = (built, seconds, meta["tokens_seen"])
+                print(
+                    f"  L0={k} width={width}: {label} {built.cfg.d_sae} atoms "
+                    f"(threshold {meta['cos_threshold']:.4f}) in {time.perf_counter() - t0:.1f}s",
+                    flush=True,
+                )
+            itda, _, itda_tokens = saes["ITDA (MP)"]
             for label, sae in controls(itda, cached, k, seed=k * 7919 + width).items():
                 saes[label] = (sae, 0.0, 0)
-            archs = (
-                (("topk", "TopK SAE"), ("batchtopk", "BatchTopK SAE"))
-                if width == widths[0]
-                else (("topk", "TopK SAE"),)
-            )
-            for arch, label in archs:  # BatchTopK at the narrow width only: the budget is ~40 min
+            for label, (arch, every_width) in SAE_ARCHS.items():
+                if not every_width and width != widths[0]:
+                    continue
                 trained = train_sae(
                     cached,
                     architecture=arch,
@@ -166,7 +171,7 @@ def run_model(
                     trained.train_seconds + trained.training_tokens * per_token_forward,
                     trained.training_tokens,
                 )
-            seen = min(build_meta["tokens_scored"], cached.acts.shape[0])
+            seen = min(itda_tokens, cached.acts.shape[0])
             small_cache = CachedActivations(
                 cached.acts[:seen], cached.token_ids[:seen], hook, cached.context_size, 0.0
             )
@@ -197,7 +202,15 @@ def run_model(
                     and do_probe
                     and name == args.models[0]
                     and label
-                    in ("ITDA (MP)", "TopK SAE", "BatchTopK SAE", "random activations, MP")
+                    in (
+                        "ITDA (MP)",
+                        "ITDA refined (MP)",
+                        "TopK SAE",
+                        "BatchTopK SAE",
+                        "AbsTopK SAE",
+                        "MP SAE",
+                        "random activations, MP",
+                    )
                 )
                 res = evaluate_all(
                     sae, model, heldout, probe=probe if do_probe else None, core=do_core
@@ -238,10 +251,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
             continue
         topk = keyed[(model, width, k, "TopK SAE")]
         rand = keyed[(model, width, k, "random activations, MP")]
+        ref = keyed[(model, width, k, "ITDA refined (MP)")]
         lines.append(
             f"{model} width {width} L0 {k}: ITDA - TopK CE score {r['ce_loss_score'] - topk['ce_loss_score']:+.3f}, "
             f"EV {r['explained_variance'] - topk['explained_variance']:+.3f}; ITDA - random activations CE "
             f"{r['ce_loss_score'] - rand['ce_loss_score']:+.3f}, EV {r['explained_variance'] - rand['explained_variance']:+.3f}; "
+            f"refined - random CE {ref['ce_loss_score'] - rand['ce_loss_score']:+.3f}, EV "
+            f"{ref['explained_variance'] - rand['explained_variance']:+.3f}; "
             f"wall-clock ITDA/TopK {r['wall_s'] / max(topk['wall_s'], 1e-9):.3f}, tokens ITDA/TopK "
             f"{r['tokens'] / max(topk['tokens'], 1):.3f} (ITDA {r['atoms']} atoms)"
         )
@@ -277,6 +293,48 @@ def plots(rows: list[dict[str, Any]], out: Path) -> None:
         )
 
 
+PIVOT = [
+    ("ITDA", "ITDA (MP)"),
+    ("ITDA refined", "ITDA refined (MP)"),
+    ("random acts", "random activations, MP"),
+    ("TopK", "TopK SAE"),
+    ("AbsTopK", "AbsTopK SAE"),
+    ("BatchTopK", "BatchTopK SAE"),
+    ("MP SAE", "MP SAE"),
+    ("TopK on ITDA's tokens", "TopK SAE, ITDA's tokens only"),
+    ("MP/TopK dec", "MP over TopK SAE decoder"),
+    ("OMP/ITDA", "ITDA atoms, OMP"),
+    ("Gaussian", "Gaussian atoms, MP"),
+]
+
+
+def pivot(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, width, L0); a cell per method: CE-loss score / explained variance."""
+    keyed = {(r["model"], r.get("width"), r["L0"], r["method"]): r for r in rows if "hook" in r}
+    out = []
+    for model, width, k in dict.fromkeys((m, w, k) for m, w, k, _ in keyed):
+        cell = {
+            col: f"{r['ce_loss_score']:.3f} / {r['explained_variance']:.2f}"
+            for col, method in PIVOT
+            if (r := keyed.get((model, width, k, method)))
+        }
+        itda, topk = keyed[(model, width, k, "ITDA (MP)")], keyed[(model, width, k, "TopK SAE")]
+        mp = keyed.get((model, width, k, "MP SAE"))
+        out.append(
+            {
+                "model": model,
+                "width": width,
+                "L0": k,
+                "ITDA atoms": itda["atoms"],
+                **cell,
+                "ITDA s / TopK s / MP SAE s": f"{itda['wall_s']:.1f} / {topk['wall_s']:.1f}"
+                + (f" / {mp['wall_s']:.1f}" if mp else ""),
+                "ITDA tokens": f"{itda['tokens']:,}",
+            }
+        )
+    return out
+
+
 def main() -> None:
     parser = bench_parser(__doc__, "bench_out/vs_sae")
     args = parser.parse_args()
@@ -284,16 +342,16 @@ def main() -> None:
         args.models, args.l0_fractions, args.widths = [FULL[0][0]], (0.0625, 0.125), (8,)
         args.train_windows, args.build_windows, args.heldout_windows, args.sae_tokens = (
             512,
-            256,
+            128,
             16,
-            40_000,
+            20_000,
         )
         args.probe_train, args.probe_test, args.core = 16, 16, True
     else:
         args.models, args.l0_fractions, args.widths = [m for m, _ in FULL], None, None
         args.train_windows, args.build_windows, args.heldout_windows, args.sae_tokens = (
             4096,
-            2048,
+            1024,
             64,
             500_000,
         )
@@ -305,65 +363,76 @@ def main() -> None:
     for name, hook in FULL:
         if name in args.models:
             rows += run_model(name, hook, args, probe_cache)
-    shown = [
+    main_rows = pivot(rows)
+    main_cols = (
+        ["model", "width", "L0", "ITDA atoms"]
+        + [c for c, _ in PIVOT]
+        + [
+            "ITDA s / TopK s / MP SAE s",
+            "ITDA tokens",
+        ]
+    )
+    print(table(main_rows, main_cols))
+    probe_rows = [
         {
-            **r,
-            **{
-                k: f"{r[k]:.3f}"
-                for k in ("ce_loss_score", "kl_div_score", "explained_variance")
-                if k in r
-            },
-            "L0 (measured)": f"{r.get('l0_measured', r['L0']):.1f}",
-            "probe k=1/5/all": "/".join(f"{r['probe'][k]:.2f}" for k in ("1", "5", "all"))
-            if "probe" in r
-            else "",
+            "model": r["model"],
+            "method": r["method"],
+            "L0": r["L0"],
+            "width": r.get("width", ""),
+            "probe k=1 / 5 / all": " / ".join(f"{r['probe'][k]:.2f}" for k in ("1", "5", "all")),
         }
         for r in rows
+        if "probe" in r
     ]
-    print(
-        table(
-            shown,
-            [
-                "model",
-                "width",
-                "L0",
-                "method",
-                "atoms",
-                "ce_loss_score",
-                "kl_div_score",
-                "explained_variance",
-                "L0 (measured)",
-                "probe k=1/5/all",
-                "wall_s",
-                "tokens",
-            ],
+    probe_cols = ["model", "method", "L0", "width", "probe k=1 / 5 / all"]
+    print("\n" + table(probe_rows, probe_cols))
+    core_rows = []
+    for r in rows:
+        if "saebench_core" not in r:
+            continue
+        m = {k.split(".")[-1]: v for k, v in r["saebench_core"].items()}
+        core_rows.append(
+            {
+                "model": r["model"],
+                "method": r["method"],
+                "width": r["width"],
+                "L0 (nominal)": r["L0"],
+                **{
+                    key: f"{m[key]:.3f}"
+                    for key in ("ce_loss_score", "kl_div_score", "explained_variance", "l0")
+                    if key in m
+                },
+            }
         )
-    )
+    core_cols = [
+        "model",
+        "method",
+        "width",
+        "L0 (nominal)",
+        "ce_loss_score",
+        "kl_div_score",
+        "explained_variance",
+        "l0",
+    ]
+    print("\n" + table(core_rows, core_cols))
     summary = summarise(rows)
     print("\n" + "\n".join(summary))
-    core = {r["method"]: r["saebench_core"] for r in rows if "saebench_core" in r}
-    for method, metrics in core.items():
-        picked = {
-            k.split(".")[-1]: round(v, 3)
-            for k, v in metrics.items()
-            if k.split(".")[-1]
-            in ("ce_loss_score", "kl_div_score", "explained_variance", "l0", "frac_alive")
-        }
-        print(f"SAEBench core, {method}: {picked}")
     plots(rows, out)
-    (out / "vs_sae.json").write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "summary": summary,
-                "seconds": time.perf_counter() - t0,
-                "settings": {k: v for k, v in vars(args).items() if k != "models"},
-            },
-            indent=2,
-            default=str,
-        )
+    record(
+        "vs_sae",
+        args,
+        {
+            "main": table_spec(main_rows, main_cols),
+            "probing": table_spec(probe_rows, probe_cols),
+            "core": table_spec(core_rows, core_cols),
+        },
+        {
+            "rows": rows,
+            "summary": summary,
+            "settings": {k: v for k, v in vars(args).items() if k != "models"},
+        },
+        time.perf_counter() - t0,
     )
-    print(f"\nwrote {out / 'vs_sae.json'} and plots; total {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

@@ -37,19 +37,32 @@ def _first_absmax(bits: np.ndarray, mask: np.integer) -> int:
     return 0
 
 
+@njit(inline="always")
+def _mp_token(c, u, gram_flat, row_stride, k, mask, idx, val):  # pragma: no cover - jitted
+    """k steps of MP for one token: ``c`` is its correlation row (overwritten), ``u`` its bits."""
+    n = c.shape[0]
+    j = _first_absmax(u, mask)
+    for s in range(k):
+        v = c[j]
+        idx[s] = j
+        val[s] = v
+        g = gram_flat[j * row_stride : j * row_stride + n]
+        for i in range(n):
+            c[i] -= v * g[i]
+        j = _first_absmax(u, mask)
+
+
 @njit(parallel=True, fastmath={"contract"}, cache=True)
 def mp_gram(corr, bits, gram_flat, row_stride, k, mask, idx, val):  # pragma: no cover - jitted
-    """MP in correlation space; ``corr`` [T, n] is overwritten, ``bits`` is its integer view."""
-    n = corr.shape[1]
+    """MP in correlation space; ``corr`` [T, n] is overwritten, ``bits`` is its integer view.
+    Tokens run in parallel threads."""
     for t in prange(corr.shape[0]):
-        c = corr[t]
-        u = bits[t]
-        j = _first_absmax(u, mask)
-        for s in range(k):
-            v = c[j]
-            idx[t, s] = j
-            val[t, s] = v
-            g = gram_flat[j * row_stride : j * row_stride + n]
-            for i in range(n):
-                c[i] -= v * g[i]
-            j = _first_absmax(u, mask)
+        _mp_token(corr[t], bits[t], gram_flat, row_stride, k, mask, idx[t], val[t])
+
+
+@njit(fastmath={"contract"}, cache=True)
+def mp_gram_serial(corr, bits, gram_flat, row_stride, k, mask, idx, val):  # pragma: no cover
+    """The same, on one thread: for a few tokens, starting threads costs more than it saves (and
+    far more when the CPU is busy)."""
+    for t in range(corr.shape[0]):
+        _mp_token(corr[t], bits[t], gram_flat, row_stride, k, mask, idx[t], val[t])

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from itda_lens import zoo
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
-from itda_lens.demo import default_setup, run_demo
+from itda_lens.demo import DEMO_CONFIG, default_setup, run_demo
 from itda_lens.evals import evaluate_all
 from itda_lens.kmeans import fit_kmeans_sae, fit_local_pca_sae
 from itda_lens.pam import PAMSettings, train_pam
@@ -422,20 +422,20 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.add_argument("--model", default=None, help="zoo model (default kjv-4l128-s0)")
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--cos-threshold", type=float, default=0.8)
+    p.add_argument("--k", type=int, default=DEMO_CONFIG.k)
+    p.add_argument("--target-atoms", type=int, default=DEMO_CONFIG.target_atoms)
     p.add_argument("--quick", action="store_true", help="a smaller run (for tests)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     sizes = {"n_train": 96, "n_heldout": 32} if args.quick else {}
     setup = default_setup(args.model, **sizes)
+    target = min(args.target_atoms, 256) if args.quick else args.target_atoms
     out = run_demo(
         args.out,
         setup,
         layers=args.layers,
-        k=args.k,
-        cos_threshold=args.cos_threshold,
+        cfg=DEMO_CONFIG.replace(k=args.k, target_atoms=target),
         overwrite=args.overwrite,
     )
     print(f"report written to {out / 'report.md'} (plots and saved ITDAs alongside)")

@@ -59,6 +59,8 @@ CHUNK_BYTES = 8 * 2**20
 LARGE_CHUNK_BYTES = 128 * 2**20
 #: Fewest tokens per chunk, so that per-step dispatch overhead stays small for huge dictionaries.
 MIN_CHUNK = 16
+#: Chunks of at most this many tokens run the fused kernel on one thread.
+SERIAL_TOKENS = 32
 #: Largest Gram matrix built automatically (bytes); 1 GiB is 16,384 fp32 atoms.
 GRAM_MAX_BYTES = 2**30
 #: Allowed |norm - 1| of an atom: loose enough for half-precision rounding, tight enough to catch
@@ -235,7 +237,8 @@ def _mp_fused(corr: Tensor, gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
     flat = gram.as_strided((gram.stride(0) * (n - 1) + n,), (1,), gram.storage_offset()).numpy()
     idx = np.empty((c.shape[0], k), dtype=np.int64)
     val = np.empty((c.shape[0], k), dtype=c.dtype)
-    _kernels.mp_gram(c, bits, flat, gram.stride(0), k, mask, idx, val)
+    kernel = _kernels.mp_gram if c.shape[0] > SERIAL_TOKENS else _kernels.mp_gram_serial
+    kernel(c, bits, flat, gram.stride(0), k, mask, idx, val)
     return torch.from_numpy(idx), torch.from_numpy(val)
 
 

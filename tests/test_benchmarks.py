@@ -43,18 +43,25 @@ def test_build_benchmark_quick() -> None:
 @pytest.mark.slow
 def test_vs_sae_benchmark_quick(tmp_path: Path) -> None:
     text = run_quick("vs_sae.py", "--out", str(tmp_path))
-    for method in (
-        "ITDA (MP)",
-        "random activations, MP",
-        "Gaussian atoms, MP",
-        "TopK SAE",
-        "BatchTopK SAE",
-        "TopK SAE, ITDA's tokens only",
-        "MP over TopK SAE decoder",
-        "ITDA atoms, OMP",
+    header = next(line for line in text.splitlines() if line.startswith("| model | width | L0 |"))
+    for column in (
+        "ITDA",
+        "ITDA refined",
+        "random acts",
+        "TopK",
+        "AbsTopK",
+        "BatchTopK",
+        "MP SAE",
+        "TopK on ITDA's tokens",
+        "MP/TopK dec",
+        "OMP/ITDA",
+        "Gaussian",
     ):
-        assert f"| {method} |" in text
-    assert "SAEBench core, ITDA (MP)" in text and (tmp_path / "vs_sae.json").is_file()
+        assert f"| {column} |" in header
+    for method in ("ITDA (MP)", "ITDA refined (MP)", "MP SAE", "AbsTopK SAE"):
+        assert f"| {method} |" in text, "probing and SAEBench core rows name every method"
+    saved = json.loads((tmp_path / "vs_sae.json").read_text())
+    assert set(saved["tables"]) == {"main", "probing", "core"}
     assert list(tmp_path.glob("ce_vs_l0_*.png")) and list(tmp_path.glob("ce_vs_wallclock_*.png"))
 
 
@@ -68,7 +75,16 @@ def test_layer_matching_benchmark_quick(tmp_path: Path) -> None:
         and "cross-tokenizer span Jaccard" in text
         and "dictionary convergence" in text
     )
-    assert (tmp_path / "layer_matching.json").is_file() and (tmp_path / "convergence.png").is_file()
+    assert "| model | tokens read | atoms per layer | from the first batch |" in text
+    saved = json.loads((tmp_path / "layer_matching.json").read_text())
+    assert set(saved["tables"]) == {
+        "accuracy",
+        "atoms",
+        "model_level",
+        "cross_tokenizer",
+        "convergence",
+    }
+    assert (tmp_path / "convergence.png").is_file()
 
 
 @pytest.mark.slow
@@ -84,7 +100,10 @@ def test_sample_efficiency_benchmark_quick(tmp_path: Path) -> None:
         "k-means + local PCA",
     ):
         assert f"| {method} |" in text
-    assert "N=2048: FVU PAM" in text and (tmp_path / "sample_efficiency.json").is_file()
+    assert "N=2048: FVU PAM" in text and "would share" in text
+    assert "| same-pool overlap | note |" in text
+    saved = json.loads((tmp_path / "sample_efficiency.json").read_text())
+    assert set(saved["tables"]) == {"main"}
     assert (tmp_path / "fvu_vs_n.png").is_file() and (tmp_path / "ce_loss_score_vs_n.png").is_file()
 
 
@@ -94,11 +113,19 @@ def test_build_budget_benchmark_quick(tmp_path: Path) -> None:
     for method in (
         "TopK SAE 8x",
         "TopK SAE 32x",
-        "ITDA 8x (stops when full)",
-        "ITDA <=32x, 8k-token budget",
+        "ITDA cos 0.9",
+        "ITDA cos 0.9, patience 1k",
+        "ITDA sized to 2x",
     ):
         assert f"| {method} |" in text
-    assert (tmp_path / "build_budget.json").is_file() and (tmp_path / "ce_vs_tokens.png").is_file()
+    assert "| L0 | patience | stops after (tokens) |" in text
+    assert "every budget's dictionary is a prefix of the next one's: True" in text
+    assert "every sized build read the tokens it was sized on: True" in text
+    saved = json.loads((tmp_path / "build_budget.json").read_text())
+    assert set(saved["tables"]) == {"budgets", "patience"}
+    assert (tmp_path / "ce_vs_tokens.png").is_file() and (
+        tmp_path / "atoms_vs_tokens.png"
+    ).is_file()
 
 
 @pytest.mark.slow
@@ -130,7 +157,9 @@ def test_render_detects_a_table_that_differs_from_its_json(tmp_path: Path) -> No
     render = _render_module()
     spec = {"columns": ["a", "b"], "rows": [["1", "2"]]}
     (tmp_path / "x.json").write_text(json.dumps({"tables": {"t": spec}}))
-    stale_text = "intro\n<!-- table: x.json#t -->\n| a | b |\n|---|---|\n| 1 | 3 |\n<!-- /table -->\n"
+    stale_text = (
+        "intro\n<!-- table: x.json#t -->\n| a | b |\n|---|---|\n| 1 | 3 |\n<!-- /table -->\n"
+    )
     assert render.stale(stale_text, tmp_path) == ["x.json#t"]
     fresh = render.render(stale_text, tmp_path)
     assert "| 1 | 2 |" in fresh and render.stale(fresh, tmp_path) == []

@@ -37,6 +37,10 @@ class BuildConfig:
     """An activation becomes an atom when cos(x, its k-step reconstruction) is below this."""
     target_atoms: int | None = None
     """Instead of cos_threshold: search the threshold whose converged dictionary has about this many atoms."""
+    target_sample_tokens: int = 65_536
+    """Tokens at the start of the stream (at most max_tokens) on which the target_atoms search runs."""
+    target_tolerance: float = 0.02
+    """Relative tolerance of the target_atoms search (at least one atom)."""
     refine: Refine = "none"
     """With target_atoms: 'energy' builds refine_factor x wider, then keeps the atoms carrying the most coefficient energy."""
     refine_factor: float = 3.0
@@ -79,7 +83,7 @@ class BuildConfig:
             )
         for name in ("target_atoms", "max_atoms", "context_size", "max_tokens", "patience_tokens"):
             _check_optional_positive(getattr(self, name), name)
-        for name in ("batch_size", "checkpoint_every"):
+        for name in ("batch_size", "checkpoint_every", "target_sample_tokens"):
             check_k(getattr(self, name), name)
         if self.encoder not in ("mp", "omp"):
             raise ValueError(f"encoder must be 'mp' or 'omp', got {self.encoder!r}")
@@ -92,6 +96,8 @@ class BuildConfig:
             raise ValueError(
                 "decision_dtype must be float32 or float64 (half precision cannot rank atoms)"
             )
+        if not (isinstance(self.target_tolerance, int | float) and 0 <= self.target_tolerance < 1):
+            raise ValueError(f"target_tolerance must be in [0, 1), got {self.target_tolerance!r}")
         if self.refine not in ("none", "energy"):
             raise ValueError(f"refine must be 'none' or 'energy', got {self.refine!r}")
         if self.refine != "none" and self.target_atoms is None:

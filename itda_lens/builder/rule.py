@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -39,6 +41,9 @@ from itda_lens.sae import ITDA
 #: Sub-batch sizes of the exact rule (tokens scored in one pass): small while most tokens become
 #: atoms (each new atom sends later tokens back to the pursuit), large once few do.
 MIN_SUB_BATCH, MAX_SUB_BATCH = 8, 4096
+#: Sub-batches of at most this many tokens are resolved on one thread: their matmuls are tiny, and
+#: multi-threaded BLAS on tiny products costs more than it saves (60x more on a busy CPU).
+SINGLE_THREAD_TOKENS = 256
 #: Growth-curve points kept in the metadata (geometric in the atom count, plus the end).
 GROWTH_POINTS = 256
 
@@ -165,7 +170,8 @@ class ITDABuilder:
                     end, i + int(torch.searchsorted(pos[rows[i:end]], int(cutoff), right=True))
                 )
             sub = rows[i:end]
-            added, last = self._resolve(x, sub, pos, batch)
+            with _threads(1 if len(sub) <= SINGLE_THREAD_TOKENS else None):
+                added, last = self._resolve(x, sub, pos, batch)
             self.tokens_scored += int((sub <= last).sum())
             if self.full:
                 self._read_until(int(pos[last]))
@@ -325,6 +331,19 @@ class ITDABuilder:
             "growth": self.growth(),
             "dictionary_seconds": round(self.seconds, 3),
         }
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: as they are), then restore."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _greedy_distinct(

@@ -40,8 +40,6 @@ from itda_lens.sources import (
 
 #: Sequences whose hash identifies a token stream (``token_stream.prefix_sha256``), for similarity.
 PREFIX_SEQUENCES = 16
-#: Tokens read to search the threshold for ``target_atoms`` (at most ``max_tokens``).
-TARGET_SAMPLE_TOKENS = 65_536
 
 #: (raw batch, sequences before it) -> ({hook: ActivationBatch}, sequences in it, forward seconds)
 ToUpdates = Callable[[Any, int], tuple[dict[str, ActivationBatch], int, float]]
@@ -206,9 +204,9 @@ def _config(cfg: BuildConfig | None, overrides: dict[str, Any]) -> BuildConfig:
 def _read_sample(
     raw: Iterator[Any], to_updates: ToUpdates, cfg: BuildConfig
 ) -> tuple[list[Any], dict[str, Tensor]]:
-    """The stream's first ``TARGET_SAMPLE_TOKENS`` tokens (at most ``max_tokens``): the raw batches
+    """The stream's first ``target_sample_tokens`` tokens (at most ``max_tokens``): the raw batches
     read (to be streamed again) and, per hook, the activations allowed to become atoms."""
-    budget = min(cfg.max_tokens or TARGET_SAMPLE_TOKENS, TARGET_SAMPLE_TOKENS)
+    budget = min(cfg.max_tokens or cfg.target_sample_tokens, cfg.target_sample_tokens)
     head: list[Any] = []
     parts: dict[str, list[Tensor]] = {}
     read = sequences = 0
@@ -346,7 +344,11 @@ def build_itda(
         "model": _model_fingerprint(model),
     }
     stream = Stream(
-        raw, to_updates, key=lambda t: t, total=total, first_tokens=lambda t: t[:, 0].tolist()
+        sizing.raw,
+        to_updates,
+        key=lambda t: t,
+        total=total,
+        first_tokens=lambda t: t[:, 0].tolist(),
     )
     builders, state = run_stream(
         stream,
@@ -413,7 +415,7 @@ def build_itda_from_activations(
 
     Each item is ``acts [n, d]``, or ``(acts, labels [n, 2])``, or ``(acts, labels, token_ids [n])``.
     Without labels an activation is labelled ``(its row in the stream, -1)``. With
-    ``target_atoms`` the threshold is searched on the first ``TARGET_SAMPLE_TOKENS`` rows (all of
+    ``target_atoms`` the threshold is searched on the first ``target_sample_tokens`` rows (all of
     them if fewer), which are buffered.
     """
     cfg = _config(cfg, overrides)
