@@ -14,13 +14,22 @@ residual streams) — ``--data gaussian`` uses isotropic data instead (the worst
 
 from __future__ import annotations
 
-import json
+import time
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import bench_parser, fmt_bytes, matmul_gflops, measure, table
+from _common import (
+    bench_parser,
+    fmt_bytes,
+    matmul_gflops,
+    measure,
+    prepare,
+    record,
+    table,
+    table_spec,
+)
 from sklearn.linear_model import orthogonal_mp_gram
 
 from itda_lens.pursuit import (
@@ -104,12 +113,12 @@ def run_config(n: int, d: int, k: int, tokens: int, sk_tokens: int, data: str, r
 
 
 def main() -> None:
-    parser = bench_parser(__doc__)
+    parser = bench_parser(__doc__, "bench_out/pursuit")
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--data", choices=["anisotropic", "gaussian"], default="anisotropic")
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    prepare(args)
+    t0 = time.perf_counter()
     tokens = args.tokens or (256 if args.quick else 2048)
     sk_tokens = 32 if args.quick else 256
     # compile (or load from numba's on-disk cache) the fused kernel before anything is timed
@@ -133,28 +142,26 @@ def main() -> None:
         "sklearn OMP tok/s",
         "OMP / sklearn",
     ]
+    mem_cols = [
+        "n",
+        "d",
+        "reference peak",
+        "MP peak",
+        "OMP peak",
+        "Gram build s",
+        "MP = reference (tokens, codes within 1e-4 of norm x)",
+        "OMP-vs-sklearn max abs diff / max norm x",
+    ]
     print(table(rows, cols))
     print()
-    print(
-        table(
-            rows,
-            [
-                "n",
-                "d",
-                "reference peak",
-                "MP peak",
-                "OMP peak",
-                "Gram build s",
-                "MP = reference (tokens, codes within 1e-4 of norm x)",
-                "OMP-vs-sklearn max abs diff / max norm x",
-            ],
-        )
+    print(table(rows, mem_cols))
+    record(
+        "pursuit",
+        args,
+        {"speed": table_spec(rows, cols), "memory": table_spec(rows, mem_cols)},
+        {"gflops": rate, "tokens": tokens, "data": args.data, "rows": rows},
+        time.perf_counter() - t0,
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"gflops": rate, "tokens": tokens, "data": args.data, "rows": rows}, f, indent=2
-            )
 
 
 if __name__ == "__main__":

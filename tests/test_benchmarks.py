@@ -37,7 +37,8 @@ def test_pursuit_benchmark_quick() -> None:
 @pytest.mark.slow
 def test_build_benchmark_quick() -> None:
     text = run_quick("build.py")
-    assert "dictionary / forward" in text and "same dictionary: True" in text
+    assert "dictionary / forward" in text
+    assert "exact rule: same dictionary at every batch size: True" in text
 
 
 @pytest.mark.slow
