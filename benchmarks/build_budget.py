@@ -32,9 +32,10 @@ import torch
 from _common import bench_parser, prepare, record, table, table_spec
 
 from itda_lens import ITDA, build_itda, zoo
+from itda_lens.activations import collect_activations
 from itda_lens.evals import evaluate
 from itda_lens.plots import line_plot
-from itda_lens.sae_training import collect_activations, train_sae
+from itda_lens.training import train_sae
 
 MODEL, HOOK = "kjv-4l128-s0", "blocks.2.hook_resid_post"
 COS = 0.9

@@ -21,9 +21,9 @@ import torch
 from _common import bench_parser, prepare, record, table, table_spec
 
 from itda_lens import ITDA, build_itda_from_activations, zoo
+from itda_lens.activations import collect_activations
 from itda_lens.analysis import fvu
 from itda_lens.plots import line_plot
-from itda_lens.sae_training import collect_activations
 
 MODELS = {"kjv-4l128-s0": "blocks.2.hook_resid_post", "kjv-6l160-s0": "blocks.3.hook_resid_post"}
 DRAWS = 5

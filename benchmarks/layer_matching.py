@@ -28,6 +28,7 @@ import torch
 from _common import bench_parser, prepare, record, table, table_spec
 
 from itda_lens import build_itda, zoo
+from itda_lens.activations import hook_activations, special_token_ids
 from itda_lens.plots import heatmap, line_plot
 from itda_lens.similarity import (
     PairStats,
@@ -37,7 +38,6 @@ from itda_lens.similarity import (
     similarity_matrix,
     span_jaccard,
 )
-from itda_lens.sources import hook_activations, special_token_ids
 
 MEASURES = ("ITDA Jaccard", "linear CKA", "SVCCA", "relative", "linear regression R2")
 K, COS = 8, 0.9

@@ -39,13 +39,14 @@ import torch
 from _common import bench_parser, prepare, record, series_by, table, table_spec
 
 from itda_lens import ITDA, build_itda_from_activations, zoo
+from itda_lens.activations import CachedActivations, collect_activations
 from itda_lens.analysis import fvu
 from itda_lens.evals import evaluate
-from itda_lens.kmeans import fit_kmeans_sae, fit_local_pca_sae
-from itda_lens.pam import PAMSettings, train_pam
 from itda_lens.plots import line_plot
-from itda_lens.power import latent_geometry, power_diagram, region_ids, region_stats
-from itda_lens.sae_training import CachedActivations, collect_activations, train_sae
+from itda_lens.splinterp.kmeans import fit_kmeans_sae, fit_local_pca_sae
+from itda_lens.splinterp.pam import PAMSettings, train_pam
+from itda_lens.splinterp.power import latent_geometry, power_diagram, region_ids, region_stats
+from itda_lens.training import train_sae
 
 MODEL, HOOK = "kjv-4l128-s0", "blocks.2.hook_resid_post"
 BATCH = 256

@@ -37,15 +37,11 @@ import torch
 from _common import bench_parser, prepare, record, series_by, table, table_spec
 
 from itda_lens import ITDA, build_itda, zoo
+from itda_lens.activations import CachedActivations, collect_activations, usage_metadata
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import line_plot
 from itda_lens.probing import probe_data
-from itda_lens.sae_training import (
-    CachedActivations,
-    collect_activations,
-    train_sae,
-    usage_metadata,
-)
+from itda_lens.training import train_sae
 
 FULL = [("kjv-4l128-s0", "blocks.2.hook_resid_post"), ("kjv-6l160-s0", "blocks.3.hook_resid_post")]
 L0_FRACTIONS = (0.025, 0.0625, 0.125, 0.25)

@@ -10,8 +10,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from itda_lens.sae import ITDA
-from itda_lens.sources import hook_activations, stop_at_layer, token_batches
+from itda_lens.activations import iter_hook_activations, token_batches
+from itda_lens.saes import ITDA
 
 
 def fvu(x: Float[Tensor, "n d"], recon: Float[Tensor, "n d"]) -> float:
@@ -32,26 +32,16 @@ class AtomUsage:
 def atom_usage(
     itda: ITDA, model: Any, tokens: Int[Tensor, "n seq"], *, batch_size: int = 32
 ) -> AtomUsage:
-    """Encode ``tokens`` at the ITDA's hook and count each atom's use (excluding BOS/PAD positions)."""
+    """Encode ``tokens`` at the ITDA's hook and count each atom's use (special positions skipped)."""
     hook = itda.cfg.metadata.hook_name
-    stop = stop_at_layer([hook])
-    tok = getattr(model, "tokenizer", None)
-    skip = {
-        i
-        for i in (getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None))
-        if i is not None
-    }
     d_sae = itda.cfg.d_sae
     counts = torch.zeros(d_sae, dtype=torch.long)
     top_value = torch.zeros(d_sae)
     top_where = torch.full((d_sae, 2), -1, dtype=torch.long)
-    n_tokens, offset = 0, 0
-    for batch in token_batches(tokens, batch_size):
-        acts = hook_activations(model, batch, [hook], stop)[hook]
-        b, s = batch.shape
-        code = itda.encode_sparse(acts.reshape(b * s, -1))
-        keep = ~torch.isin(batch.reshape(-1), torch.tensor(sorted(skip), dtype=torch.long))
-        idx, val = code.indices[keep].cpu(), code.values[keep].abs().float().cpu()
+    n_tokens = 0
+    for batch in iter_hook_activations(model, tokens, [hook], batch_size=batch_size):
+        code = itda.encode_sparse(batch.kept(hook))
+        idx, val = code.indices.cpu(), code.values.abs().float().cpu()
         flat_idx, flat_val = idx.flatten(), val.flatten()
         flat_row = torch.arange(idx.shape[0]).repeat_interleave(idx.shape[1])
         m = flat_val > 0  # an atom picked twice for one token counts once
@@ -62,13 +52,10 @@ def atom_usage(
         first = torch.full((d_sae,), idx.shape[0], dtype=torch.long)
         first = first.scatter_reduce(0, flat_idx[hit], flat_row[hit], "amin")
         better = best > top_value
-        where = torch.stack(
-            [torch.arange(b).repeat_interleave(s) + offset, torch.arange(s).repeat(b)], 1
-        )[keep]
+        where = batch.labels[batch.keep]
         top_where[better] = where[first[better]]
         top_value = torch.maximum(top_value, best)
-        n_tokens += int(keep.sum())
-        offset += b
+        n_tokens += int(batch.keep.sum())
     return AtomUsage(counts, n_tokens, top_value, top_where)
 
 

@@ -16,22 +16,23 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from sae_lens.util import extract_layer_from_tlens_hook_name as hook_layer_of
 from tqdm.auto import tqdm
 
 from itda_lens import zoo
+from itda_lens.activations import check_hook_names, collect_activations, token_batches
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import build_itda
 from itda_lens.demo import DEMO_CONFIG, default_setup, run_demo
 from itda_lens.evals import evaluate_all
-from itda_lens.kmeans import fit_kmeans_sae, fit_local_pca_sae
-from itda_lens.pam import PAMSettings, train_pam
 from itda_lens.plots import heatmap
 from itda_lens.probing import probe_data
 from itda_lens.resolve import resolve_model, resolve_tokens
-from itda_lens.sae import ITDA, check_sae_folder, hook_layer_of
-from itda_lens.sae_training import collect_activations, train_sae
+from itda_lens.saes import ITDA, check_sae_folder
 from itda_lens.similarity import model_jaccard, similarity_matrix
-from itda_lens.sources import check_hook_names, token_batches
+from itda_lens.splinterp.kmeans import fit_kmeans_sae, fit_local_pca_sae
+from itda_lens.splinterp.pam import PAMSettings, train_pam
+from itda_lens.training import train_sae
 
 MODEL_HELP = (
     "zoo model (default kjv-4l128-s0), model folder, or TransformerLens pretrained name (hub)"

@@ -17,13 +17,12 @@ from sae_lens import HookedSAETransformer
 from torch import Tensor
 
 from itda_lens import zoo
+from itda_lens.activations import iter_hook_activations, usage_metadata
 from itda_lens.analysis import atom_usage, fvu, in_context, replay_sequences
 from itda_lens.builder import BuildConfig, build_itda
 from itda_lens.evals import evaluate
 from itda_lens.plots import line_plot
-from itda_lens.sae import ITDA
-from itda_lens.sae_training import usage_metadata
-from itda_lens.sources import hook_activations, special_token_ids, stop_at_layer, token_batches
+from itda_lens.saes import ITDA
 
 
 @dataclass
@@ -217,13 +216,10 @@ def _random_control(itda: ITDA, train_acts: Tensor) -> ITDA:
 
 def _acts(setup: DemoSetup, tokens: Tensor, hooks: list[str]) -> dict[str, Tensor]:
     """Activations at ``hooks`` for the non-special positions of ``tokens``, one forward pass."""
-    stop = stop_at_layer(hooks)
-    skip = torch.tensor(special_token_ids(setup.model), dtype=torch.long)
     parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
-    for batch in token_batches(tokens, 64):
-        keep = ~torch.isin(batch.reshape(-1), skip)
-        for h, a in hook_activations(setup.model, batch, hooks, stop).items():
-            parts[h].append(a.reshape(-1, a.shape[-1])[keep].float())
+    for batch in iter_hook_activations(setup.model, tokens, hooks, batch_size=64):
+        for h in hooks:
+            parts[h].append(batch.kept(h).float())
     return {h: torch.cat(p) for h, p in parts.items()}
 
 

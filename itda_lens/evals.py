@@ -23,8 +23,8 @@ from sae_lens.training.activations_store import ActivationsStore
 from torch import Tensor
 from transformer_lens import HookedRootModule
 
+from itda_lens.activations import special_token_ids
 from itda_lens.probing import ProbeData, mean_over_tasks, pooled_features, sparse_probe
-from itda_lens.sources import special_token_ids
 
 try:  # SAEBench is an optional extra (itda_lens[saebench])
     from sae_bench.evals.core import main as saebench_core_main

@@ -19,78 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 from itda_lens import zoo
-from itda_lens.sources import hook_activations, special_token_ids, stop_at_layer
+from itda_lens.activations import iter_hook_activations
 from itda_lens.zoo.corpus import document_books
+from itda_lens.zoo.tasks import TASKS
 
-LAW = ("Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy")
-HISTORY = (
-    "Joshua",
-    "Judges",
-    "1 Samuel",
-    "2 Samuel",
-    "1 Kings",
-    "2 Kings",
-    "1 Chronicles",
-    "2 Chronicles",
-    "Ezra",
-    "Nehemiah",
-    "Esther",
-)
-POETRY = ("Job", "Psalms", "Proverbs", "Song of Solomon")
-PROPHETS = (
-    "Isaiah",
-    "Jeremiah",
-    "Lamentations",
-    "Ezekiel",
-    "Daniel",
-    "Hosea",
-    "Amos",
-    "Obadiah",
-    "Jonah",
-    "Micah",
-    "Nahum",
-    "Habakkuk",
-    "Zephaniah",
-    "Haggai",
-    "Zechariah",
-    "Malachi",
-)
-GOSPELS_ACTS = ("Matthew", "Luke", "John", "Acts")
-EPISTLES = (
-    "Romans",
-    "1 Corinthians",
-    "2 Corinthians",
-    "Ephesians",
-    "Philippians",
-    "Colossians",
-    "1 Thessalonians",
-    "2 Thessalonians",
-    "1 Timothy",
-    "2 Timothy",
-    "Titus",
-    "Philemon",
-    "Hebrews",
-    "James",
-    "1 Peter",
-    "2 Peter",
-    "1 John",
-    "2 John",
-    "3 John",
-    "Revelation",
-)
-OLD = LAW + HISTORY + POETRY + PROPHETS
-#: task name -> (books of class 0, books of class 1)
-TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "old_vs_new_testament": (OLD, GOSPELS_ACTS + EPISTLES),
-    "law_vs_prophets": (LAW, PROPHETS),
-    "poetry_vs_history": (POETRY, HISTORY),
-    "gospels_vs_epistles": (GOSPELS_ACTS, EPISTLES),
-}
 K_VALUES: tuple[int | None, ...] = (1, 2, 5, None)  # None = all latents
 
 
@@ -149,14 +84,12 @@ def pooled_features(
     batch_size: int = 32,
 ) -> Float[np.ndarray, "n f"]:
     """Mean over non-special positions of ``encode(activations)`` for every window."""
-    stop = stop_at_layer([hook_name])
-    skip = torch.tensor(special_token_ids(model), dtype=torch.long)
     out = []
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size]
-        acts = hook_activations(model, batch, [hook_name], stop)[hook_name]
-        feats = encode(acts)
-        keep = (~torch.isin(batch, skip)).unsqueeze(-1).to(feats.dtype)
+    for batch in iter_hook_activations(model, tokens, [hook_name], batch_size=batch_size):
+        feats = encode(batch.acts[hook_name])
+        b = batch.n_sequences
+        feats = feats.reshape(b, -1, feats.shape[-1])
+        keep = batch.keep.reshape(b, -1, 1).to(feats.device, feats.dtype)
         out.append(((feats * keep).sum(1) / keep.sum(1).clamp_min(1)).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -165,6 +98,9 @@ def sparse_probe(
     features: np.ndarray, data: ProbeData, k_values: tuple[int | None, ...] = K_VALUES
 ) -> dict[str, dict[str, float]]:
     """Test accuracy per task and k (SAEBench's top-k-by-mean-difference selection)."""
+    from sklearn.linear_model import LogisticRegression  # only the probes need scikit-learn
+    from sklearn.preprocessing import StandardScaler
+
     results: dict[str, dict[str, float]] = {}
     for name, (tr_i, tr_y, te_i, te_y) in data.tasks.items():
         x_tr, x_te = features[tr_i], features[te_i]

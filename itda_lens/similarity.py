@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from itda_lens.sae import ITDA
+from itda_lens.saes import ITDA
 
 
 class IncompatibleLabels(ValueError):

@@ -215,7 +215,8 @@ def test_eval_command_on_itda_and_sae_folders(
     import json
 
     from itda_lens import zoo
-    from itda_lens.sae_training import collect_activations, train_sae
+    from itda_lens.activations import collect_activations
+    from itda_lens.training import train_sae
 
     itda_dir = tmp_path / "itda"
     assert (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from itda_lens.probing import TASKS, ProbeData, mean_over_tasks, probe_data, sparse_probe
+from itda_lens.probing import ProbeData, mean_over_tasks, probe_data, sparse_probe
+from itda_lens.zoo.tasks import TASKS
 from itda_lens.zoo.corpus import document_books
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from itda_lens.builder.config import BuildConfig
 from itda_lens.builder.rule import ITDABuilder
 from itda_lens.dictionary import AtomStore
-from itda_lens.sae import atomic_write
+from itda_lens.saes import atomic_write
 
 CHECKPOINT_FILE = "itda_checkpoint.safetensors"
 VERSION = 2

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from itda_lens.sae import ITDA
+from itda_lens.saes import ITDA
 
 ENCODE_CHUNK = 8192
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from itda_lens.builder.config import BuildConfig
 from itda_lens.dictionary import AtomStore
 from itda_lens.pursuit import decode, pursue
-from itda_lens.sae import ITDA
+from itda_lens.saes import ITDA
 
 #: Sub-batch sizes of the exact rule (tokens scored in one pass): small while most tokens become
 #: atoms (each new atom sends later tokens back to the pursuit), large once few do.

@@ -23,20 +23,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedRootModule
 
+from itda_lens.activations import (
+    TokenInput,
+    check_hook_names,
+    excluded_token_ids,
+    read_batch,
+    token_batches,
+)
 from itda_lens.builder.checkpoint import Checkpointer
 from itda_lens.builder.config import BuildConfig
 from itda_lens.builder.refine import prune_by_energy
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 from itda_lens.builder.target import ThresholdSearch, find_threshold
-from itda_lens.sae import ITDA
-from itda_lens.sources import (
-    TokenInput,
-    check_hook_names,
-    excluded_token_ids,
-    hook_activations,
-    stop_at_layer,
-    token_batches,
-)
+from itda_lens.saes import ITDA
 
 #: Sequences whose hash identifies a token stream (``token_stream.prefix_sha256``), for similarity.
 PREFIX_SEQUENCES = 16
@@ -294,34 +293,16 @@ def build_itda(
     excluded = torch.tensor(
         excluded_token_ids(model, "auto" if cfg.exclude_special_tokens else None), dtype=torch.long
     )
-    stop = stop_at_layer(hooks)
     tokenizer = getattr(model, "tokenizer", None)
-    d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
     model_device = getattr(getattr(model, "cfg", None), "device", None) or "cpu"
     device = cfg.device if cfg.device is not None else model_device
 
     def to_updates(toks: Tensor, offset: int) -> tuple[dict[str, ActivationBatch], int, float]:
-        if d_vocab is not None and (int(toks.max()) >= d_vocab or int(toks.min()) < 0):
-            raise ValueError(
-                f"token ids must lie in [0, {d_vocab}); got range [{int(toks.min())}, {int(toks.max())}]"
-            )
-        t0 = time.perf_counter()
-        acts = hook_activations(model, toks, hooks, stop)
-        fwd = time.perf_counter() - t0
-        b, s = toks.shape
-        seq = torch.arange(offset, offset + b).repeat_interleave(s)
-        pos = torch.arange(s).repeat(b)
-        labels = torch.stack([seq, pos], dim=1)
-        flat = toks.reshape(-1).cpu()
-        eligible = ~torch.isin(flat, excluded)
-        return (
-            {
-                h: ActivationBatch(a.reshape(b * s, -1), labels, flat, eligible)
-                for h, a in acts.items()
-            },
-            b,
-            fwd,
-        )
+        hb = read_batch(model, toks, hooks, offset=offset, skip_token_ids=excluded.tolist())
+        updates = {
+            h: ActivationBatch(a, hb.labels, hb.token_ids, hb.keep) for h, a in hb.acts.items()
+        }
+        return updates, hb.n_sequences, hb.forward_seconds
 
     total = None
     if isinstance(tokens, Tensor) and tokens.ndim == 2:

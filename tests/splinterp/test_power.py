@@ -10,10 +10,10 @@ from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
 from scipy.stats import spearmanr
 
 from itda_lens import ITDA
-from itda_lens.kmeans import fit_kmeans_sae, fit_local_pca_sae
-from itda_lens.power import latent_geometry, power_diagram, region_ids, region_stats
+from itda_lens.activations import CachedActivations
 from itda_lens.pursuit import matching_pursuit
-from itda_lens.sae_training import CachedActivations
+from itda_lens.splinterp.kmeans import fit_kmeans_sae, fit_local_pca_sae
+from itda_lens.splinterp.power import latent_geometry, power_diagram, region_ids, region_stats
 
 
 def _topk_sae(d_in: int = 6, d_sae: int = 40, k: int = 5, **cfg) -> SAE:

@@ -1,7 +1,7 @@
 """Comparison SAEs trained with sae_lens's own trainer, offline, from cached activations.
 
-``collect_activations`` runs the model once and keeps the activations at one hook (special-token
-positions dropped); ``train_sae`` feeds shuffled batches of them to ``sae_lens.SAETrainer`` and
+``train_sae`` feeds shuffled batches of :class:`~itda_lens.activations.CachedActivations` (from
+``collect_activations``) to ``sae_lens.SAETrainer`` and
 returns the *inference* SAE that sae_lens saves and loads (BatchTopK comes back as JumpReLU), with
 the metadata evals need. Architectures: TopK, BatchTopK, AbsTopK (signed top-k by |pre-activation|)
 and matching pursuit (a trained dictionary, tied encoder, at most ``k`` greedy MP steps). Caching
@@ -12,143 +12,27 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
-from jaxtyping import Float, Int
 from sae_lens import (
     SAE,
     AbsTopKTrainingSAEConfig,
     BatchTopKTrainingSAEConfig,
     MatchingPursuitTrainingSAEConfig,
-    SAEConfig,
     TopKTrainingSAEConfig,
 )
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
-from transformer_lens import HookedRootModule
 
-from itda_lens.sources import (
-    TokenInput,
-    hook_activations,
-    special_token_ids,
-    stop_at_layer,
-    token_batches,
-)
-
-USAGE_KEYS = ("hook_name", "model_name", "context_size", "prepend_bos")
+from itda_lens.activations import CachedActivations, set_metadata
 
 TrainArchitecture = Literal["topk", "batchtopk", "abstopk", "matching_pursuit"]
 TRAIN_ARCHITECTURES: tuple[TrainArchitecture, ...] = get_args(TrainArchitecture)
-
-
-@dataclass
-class CachedActivations:
-    """Activations at one hook for the non-special positions of some tokens, in stream order."""
-
-    acts: Float[Tensor, "n d"]
-    token_ids: Int[Tensor, " n"]
-    hook_name: str
-    context_size: int
-    forward_seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.acts.shape[0] / max(self.forward_seconds, 1e-9)
-
-    def usage_metadata(self, model_name: str | None) -> dict[str, Any]:
-        """The sae_lens metadata an SAE trained on these activations needs to be attached and
-        evaluated where they came from."""
-        return {
-            "hook_name": self.hook_name,
-            "model_name": model_name,
-            "context_size": self.context_size,
-            "prepend_bos": True,
-        }
-
-
-def usage_metadata(sae: SAE[Any]) -> dict[str, Any]:
-    """The same keys, read from an existing SAE (for another SAE used in its place)."""
-    return {k: v for k, v in sae.cfg.metadata.to_dict().items() if k in USAGE_KEYS}
-
-
-def set_metadata(cfg: SAEConfig, values: Mapping[str, Any]) -> None:
-    """Write ``values`` into ``cfg.metadata``."""
-    for key, value in values.items():
-        cfg.metadata[key] = value
-
-
-def collect_activations(
-    model: HookedRootModule,
-    tokens: TokenInput,
-    hook_name: str,
-    *,
-    batch_size: int = 32,
-    context_size: int | None = None,
-    max_tokens: int | None = None,
-) -> CachedActivations:
-    """One forward pass (stopping after ``hook_name``) over ``tokens`` (a token tensor, batches, or a
-    dataset, as for ``build_itda``); BOS/EOS/PAD positions dropped; at most ``max_tokens`` kept."""
-    stop = stop_at_layer([hook_name])
-    skip = torch.tensor(special_token_ids(model), dtype=torch.long)
-    chunks, ids, seconds, kept, seq = [], [], 0.0, 0, 0
-    tokenizer = getattr(model, "tokenizer", None)
-    for batch in token_batches(tokens, batch_size, context_size=context_size, tokenizer=tokenizer):
-        t0 = time.perf_counter()
-        acts = hook_activations(model, batch, [hook_name], stop)[hook_name]
-        seconds += time.perf_counter() - t0
-        keep = ~torch.isin(batch.reshape(-1).cpu(), skip)
-        chunks.append(acts.reshape(-1, acts.shape[-1])[keep.to(acts.device)].float().cpu())
-        ids.append(batch.reshape(-1).cpu()[keep])
-        kept += int(keep.sum())
-        seq = batch.shape[1]
-        if max_tokens is not None and kept >= max_tokens:
-            break
-    if not chunks or kept == 0:
-        raise ValueError("no activations collected: the token input is empty or all special tokens")
-    acts_all, ids_all = torch.cat(chunks), torch.cat(ids)
-    if max_tokens is not None:
-        acts_all, ids_all = acts_all[:max_tokens], ids_all[:max_tokens]
-    return CachedActivations(acts_all, ids_all, hook_name, seq, seconds)
-
-
-@dataclass
-class ActivationSummary:
-    """Streamed first and second moments of an activation matrix (no full-size copies)."""
-
-    count: int
-    mean: Float[Tensor, " d"]
-    mean_norm: float
-    variance: Float[Tensor, " d"]
-
-
-def summarise_activations(acts: Tensor, chunk_size: int = 8192) -> ActivationSummary:
-    """Check ``acts`` is a finite float matrix ``[n, d]`` and summarise it chunk by chunk (works on
-    memory-mapped tensors without reading them into memory at once)."""
-    if not isinstance(acts, Tensor) or acts.ndim != 2 or not acts.is_floating_point():
-        raise ValueError(
-            f"activations must be a float tensor [n, d_in], got {getattr(acts, 'shape', type(acts))}"
-        )
-    n, d = acts.shape
-    if n == 0:
-        raise ValueError("no activations")
-    total = torch.zeros(d, dtype=torch.float64)
-    sq = torch.zeros(d, dtype=torch.float64)
-    norms = 0.0
-    for start in range(0, n, chunk_size):
-        x = acts[start : start + chunk_size].double().cpu()
-        if not bool(torch.isfinite(x).all()):
-            bad = start + int((~torch.isfinite(x)).any(1).nonzero()[0])
-            raise ValueError(f"activations contain NaN or Inf (first at row {bad})")
-        total += x.sum(0)
-        sq += (x * x).sum(0)
-        norms += float(x.norm(dim=1).sum())
-    mean = total / n
-    return ActivationSummary(n, mean, norms / n, (sq / n - mean * mean).clamp_min(0))
 
 
 def shuffled_batches(acts: Tensor, batch_size: int, seed: int = 0) -> Iterator[Tensor]:

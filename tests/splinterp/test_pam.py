@@ -8,8 +8,9 @@ import pytest
 import torch
 from sae_lens import SAE, AbsTopKSAE, StandardSAE, TopKSAE
 
+from itda_lens.activations import CachedActivations, collect_activations
 from itda_lens.evals import evaluate, saebench_core
-from itda_lens.pam import (
+from itda_lens.splinterp.pam import (
     DecoderStats,
     PAMSettings,
     _codes,
@@ -18,7 +19,6 @@ from itda_lens.pam import (
     to_sae_lens,
     train_pam,
 )
-from itda_lens.sae_training import CachedActivations, collect_activations
 from tests.helpers import make_tokens
 
 HOOK = "blocks.1.hook_resid_post"

@@ -25,8 +25,8 @@ from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from itda_lens.kmeans import KMeansSAE, LocalPCASAE
-from itda_lens.sae import ITDA
+from itda_lens.saes import ITDA
+from itda_lens.saes.cluster import KMeansSAE, LocalPCASAE
 
 CHUNK = 8192
 

@@ -12,11 +12,10 @@ from sae_lens import SAE
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
+from itda_lens.activations import CachedActivations, collect_activations
 from itda_lens.evals import evaluate, saebench_core
-from itda_lens.kmeans import (
-    KMeansSAE,
-    KMeansSAEConfig,
-    LocalPCASAE,
+from itda_lens.saes.cluster import KMeansSAE, KMeansSAEConfig, LocalPCASAE
+from itda_lens.splinterp.kmeans import (
     assign_nearest,
     fit_kmeans_sae,
     fit_local_pca_sae,
@@ -24,7 +23,6 @@ from itda_lens.kmeans import (
     lloyd,
     local_pca,
 )
-from itda_lens.sae_training import CachedActivations, collect_activations
 from tests.helpers import make_tokens
 
 HOOK = "blocks.1.hook_resid_post"
@@ -145,7 +143,7 @@ def test_cluster_saes_round_trip_and_run_in_sae_lens(model, tmp_path) -> None:
 
 
 def test_cluster_configs_refuse_impossible_settings() -> None:
-    from itda_lens.kmeans import LocalPCASAEConfig
+    from itda_lens.saes.cluster import LocalPCASAEConfig
 
     with pytest.raises(ValueError, match="multiple"):
         LocalPCASAEConfig(d_in=4, d_sae=10, n_components=2)

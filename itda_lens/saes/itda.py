@@ -1,4 +1,4 @@
-"""ITDA as a sae_lens SAE: architecture "itda", registered with sae_lens on import.
+"""ITDA as a sae_lens SAE: architecture "itda".
 
 The decoder is the dictionary: ``W_dec`` holds unit-norm atoms ``[d_sae, d_in]``; ``W_enc`` is the
 tied transpose (a property, never zeros); ``b_dec`` is zero and unused. ``encode`` runs signed
@@ -7,14 +7,12 @@ matching pursuit (or OMP) with ``cfg.k`` steps and returns dense codes like ever
 ``(sequence index, token position)`` in the token stream the builder read, and ``atom_token_ids`` —
 is an int64 buffer that survives ``save_model`` / ``SAE.load_from_disk``.
 
-This module and ``kmeans`` (the cluster SAEs) are the ones that subclass sae_lens's SAE.
+Registered with sae_lens (with the other architectures) in ``itda_lens/__init__.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,9 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE, SAEConfig
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
-from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
-from sae_lens.util import str_to_dtype
-from safetensors import SafetensorError, safe_open
+from sae_lens.util import dtype_to_str, extract_layer_from_tlens_hook_name, str_to_dtype
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from typing_extensions import override
@@ -42,6 +38,7 @@ from itda_lens.pursuit import (
     omp_values,
     orthogonal_matching_pursuit,
 )
+from itda_lens.saes._io import atomic_write, check_sae_folder
 
 ARCHITECTURE = "itda"
 _INT_BUFFERS = ("atom_labels", "atom_token_ids")
@@ -77,12 +74,6 @@ class ITDAConfig(SAEConfig):
                 "ITDA codes scale with their input (pursuit is scale-equivariant), so "
                 f"normalize_activations must be 'none', got {self.normalize_activations!r}"
             )
-
-
-def hook_layer_of(hook_name: str | None) -> int | None:
-    """Layer index in a TransformerLens hook name (``blocks.3.hook_resid_post`` -> 3)."""
-    match = re.search(r"blocks\.(\d+)\.", hook_name or "")
-    return int(match.group(1)) if match else None
 
 
 def _to_bytes(t: Tensor) -> Tensor:
@@ -285,7 +276,7 @@ class ITDA(SAE[ITDAConfig]):
         device = torch.device(device) if device is not None else atoms.device
         meta: dict[str, Any] = {
             "hook_name": hook_name,
-            "hook_layer": hook_layer_of(hook_name),
+            "hook_layer": None,
             "model_name": model_name,
             "context_size": context_size,
             "prepend_bos": prepend_bos,
@@ -295,9 +286,10 @@ class ITDA(SAE[ITDAConfig]):
         }
         meta.update(metadata or {})
         if meta.get("hook_layer") is None:
-            meta["hook_layer"] = hook_layer_of(meta.get("hook_name"))
+            name = meta.get("hook_name")
+            meta["hook_layer"] = extract_layer_from_tlens_hook_name(name) if name else None
         cfg = ITDAConfig(
-            d_in=d_in, d_sae=n, k=k, encoder=encoder, dtype=_dtype_str(dtype), device=str(device)
+            d_in=d_in, d_sae=n, k=k, encoder=encoder, dtype=dtype_to_str(dtype), device=str(device)
         )
         for key, value in meta.items():
             cfg.metadata[key] = value
@@ -402,31 +394,6 @@ class ITDA(SAE[ITDAConfig]):
         return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
 
 
-def check_sae_folder(path: str | Path) -> dict[str, Any]:
-    """Validate a sae_lens save folder (cfg.json + readable weights) before loading; return its cfg."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no SAE folder at {path}")
-    cfg_path, weights_path = path / SAE_CFG_FILENAME, path / SAE_WEIGHTS_FILENAME
-    if not cfg_path.is_file():
-        raise ValueError(f"{path} is not an SAE folder: it has no {SAE_CFG_FILENAME}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"corrupt {cfg_path}: {err}") from err
-    if not isinstance(cfg, dict) or "architecture" not in cfg:
-        raise ValueError(f"{cfg_path} is not a sae_lens config (no architecture)")
-    if not weights_path.is_file():
-        raise ValueError(f"{path} is incomplete: {SAE_WEIGHTS_FILENAME} is missing")
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - reading every tensor catches truncated payloads
-                f.get_slice(key)[:]
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"corrupt or truncated weights file {weights_path}: {err}") from err
-    return cfg
-
-
 def check_itda_folder(path: str | Path) -> dict[str, Any]:
     """Validate an ITDA save folder before loading; return its cfg dict."""
     cfg = check_sae_folder(path)
@@ -435,17 +402,6 @@ def check_itda_folder(path: str | Path) -> dict[str, Any]:
             f"{path} is not an ITDA: its cfg.json has architecture {cfg.get('architecture')!r}"
         )
     return cfg
-
-
-def atomic_write(target: Path, write: Any) -> None:
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _int_tensor(value: Tensor | None, shape: tuple[int, ...], name: str) -> Tensor:
@@ -457,28 +413,3 @@ def _int_tensor(value: Tensor | None, shape: tuple[int, ...], name: str) -> Tens
     if tuple(value.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
     return value.to(torch.long).cpu()
-
-
-def _dtype_str(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def register_architecture(name: str, sae_class: type[SAE[Any]], cfg_class: type[SAEConfig]) -> None:
-    """Register an architecture with sae_lens; idempotent under re-import (e.g. module reloads),
-    loud if a different class already owns the name."""
-    current = SAE_CLASS_REGISTRY.get(name)
-    if current is None:
-        register_sae_class(name, sae_class, cfg_class)
-    elif (current[0].__module__, current[0].__qualname__) == (
-        sae_class.__module__,
-        sae_class.__qualname__,
-    ):
-        SAE_CLASS_REGISTRY[name] = (sae_class, cfg_class)
-    else:
-        raise RuntimeError(
-            f"sae_lens architecture {name!r} is already registered by "
-            f"{current[0].__module__}.{current[0].__qualname__}"
-        )
-
-
-register_architecture(ARCHITECTURE, ITDA, ITDAConfig)

@@ -22,7 +22,7 @@ from sae_lens.training.activations_store import ActivationsStore
 import itda_lens
 from itda_lens import ITDA, build_itda
 from itda_lens.pursuit import matching_pursuit, orthogonal_matching_pursuit
-from itda_lens.sae import register_architecture
+from itda_lens.saes import register_architecture
 from tests.helpers import BOS, PAD, SEQ, make_tokens
 
 HOOK = "blocks.1.hook_resid_post"
@@ -240,7 +240,7 @@ def test_registration_is_idempotent_and_guards_conflicts(monkeypatch: pytest.Mon
 def test_reimport_in_a_fresh_process_is_safe(itda: ITDA, tmp_path: Path) -> None:
     itda.save_model(tmp_path)
     code = (
-        "import importlib, itda_lens, itda_lens.sae as s; importlib.reload(s); importlib.reload(itda_lens);"
+        "import importlib, itda_lens, itda_lens.saes.itda as s; importlib.reload(s); importlib.reload(itda_lens);"
         f"from sae_lens import SAE; print(type(SAE.load_from_disk(r'{tmp_path}')).__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -285,7 +285,7 @@ def test_gram_cache_follows_in_place_edits(itda: ITDA, acts: torch.Tensor) -> No
 def test_large_dictionaries_skip_the_gram(
     itda: ITDA, acts: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import itda_lens.sae as sae_module
+    import itda_lens.saes.itda as sae_module
 
     full = itda.encode(acts)
     copy = itda.crop(itda.cfg.d_sae)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from sae_lens import SAE, AbsTopKSAE, MatchingPursuitSAE
 
+from itda_lens.activations import collect_activations
 from itda_lens.evals import evaluate
-from itda_lens.sae_training import collect_activations, shuffled_batches, train_sae
+from itda_lens.training import shuffled_batches, train_sae
 from tests.helpers import BOS, make_tokens
 
 HOOK = "blocks.1.hook_resid_post"
@@ -112,7 +113,7 @@ def test_unknown_architecture_names_the_valid_ones(cached) -> None:
 
 
 def test_summarise_activations_matches_torch_and_names_bad_rows() -> None:
-    from itda_lens.sae_training import summarise_activations
+    from itda_lens.activations import summarise_activations
 
     x = torch.randn(1000, 7, generator=torch.Generator().manual_seed(0)) * 3 + 1
     s = summarise_activations(x, chunk_size=128)

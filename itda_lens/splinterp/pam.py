@@ -30,13 +30,8 @@ from sae_lens.saes.abstopk_sae import AbsTopK
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from itda_lens.sae_training import (
-    CachedActivations,
-    TrainedSAE,
-    set_metadata,
-    shuffled_batches,
-    summarise_activations,
-)
+from itda_lens.activations import CachedActivations, set_metadata, summarise_activations
+from itda_lens.training import TrainedSAE, shuffled_batches
 
 
 @dataclass

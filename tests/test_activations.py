@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from itda_lens.sources import (
+from itda_lens.activations import (
     check_hook_names,
     excluded_token_ids,
     hook_activations,
