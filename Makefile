@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench-quick clean
+.PHONY: setup demo test lint check-install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,19 @@ test: setup
 lint: setup
 	$(BIN)/ruff check itda_lens tests benchmarks
 	$(BIN)/ruff format --check itda_lens tests benchmarks
+
+# A plain `pip install .` (no extras, CPU torch pinned as above) in a throwaway venv: the CLI must
+# start and build without the dev / SAEBench extras.
+check-install:
+	rm -rf /tmp/itda_check_install && $(PYTHON) -m venv /tmp/itda_check_install
+	/tmp/itda_check_install/bin/pip install -q torch==2.13.0
+	/tmp/itda_check_install/bin/pip install -q .
+	/tmp/itda_check_install/bin/pip uninstall -y -q torchvision || true
+	cd /tmp && /tmp/itda_check_install/bin/itda-lens --help > /dev/null
+	cd /tmp && /tmp/itda_check_install/bin/itda-lens build --hook blocks.1.hook_resid_post \
+		--max-tokens 4096 --k 8 --out /tmp/itda_check_install/itda
+	cd /tmp && /tmp/itda_check_install/bin/itda-lens inspect /tmp/itda_check_install/itda --top 3
+	@echo "check-install: a plain install builds and inspects an ITDA"
 
 clean:
 	rm -rf $(VENV) itda_report .pytest_cache

@@ -1,28 +1,39 @@
 """``itda-lens``: build, inspect, evaluate, compare and demo ITDA dictionaries, and train the
-comparison SAEs (sae_lens TopK / BatchTopK, PAM-SGD, k-means, local PCA), from the command line.
+comparison SAEs, from the command line.
 
-Without ``--model`` every command uses the zoo's default model, and without ``--data`` the zoo corpus
-(``kjv``), so everything runs offline.
+Every subcommand is generated from the typed configs in :mod:`itda_lens.config` (and ``build`` from
+:class:`~itda_lens.builder.BuildConfig`), so each flag is a config field. Without ``--model`` every
+command uses the zoo's default model, and without ``--data`` the zoo corpus (``kjv``), so
+everything runs offline.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens import SAE
-from sae_lens.util import extract_layer_from_tlens_hook_name as hook_layer_of
+from sae_lens.util import extract_layer_from_tlens_hook_name
+from simple_parsing import ArgumentParser, DashVariant
 from tqdm.auto import tqdm
 
 from itda_lens import zoo
 from itda_lens.activations import check_hook_names, collect_activations, token_batches
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
-from itda_lens.builder import build_itda
+from itda_lens.builder import BuildConfig, build_itda
+from itda_lens.config import (
+    TRAINERS,
+    BuildCommand,
+    DemoCommand,
+    EvalCommand,
+    InspectCommand,
+    SimilarityCommand,
+    TrainCommand,
+)
 from itda_lens.demo import DEMO_CONFIG, default_setup, run_demo
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import heatmap
@@ -30,195 +41,73 @@ from itda_lens.probing import probe_data
 from itda_lens.resolve import resolve_model, resolve_tokens
 from itda_lens.saes import ITDA, check_sae_folder
 from itda_lens.similarity import model_jaccard, similarity_matrix
-from itda_lens.splinterp.kmeans import fit_kmeans_sae, fit_local_pca_sae
-from itda_lens.splinterp.pam import PAMSettings, train_pam
-from itda_lens.training import train_sae
 
-MODEL_HELP = (
-    "zoo model (default kjv-4l128-s0), model folder, or TransformerLens pretrained name (hub)"
-)
-DATA_HELP = "kjv (zoo corpus, default) | kjv:heldout | .pt/.npy token file | save_to_disk folder | hub dataset name"
+#: errors that are about the user's input, printed as one line with exit code 2
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
-def _add_build(sub: Any) -> None:
-    p = sub.add_parser("build", help="build ITDA dictionaries at one or more hook points")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument(
-        "--hook",
-        action="append",
-        required=True,
-        help="hook point, e.g. blocks.2.hook_resid_post (repeatable)",
-    )
-    p.add_argument("--data", "--dataset", dest="data", default=None, help=DATA_HELP)
-    p.add_argument("--split", default="train", help="dataset split (hub and save_to_disk data)")
-    p.add_argument("--k", type=int, default=40, help="pursuit steps (L0)")
-    p.add_argument(
-        "--cos-threshold",
-        type=float,
-        default=0.8,
-        help="add an activation when cos(x, recon) is below this",
-    )
-    p.add_argument("--max-atoms", type=int, default=None)
-    p.add_argument("--encoder", choices=["mp", "omp"], default="mp")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    p.add_argument(
-        "--context-size",
-        type=int,
-        default=None,
-        help="tokens per sequence (text data: default 128)",
-    )
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
-    p.add_argument(
-        "--patience-tokens",
-        type=int,
-        default=None,
-        help="stop once no atom was added for this many tokens",
-    )
-    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
-    p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted build from OUT/checkpoint"
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--out", required=True, help="output folder (one sub-folder per hook when several)"
+def _parser(sub: Any, name: str, help: str) -> ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help,
+        add_option_string_dash_variants=DashVariant.DASH,
+        add_config_path_arg=False,
     )
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    model = resolve_model(args.model, device=args.device)
+def _cmd_build(args: Any) -> int:
+    cmd: BuildCommand = args.cmd
+    cfg: BuildConfig = args.build
+    if not cmd.hook:
+        raise ValueError("give at least one --hook, e.g. --hook blocks.2.hook_resid_post")
+    out = Path(cmd.out)
+    model = resolve_model(cmd.model, device=cfg.device or "cpu")
     tokens, dataset_path = resolve_tokens(
-        args.data, model, split=args.split, context_size=args.context_size
+        cmd.data, model, split=cmd.split, context_size=cfg.context_size
     )
     result = build_itda(
         model,
         tokens,
-        args.hook,
-        k=args.k,
-        cos_threshold=args.cos_threshold,
-        max_atoms=args.max_atoms,
-        encoder=args.encoder,
-        batch_size=args.batch_size,
-        context_size=args.context_size,
-        max_tokens=args.max_tokens,
-        patience_tokens=args.patience_tokens,
-        device=args.device,
+        cmd.hook,
+        cfg,
         checkpoint_dir=out / "checkpoint",
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        model_name=args.model or model.cfg.model_name,
+        resume=cmd.resume,
+        model_name=cmd.model or model.cfg.model_name,
         dataset_path=dataset_path,
     )
-    itdas = {args.hook[0]: result} if isinstance(result, ITDA) else result
+    itdas = {cmd.hook[0]: result} if isinstance(result, ITDA) else result
     folders = {hook: out if len(itdas) == 1 else out / hook for hook in itdas}
     for hook, itda in itdas.items():
         itda.save_model(folders[hook])
-        print(f"saved ITDA at {hook}: {itda.cfg.d_sae} atoms (k={itda.cfg.k}) -> {folders[hook]}")
-    print(f"next: itda-lens inspect {folders[args.hook[0]]}")
+        meta = itda.cfg.metadata.itda_builder
+        print(
+            f"saved ITDA at {hook}: {itda.cfg.d_sae} atoms (k={itda.cfg.k}, threshold "
+            f"{meta['cos_threshold']:.4f}, {meta['tokens_seen']:,} tokens read) -> {folders[hook]}"
+        )
+    print(f"next: itda-lens inspect {folders[cmd.hook[0]]}")
     return 0
 
 
-TRAIN_ARCHS = (
-    "topk",
-    "batchtopk",
-    "abstopk",
-    "matching_pursuit",
-    "pam",
-    "pam-relu",
-    "pam-abstopk",
-    "kmeans",
-    "kmeans-pca",
-)
-
-
-def _add_train(sub: Any) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a comparison SAE (sae_lens TopK/BatchTopK, PAM-SGD, k-means, local PCA)",
-    )
-    p.add_argument("arch", choices=TRAIN_ARCHS)
-    p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--hook", required=True, help="hook point, e.g. blocks.2.hook_resid_post")
-    p.add_argument("--data", "--dataset", dest="data", default=None, help=DATA_HELP)
-    p.add_argument("--split", default="train", help="dataset split (hub and save_to_disk data)")
-    p.add_argument("--context-size", type=int, default=None, help="tokens per sequence")
-    p.add_argument(
-        "--max-tokens", type=int, default=262_144, help="activations to cache and train on"
-    )
-    p.add_argument("--d-sae", type=int, default=None, help="latents (default 8 x d_model)")
-    p.add_argument("--k", type=int, default=16, help="L0 (TopK k; local PCA uses k - 1 components)")
-    p.add_argument("--epochs", type=int, default=4, help="passes over the cached activations")
-    p.add_argument("--batch-size", type=int, default=256, help="activations per SGD step")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output folder (a sae_lens SAE folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"{out} is not empty; pass --overwrite to replace it")
-    if args.k < 1 or args.epochs < 1 or args.max_tokens < 1:
-        raise SystemExit("--k, --epochs and --max-tokens must be >= 1")
-    model = resolve_model(args.model, device=args.device)
-    check_hook_names(model, [args.hook])
-    tokens, _ = resolve_tokens(args.data, model, split=args.split, context_size=args.context_size)
+def _cmd_train(args: Any) -> int:
+    cmd: TrainCommand = args.cmd
+    out = Path(cmd.out)
+    if out.exists() and any(out.iterdir()) and not cmd.overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+    if cmd.max_tokens < 1:
+        raise ValueError("--max-tokens must be >= 1")
+    model = resolve_model(cmd.model, device=cmd.device)
+    check_hook_names(model, [cmd.hook])
+    tokens, _ = resolve_tokens(cmd.data, model, split=cmd.split, context_size=cmd.context_size)
     cached = collect_activations(
-        model, tokens, args.hook, context_size=args.context_size, max_tokens=args.max_tokens
+        model, tokens, cmd.hook, context_size=cmd.context_size, max_tokens=cmd.max_tokens
     )
-    n = cached.acts.shape[0]
-    d_sae = args.d_sae or 8 * cached.acts.shape[1]
-    name = args.model or model.cfg.model_name
-    print(f"cached {n:,} activations at {args.hook}; training {args.arch} with {d_sae} latents")
-    sae: Any
-    if args.arch in ("topk", "batchtopk", "abstopk", "matching_pursuit"):
-        sae = train_sae(
-            cached,
-            architecture=args.arch,
-            d_sae=d_sae,
-            k=args.k,
-            training_tokens=args.epochs * n,
-            batch_size=min(args.batch_size, n),
-            model_name=name,
-            device=args.device,
-        ).sae
-    elif args.arch in ("pam", "pam-relu", "pam-abstopk"):
-        activations = {"pam": "topk", "pam-relu": "relu", "pam-abstopk": "abstopk"}
-        settings = PAMSettings(
-            d_sae=d_sae,
-            k=args.k,
-            epochs=args.epochs,
-            batch_size=min(args.batch_size, n),
-            activation=activations[args.arch],  # type: ignore[arg-type]
-        )
-        sae = train_pam(cached, settings, model_name=name, device=args.device).sae
-    elif args.arch == "kmeans":
-        sae = fit_kmeans_sae(cached, d_sae, model_name=name, device=args.device)
-    else:
-        clusters = d_sae // args.k
-        if clusters < 1:
-            raise SystemExit(f"--d-sae {d_sae} is smaller than --k {args.k}: no room for a cluster")
-        sae = fit_local_pca_sae(cached, clusters, args.k - 1, model_name=name, device=args.device)
+    trainer = TRAINERS[args.arch]
+    print(f"cached {cached.acts.shape[0]:,} activations at {cmd.hook}; training {args.arch}")
+    sae = trainer.fit(cached, args.train, cmd.model or model.cfg.model_name, cmd.device)
     sae.save_model(out)
     print(f"saved {type(sae).__name__} ({sae.cfg.d_sae} latents) -> {out}")
     print(f"next: itda-lens eval {out}")
     return 0
-
-
-def _add_inspect(sub: Any) -> None:
-    p = sub.add_parser(
-        "inspect", help="summarise a saved ITDA and show its atoms as tokens in context"
-    )
-    p.add_argument("dir")
-    p.add_argument("--top", type=int, default=10, help="how many atoms to show")
-    p.add_argument("--model", default=None, help="override the model named in the ITDA's metadata")
-    p.add_argument(
-        "--data", default=None, help="override the token data named in the ITDA's metadata"
-    )
-    p.add_argument(
-        "--usage-seqs", type=int, default=32, help="sequences encoded to rank atoms by use"
-    )
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def _summary(itda: ITDA, folder: str) -> dict[str, Any]:
@@ -237,7 +126,8 @@ def _summary(itda: ITDA, folder: str) -> dict[str, Any]:
     }
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def _cmd_inspect(args: Any) -> int:
+    args = args.cmd
     itda = ITDA.load_from_disk(args.dir)
     summary = _summary(itda, args.dir)
     if args.json:
@@ -294,23 +184,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval(sub: Any) -> None:
-    p = sub.add_parser(
-        "eval", help="evaluate a saved sae_lens SAE or ITDA folder on a zoo model (offline)"
-    )
-    p.add_argument(
-        "dir", help="a folder written by save_model (any registered architecture, ITDA included)"
-    )
-    p.add_argument(
-        "--model", default=None, help="zoo model (default: the SAE's metadata model_name)"
-    )
-    p.add_argument("--heldout-seqs", type=int, default=96, help="held-out windows for run_evals")
-    p.add_argument("--no-probe", action="store_true", help="skip k-sparse probing")
-    p.add_argument("--core", action="store_true", help="also run SAEBench's core eval")
-    p.add_argument("--out", default=None, help="JSON file (default: DIR/eval.json)")
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_eval(args: Any) -> int:
+    args = args.cmd
     folder = Path(args.dir)
     cfg = check_sae_folder(folder)
     sae = (
@@ -358,18 +233,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_similarity(sub: Any) -> None:
-    p = sub.add_parser(
-        "similarity", help="Jaccard similarity of ITDA dictionaries (layers and models)"
-    )
-    p.add_argument(
-        "dirs",
-        nargs="+",
-        help="ITDA folders, or folders holding one ITDA per hook (a multi-hook build)",
-    )
-    p.add_argument("--out", default="similarity.png", help="heatmap PNG")
-
-
 def _load_dictionaries(folder: Path) -> dict[str, ITDA]:
     """One ITDA folder, or a folder of per-hook ITDA folders, as {hook: ITDA} in layer order."""
     if (folder / "cfg.json").is_file():
@@ -378,7 +241,7 @@ def _load_dictionaries(folder: Path) -> dict[str, ITDA]:
     subs = (
         sorted(
             (p for p in folder.iterdir() if (p / "cfg.json").is_file()),
-            key=lambda p: (hook_layer_of(p.name) or 0, p.name),
+            key=lambda p: (extract_layer_from_tlens_hook_name(p.name) or 0, p.name),
         )
         if folder.is_dir()
         else []
@@ -388,10 +251,11 @@ def _load_dictionaries(folder: Path) -> dict[str, ITDA]:
     return {p.name: ITDA.load_from_disk(p) for p in subs}
 
 
-def _cmd_similarity(args: argparse.Namespace) -> int:
+def _cmd_similarity(args: Any) -> int:
+    args = args.cmd
     # a list, not a dict: the same folder given twice is a legitimate self-comparison
     if len(args.dirs) < 2:
-        raise SystemExit("itda-lens similarity: give at least two ITDA folders to compare")
+        raise ValueError("give at least two ITDA folders to compare")
     models = [(d, _load_dictionaries(Path(d))) for d in args.dirs]
     if len(models) == 2:
         (name_a, a), (name_b, b) = models
@@ -415,48 +279,45 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub: Any) -> None:
-    p = sub.add_parser(
-        "demo", help="the main job: build, evaluate and report on the default zoo model (offline)"
-    )
-    p.add_argument("--out", default="itda_report", help="report folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    p.add_argument("--model", default=None, help="zoo model (default kjv-4l128-s0)")
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--k", type=int, default=DEMO_CONFIG.k)
-    p.add_argument("--target-atoms", type=int, default=DEMO_CONFIG.target_atoms)
-    p.add_argument("--quick", action="store_true", help="a smaller run (for tests)")
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    sizes = {"n_train": 96, "n_heldout": 32} if args.quick else {}
-    setup = default_setup(args.model, **sizes)
-    target = min(args.target_atoms, 256) if args.quick else args.target_atoms
-    out = run_demo(
-        args.out,
-        setup,
-        layers=args.layers,
-        cfg=DEMO_CONFIG.replace(k=args.k, target_atoms=target),
-        overwrite=args.overwrite,
-    )
+def _cmd_demo(args: Any) -> int:
+    cmd: DemoCommand = args.cmd
+    cfg: BuildConfig = args.build
+    sizes = {"n_train": 96, "n_heldout": 32} if cmd.quick else {}
+    setup = default_setup(cmd.model, **sizes)
+    if cmd.quick and cfg.target_atoms is not None:
+        cfg = cfg.replace(target_atoms=min(cfg.target_atoms, 256))
+    out = run_demo(cmd.out, setup, layers=cmd.layers, cfg=cfg, overwrite=cmd.overwrite)
     print(f"report written to {out / 'report.md'} (plots and saved ITDAs alongside)")
-    print(f"next: itda-lens inspect {out / 'itdas' / f'blocks.{args.layers[0]}.hook_resid_post'}")
+    print(f"next: itda-lens inspect {out / 'itdas' / f'blocks.{cmd.layers[0]}.hook_resid_post'}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="itda-lens", description=__doc__)
+def build_parser() -> ArgumentParser:
+    """The ``itda-lens`` parser: one subcommand per job, its flags generated from its configs."""
+    parser = ArgumentParser(prog="itda-lens", description=__doc__, add_config_path_arg=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_build(sub)
-    _add_inspect(sub)
-    _add_eval(sub)
-    _add_train(sub)
-    _add_similarity(sub)
-    _add_demo(sub)
+    p = _parser(sub, "build", "build ITDA dictionaries at one or more hook points")
+    p.add_arguments(BuildCommand, dest="cmd")
+    p.add_arguments(BuildConfig, dest="build")
+    p = _parser(sub, "inspect", "summarise a saved ITDA and show its atoms in context")
+    p.add_arguments(InspectCommand, dest="cmd")
+    p = _parser(sub, "eval", "evaluate a saved sae_lens SAE or ITDA folder (offline)")
+    p.add_arguments(EvalCommand, dest="cmd")
+    train = _parser(sub, "train", "train a comparison SAE on a hook's cached activations")
+    archs = train.add_subparsers(dest="arch", required=True)
+    for arch, trainer in TRAINERS.items():
+        p = _parser(archs, arch, trainer.help)
+        p.add_arguments(TrainCommand, dest="cmd")
+        p.add_arguments(trainer.config, dest="train")
+    p = _parser(sub, "similarity", "Jaccard similarity of ITDA dictionaries (layers and models)")
+    p.add_arguments(SimilarityCommand, dest="cmd")
+    p = _parser(sub, "demo", "the main job: build, evaluate and report on the default zoo model")
+    p.add_arguments(DemoCommand, dest="cmd")
+    p.add_arguments(BuildConfig, dest="build", default=DEMO_CONFIG)
     return parser
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[[Any], int]] = {
     "build": _cmd_build,
     "inspect": _cmd_inspect,
     "eval": _cmd_eval,
@@ -470,15 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (
-        ValueError,
-        TypeError,
-        FileNotFoundError,
-        FileExistsError,
-    ) as err:  # incl. IncompatibleLabels
+    except USER_ERRORS as err:  # incl. IncompatibleLabels; programming errors still raise
         print(f"itda-lens {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -9,14 +9,12 @@ replaying the same matmuls (same shapes, same kernels), which keeps resumed buil
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from itda_lens.pursuit import GRAM_MAX_BYTES
+from itda_lens.pursuit import gram_max_atoms
 
 
 class AtomStore:
@@ -29,14 +27,14 @@ class AtomStore:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         capacity: int = 1024,
-        gram_max_bytes: int = GRAM_MAX_BYTES,
+        gram_max_bytes: int | None = None,
     ):
         if d_in < 1:
             raise ValueError(f"d_in must be >= 1, got {d_in}")
         self.d_in, self.device, self.dtype = d_in, torch.device(device), dtype
         self.n = 0
         self.blocks: list[int] = []
-        self._max_gram_atoms = math.isqrt(gram_max_bytes // torch.finfo(dtype).bits * 8)
+        self._max_gram_atoms = gram_max_atoms(dtype, gram_max_bytes)
         self._atoms = torch.empty(capacity, d_in, device=self.device, dtype=dtype)
         self._labels = torch.empty(capacity, 2, dtype=torch.long, device=self.device)
         self._token_ids = torch.empty(capacity, dtype=torch.long, device=self.device)

@@ -23,6 +23,7 @@ for the CPU kernel).
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -42,8 +43,10 @@ __all__ = [
     "OMPTrace",
     "SparseCode",
     "check_atoms",
+    "check_k",
     "compute_dtype",
     "decode",
+    "gram_max_atoms",
     "matching_pursuit",
     "mp_values",
     "omp_values",
@@ -104,8 +107,23 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def check_atoms(atoms: Tensor) -> None:
-    """Raise if ``atoms`` is not a non-empty, finite [n, d] float matrix with unit-norm rows."""
+def check_k(k: object, name: str = "k") -> int:
+    """``k`` must be an int >= 1 (bools refused); returns it."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
+    return k
+
+
+def gram_max_atoms(dtype: torch.dtype, budget: int | None = None) -> int:
+    """Most atoms whose ``n x n`` Gram matrix in ``dtype`` fits the budget (default
+    ``GRAM_MAX_BYTES``, read at call time)."""
+    budget = GRAM_MAX_BYTES if budget is None else budget
+    return math.isqrt(budget * 8 // torch.finfo(dtype).bits)
+
+
+def check_atoms(atoms: Tensor, *, unit: bool = True) -> None:
+    """Raise if ``atoms`` is not a non-empty, finite [n, d] float matrix (with unit-norm rows,
+    unless ``unit=False``)."""
     if not isinstance(atoms, Tensor) or not atoms.is_floating_point():
         raise TypeError(
             f"atoms must be a floating-point tensor, got {type(atoms).__name__}"
@@ -117,6 +135,8 @@ def check_atoms(atoms: Tensor) -> None:
         raise ValueError("empty dictionary: atoms has 0 rows; build or add atoms before encoding")
     if not bool(torch.isfinite(atoms).all()):
         raise ValueError("atoms contain NaN or Inf")
+    if not unit:
+        return
     dev = (atoms.float().norm(dim=1) - 1).abs().max().item()
     if dev > UNIT_NORM_TOL:
         raise ValueError(
@@ -126,8 +146,7 @@ def check_atoms(atoms: Tensor) -> None:
 
 
 def _check_inputs(x: Tensor, atoms: Tensor, k: int, gram: GramArg) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    check_k(k)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(
             "x must be a floating-point tensor of activations, got "
@@ -162,7 +181,7 @@ def _resolve_gram(
     if gram is None:
         return None
     n = atoms.shape[0]
-    fits = n * n * torch.finfo(dtype).bits // 8 <= GRAM_MAX_BYTES
+    fits = n <= gram_max_atoms(dtype)
     pays = n_tokens * k >= n  # n²·d to build it vs. the (k-1)·n·d per token it saves
     return atoms @ atoms.T if fits and pays else None
 

@@ -332,16 +332,17 @@ def test_similarity_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
 
 @pytest.mark.parametrize(
-    ("arch", "cls"),
+    ("arch", "flags", "cls"),
     [
-        ("pam", "TopKSAE"),
-        ("kmeans-pca", "LocalPCASAE"),
-        ("kmeans", "KMeansSAE"),
-        ("topk", "TopKSAE"),
+        ("pam", ["--k", "4", "--epochs", "2"], "TopKSAE"),
+        ("pam", ["--k", "4", "--epochs", "2", "--activation", "abstopk"], "AbsTopKSAE"),
+        ("kmeans-pca", ["--k", "4"], "LocalPCASAE"),
+        ("kmeans", [], "KMeansSAE"),
+        ("topk", ["--k", "4", "--epochs", "2"], "TopKSAE"),
     ],
 )
 def test_train_command_saves_an_evaluable_sae(
-    tmp_path: Path, capsys: pytest.CaptureFixture, arch: str, cls: str
+    tmp_path: Path, capsys: pytest.CaptureFixture, arch: str, flags: list[str], cls: str
 ) -> None:
     import json
 
@@ -349,7 +350,7 @@ def test_train_command_saves_an_evaluable_sae(
 
     out = tmp_path / arch
     args = ["train", arch, "--hook", "blocks.1.hook_resid_post", "--max-tokens", "2048"]
-    args += ["--d-sae", "128", "--k", "4", "--epochs", "2", "--out", str(out)]
+    args += ["--d-sae", "128", *flags, "--out", str(out)]
     assert main(args) == 0
     assert f"next: itda-lens eval {out}" in capsys.readouterr().out
     sae = SAE.load_from_disk(out)
@@ -359,10 +360,108 @@ def test_train_command_saves_an_evaluable_sae(
     assert 0 < result["run_evals"]["l0"] <= 4 and math.isfinite(
         result["run_evals"]["explained_variance"]
     )
-    with pytest.raises(SystemExit, match="not empty"):
-        main(args)
+    capsys.readouterr()
+    assert main(args) == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_train_flags_belong_to_the_architecture() -> None:
+    with pytest.raises(SystemExit):  # k-means has no epochs: argparse refuses the flag
+        main(["train", "kmeans", "--hook", "h", "--out", "o", "--epochs", "2"])
 
 
 def test_train_command_refuses_unknown_hooks(tmp_path: Path) -> None:
     args = ["train", "kmeans", "--hook", "blocks.9.hook_resid_post", "--out", str(tmp_path / "x")]
     assert main(args) != 0
+
+
+def test_build_help_lists_exactly_the_config_fields(capsys: pytest.CaptureFixture) -> None:
+    import re
+    from dataclasses import fields
+
+    from itda_lens.builder import BuildConfig
+    from itda_lens.config import BuildCommand
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["build", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    options = text.split("options:", 1)[1]
+    listed = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", options))
+    flag = {f"--{f.name.replace('_', '-')}" for f in fields(BuildConfig)}
+    own = {f"--{f.name.replace('_', '-')}" for f in fields(BuildCommand)}
+    extras = {"--help", "--dataset", "--noexclude-special-tokens", "--noresume"}  # aliases
+    assert flag <= listed, f"BuildConfig fields missing from --help: {flag - listed}"
+    assert listed - extras == flag | own, (
+        f"flags that are not config fields: {listed - extras - flag - own}"
+    )
+
+
+def test_every_build_flag_reaches_the_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import fields
+
+    import itda_lens.cli as cli
+    from itda_lens.builder import BuildConfig
+
+    changed = {
+        "k": 7,
+        "cos_threshold": 0.7,
+        "target_atoms": 90,
+        "target_sample_tokens": 5000,
+        "target_tolerance": 0.05,
+        "refine": "energy",
+        "refine_factor": 2.0,
+        "max_atoms": 500,
+        "encoder": "omp",
+        "add_rule": "batch",
+        "batch_size": 3,
+        "context_size": 16,
+        "max_tokens": 777,
+        "patience_tokens": 99,
+        "exclude_special_tokens": False,
+        "dtype": "float16",
+        "decision_dtype": "float32",
+        "device": "cpu",
+        "checkpoint_every": 9,
+    }
+    assert set(changed) == {f.name for f in fields(BuildConfig)}, "cover every field"
+    seen = {}
+
+    def fake_build(model, tokens, hooks, cfg, **kw):
+        seen["cfg"] = cfg
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "build_itda", fake_build)
+    argv = ["build", "--hook", HOOK, "--out", "unused"]
+    for name, value in changed.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
+    assert main(argv) == 2
+    assert seen["cfg"] == BuildConfig(**changed)
+
+
+def test_patience_flag_stops_a_build_early(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    args = ["build", "--hook", "blocks.1.hook_resid_post", "--k", "8", "--out", str(out)]
+    assert main([*args, "--max-tokens", "20000", "--patience-tokens", "300"]) == 0
+    meta = ITDA.load_from_disk(out).cfg.metadata.itda_builder
+    assert meta["stop_reason"] == "converged" and meta["tokens_seen"] < 20000
+
+
+def test_cli_works_without_scikit_learn(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "sklearn"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('scikit-learn is not installed')\n")
+    code = (
+        "import sys\n"
+        "from itda_lens.cli import main\n"
+        "assert 'sklearn' not in sys.modules\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "try:\n    main(['build', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print('ok')\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

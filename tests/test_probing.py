@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from itda_lens.probing import ProbeData, mean_over_tasks, probe_data, sparse_probe
-from itda_lens.zoo.tasks import TASKS
 from itda_lens.zoo.corpus import document_books
+from itda_lens.zoo.tasks import TASKS
 
 
 def synthetic(signed: bool) -> tuple[np.ndarray, ProbeData]:

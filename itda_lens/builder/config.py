@@ -9,17 +9,13 @@ from typing import Any, Literal
 import torch
 from sae_lens.util import str_to_dtype
 
+from itda_lens.pursuit import check_k
+
 AddRule = Literal["exact", "batch"]
 Refine = Literal["none", "energy"]
+Dtype = Literal["float32", "float64", "float16", "bfloat16"]
 Encoder = Literal["mp", "omp"]
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-
-
-def check_k(k: object, name: str = "k") -> int:
-    """``k`` must be an int >= 1 (bools refused); returns it."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
-    return k
 
 
 def _check_optional_positive(value: object, name: str) -> None:
@@ -61,9 +57,9 @@ class BuildConfig:
     """Stop a hook's build once this many tokens passed without a new atom (converged)."""
     exclude_special_tokens: bool = True
     """BOS and PAD positions never become atoms."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """dtype of the saved dictionary."""
-    decision_dtype: str = "float64"
+    decision_dtype: Literal["float64", "float32"] = "float64"
     """dtype the add rule computes in; float64 makes verdicts reproducible across batch sizes."""
     device: str | None = None
     """Where the dictionary work runs (default: the model's device)."""

@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from itda_lens.pursuit import (
-    GRAM_MAX_BYTES,
     UNIT_NORM_TOL,
     SparseCode,
+    check_atoms,
+    check_k,
     decode,
+    gram_max_atoms,
     matching_pursuit,
     mp_values,
     omp_values,
@@ -61,8 +63,7 @@ class ITDAConfig(SAEConfig):
     @override
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        check_k(self.k)
         if self.d_sae < 1:
             raise ValueError("empty dictionary: an ITDA needs at least one atom (d_sae >= 1)")
         if self.encoder not in ("mp", "omp"):
@@ -132,7 +133,7 @@ class ITDA(SAE[ITDAConfig]):
         updates residuals instead); rebuilt whenever W_dec changes."""
         w = self.W_dec
         dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        if w.shape[0] ** 2 * torch.finfo(dt).bits // 8 > GRAM_MAX_BYTES or w.device.type == "meta":
+        if w.shape[0] > gram_max_atoms(dt) or w.device.type == "meta":
             return None
         # `.data` edits (as sae_lens's folds do) bypass the version counter, so the key also
         # carries an O(n·d) content fingerprint; any single changed entry changes it.
@@ -257,14 +258,7 @@ class ITDA(SAE[ITDAConfig]):
         ``labels`` are ``(sequence index, token position)`` per atom and ``token_ids`` the token
         each atom was read at (``-1`` where unknown). Zero, NaN or Inf vectors are refused.
         """
-        if not isinstance(atoms, Tensor) or not atoms.is_floating_point():
-            raise TypeError("atoms must be a floating-point tensor [n_atoms, d_in]")
-        if atoms.ndim != 2:
-            raise ValueError(f"atoms must have shape [n_atoms, d_in], got {tuple(atoms.shape)}")
-        if atoms.shape[0] == 0:
-            raise ValueError("empty dictionary: from_atoms needs at least one atom")
-        if not bool(torch.isfinite(atoms).all()):
-            raise ValueError("atoms contain NaN or Inf")
+        check_atoms(atoms, unit=False)
         norms = atoms.double().norm(dim=1)
         zero = (norms == 0).nonzero().flatten()
         if len(zero):

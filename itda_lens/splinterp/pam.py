@@ -20,7 +20,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -168,29 +168,46 @@ class PAMSettings:
     (validation FVU 1.16 at ``alpha=0.1``, 0.28 at ``alpha=64``; see benchmarks/README.md).
     """
 
-    d_sae: int
+    d_sae: int | None = None
+    """Latents (default 8 x d_in)."""
     k: int | None = 32
+    """L0 of the TopK / AbsTopK codes (None: ReLU with an L1 penalty)."""
     epochs: int = 10
+    """Passes over the activations (one exact decoder solve each)."""
     batch_size: int = 256
+    """Activations per Adam step of the encoder."""
     lr: float = 1e-3
+    """Adam learning rate."""
     mu_enc: float = 1e-3
+    """Encoder stay-close term (proximal weight on the previous encoder)."""
     nu_enc: float = 1e-3
+    """Encoder bias stay-close term."""
     alpha: float = 64.0
+    """Decoder ridge (absolute, in units where activations have mean norm sqrt(d))."""
     beta: float = 0.0
+    """Decoder-bias ridge."""
     mu_dec: float = 0.0
+    """Decoder stay-close term."""
     nu_dec: float = 0.0
+    """Decoder-bias stay-close term."""
     l1_coefficient: float = 1e-3
+    """L1 penalty of ReLU codes."""
     grad_clip: float = 1.0
+    """Gradient-norm clip of the Adam steps."""
     decoder: Literal["pam", "adam"] = "pam"
+    """'pam': exact decoder solve each epoch; 'adam': plain Adam on the decoder too (the ablation)."""
     seed: int = 0
+    """Seed of the initialisation and the shuffling."""
     chunk_size: int = 8192
+    """Activations per chunk when streaming statistics."""
     activation: Activation | None = None
+    """'topk' (top-k then ReLU), 'abstopk' (signed top-k) or 'relu'; default from k."""
 
     def __post_init__(self) -> None:
         self.activation, self.k = resolve_activation(self.k, self.activation)
-        if self.d_sae < 1:
+        if self.d_sae is not None and self.d_sae < 1:
             raise ValueError(f"d_sae must be >= 1, got {self.d_sae}")
-        if self.k is not None and not 1 <= self.k <= self.d_sae:
+        if self.k is not None and not 1 <= self.k <= (self.d_sae or self.k):
             raise ValueError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
         if self.epochs < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("epochs, batch_size and chunk_size must be >= 1")
@@ -292,7 +309,8 @@ def train_pam(
     acts = cached.acts
     summary = summarise_activations(acts, settings.chunk_size)
     n, d_in = acts.shape
-    st = settings
+    st = settings if settings.d_sae is not None else replace(settings, d_sae=8 * d_in)
+    assert st.d_sae is not None
     rho = activation_fn(st.activation, st.k)
     if n < st.batch_size:
         raise ValueError(f"need at least batch_size={st.batch_size} activations, got {n}")

@@ -285,11 +285,11 @@ def test_gram_cache_follows_in_place_edits(itda: ITDA, acts: torch.Tensor) -> No
 def test_large_dictionaries_skip_the_gram(
     itda: ITDA, acts: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import itda_lens.saes.itda as sae_module
+    import itda_lens.pursuit as pursuit
 
     full = itda.encode(acts)
     copy = itda.crop(itda.cfg.d_sae)
-    monkeypatch.setattr(sae_module, "GRAM_MAX_BYTES", 1000)  # pretend the n x n Gram does not fit
+    monkeypatch.setattr(pursuit, "GRAM_MAX_BYTES", 1000)  # pretend the n x n Gram does not fit
     assert copy._gram() is None
     torch.testing.assert_close(copy.encode(acts), full, atol=1e-5, rtol=1e-5)
 

@@ -1,0 +1,124 @@
+"""The add rule: the exact sequential rule against a plain transcription, batch-size invariance,
+the batch rule, caps, exclusions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from itda_lens import (
+    BuildConfig,
+    ITDABuilder,
+    build_itda_from_activations,
+)
+from itda_lens.pursuit import reference_matching_pursuit
+from tests.builder.helpers import (
+    anisotropic,
+    batch,
+    chunks,
+    sequential_transcription,
+)
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.mark.parametrize("encoder", ["mp", "omp"])
+def test_exact_rule_is_the_sequential_rule(encoder: str) -> None:
+    acts = anisotropic(900, 24)
+    acts[100] = 0  # zero vectors never become atoms
+    acts[200] = 3 * acts[150]  # a rescaled copy is reconstructed exactly
+    expected = sequential_transcription(acts, 6, 0.9, encoder)
+    itda = build_itda_from_activations(
+        chunks(acts, 64), k=6, cos_threshold=0.9, encoder=encoder, progress=False
+    )
+    assert itda.atom_labels[:, 0].tolist() == expected
+    assert len(expected) > 20, "the test should exercise many additions"
+
+
+@pytest.mark.parametrize("encoder", ["mp", "omp"])
+def test_dictionary_does_not_depend_on_the_batch_size(encoder: str) -> None:
+    acts = anisotropic(1500, 32, seed=1)
+    builds = [
+        build_itda_from_activations(
+            chunks(acts, size), k=8, cos_threshold=0.9, encoder=encoder, progress=False
+        )
+        for size in (1, 7, 64, 4096)
+    ]
+    for other in builds[1:]:
+        assert torch.equal(other.W_dec, builds[0].W_dec)
+        assert torch.equal(other.atom_labels, builds[0].atom_labels)
+    # the reference code's batch rule does depend on it (that is why it is not the default)
+    by_batch = [
+        build_itda_from_activations(
+            chunks(acts, size),
+            k=8,
+            cos_threshold=0.9,
+            encoder=encoder,
+            add_rule="batch",
+            progress=False,
+        ).cfg.d_sae
+        for size in (1, 1500)
+    ]
+    assert by_batch[0] == builds[0].cfg.d_sae and by_batch[1] > 2 * by_batch[0]
+
+
+def test_every_atom_was_poorly_reconstructed_when_added() -> None:
+    acts = anisotropic(400, 16, seed=2)
+    itda = build_itda_from_activations([acts], k=3, cos_threshold=0.9, progress=False)
+    rows = itda.atom_labels[:, 0].tolist()
+    atoms = F.normalize(acts.double(), dim=1)
+    for n, row in enumerate(rows):
+        if n == 0:
+            continue
+        recon = reference_matching_pursuit(acts[row : row + 1].double(), atoms[rows[:n]], 3)
+        recon = recon @ atoms[rows[:n]]
+        assert F.cosine_similarity(acts[row : row + 1].double(), recon).item() < 0.9
+    # and every other activation was reconstructed above the threshold by the atoms before it
+    for row in sorted(set(range(400)) - set(rows)):
+        before = [r for r in rows if r < row]
+        recon = reference_matching_pursuit(acts[row : row + 1].double(), atoms[before], 3)
+        cos = F.cosine_similarity(acts[row : row + 1].double(), recon @ atoms[before]).item()
+        assert cos >= 0.9
+
+
+def test_batch_rule_skips_near_duplicates_within_a_batch() -> None:
+    x = torch.randn(1, 16).repeat(20, 1) * torch.linspace(1, 3, 20)[:, None]
+    b = ITDABuilder(16, BuildConfig(k=4, cos_threshold=0.8, add_rule="batch"))
+    b.update(batch(x))
+    assert len(b.store) == 1
+    # greedy packing: no two atoms accepted from one batch have |cos| >= threshold
+    y = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
+    b2 = ITDABuilder(16, BuildConfig(k=4, cos_threshold=0.5, add_rule="batch"))
+    b2.update(batch(y))
+    sims = (b2.store.atoms @ b2.store.atoms.T).abs() - torch.eye(len(b2.store))
+    assert sims.max() < 0.5
+
+
+@pytest.mark.parametrize("rule", ["exact", "batch"])
+def test_max_atoms_caps_and_stops_reading(rule: str) -> None:
+    b = ITDABuilder(8, BuildConfig(k=2, cos_threshold=0.99, max_atoms=7, add_rule=rule))
+    b.update(batch(torch.randn(100, 8)))
+    assert len(b.store) == 7 and b.full and b.stop_reason == "full"
+    assert b.tokens_seen == b.added_at[-1] + 1, "reading stops at the atom that filled it"
+    assert b.update(batch(torch.randn(100, 8))) == 0 and len(b.store) == 7
+
+
+def test_zero_vectors_and_excluded_rows_never_become_atoms() -> None:
+    x = torch.randn(10, 4)
+    x[3] = 0
+    eligible = torch.ones(10, dtype=torch.bool)
+    eligible[5] = False
+    b = ITDABuilder(4, BuildConfig(k=2, cos_threshold=1.0))
+    b.update(batch(x, eligible))
+    kept = set(b.store.token_ids.tolist())
+    assert 3 not in kept and 5 not in kept and len(kept) > 0
+    assert b.tokens_seen == 10 and b.tokens_scored == 8
+
+
+def test_nan_activations_raise() -> None:
+    b = ITDABuilder(4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        b.update(batch(torch.full((3, 4), float("nan"))))
+    with pytest.raises(ValueError, match="d_in mismatch"):
+        b.update(batch(torch.randn(3, 5)))

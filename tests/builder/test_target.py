@@ -1,0 +1,52 @@
+"""Sizing by target (threshold search) and the energy refinement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sae_lens import HookedSAETransformer
+
+from itda_lens import (
+    build_itda,
+    build_itda_from_activations,
+)
+from tests.builder.helpers import (
+    anisotropic,
+    chunks,
+)
+from tests.helpers import make_tokens
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def test_target_atoms_finds_the_threshold() -> None:
+    acts = anisotropic(3000, 32, seed=4)
+    itda = build_itda_from_activations(chunks(acts, 256), k=6, target_atoms=150, progress=False)
+    meta = itda.cfg.metadata.itda_builder
+    search = meta["threshold_search"]
+    assert abs(itda.cfg.d_sae - 150) <= 3 and search["atoms_on_sample"] == itda.cfg.d_sae
+    again = build_itda_from_activations(
+        [acts], k=6, cos_threshold=search["threshold"], progress=False
+    )
+    assert torch.equal(again.atom_labels, itda.atom_labels)
+    assert meta["cos_threshold"] == search["threshold"] and meta["target_atoms"] == 150
+    with pytest.raises(ValueError, match="exceeds"):
+        build_itda_from_activations([acts[:100]], k=6, target_atoms=150, progress=False)
+    redundant = acts[:5].repeat(100, 1) * torch.rand(500, 1)  # 5 directions, rescaled
+    with pytest.raises(ValueError, match="too redundant"):
+        build_itda_from_activations([redundant], k=2, target_atoms=50, progress=False)
+
+
+def test_target_atoms_and_refinement_on_a_model(model: HookedSAETransformer) -> None:
+    toks = make_tokens(48, seed=7)
+    kw = {"k": 4, "progress": False, "batch_size": 8}
+    sized = build_itda(model, toks, HOOK, target_atoms=120, **kw)
+    assert abs(sized.cfg.d_sae - 120) <= 2  # target_tolerance 2%
+    assert sized.cfg.metadata.itda_builder["threshold_search"]["sample_tokens"] == toks.numel() - 48
+    refined = build_itda(model, toks, HOOK, target_atoms=120, refine="energy", **kw)
+    assert refined.cfg.d_sae == 120 and abs(refined.cfg.metadata.refined["from_atoms"] - 360) <= 7
+    # every refined atom is still a real activation at its recorded position
+    _, cache = model.run_with_cache(toks, names_filter=[HOOK])
+    seq, pos = refined.atom_labels[:, 0], refined.atom_labels[:, 1]
+    torch.testing.assert_close(F.normalize(cache[HOOK][seq, pos], dim=1), refined.W_dec)
