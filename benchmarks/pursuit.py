@@ -119,8 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     prepare(args)
     t0 = time.perf_counter()
-    tokens = args.tokens or (256 if args.quick else 2048)
-    sk_tokens = 32 if args.quick else 256
+    tokens = args.tokens or (64 if args.quick else 2048)
+    sk_tokens = 16 if args.quick else 256
     # compile (or load from numba's on-disk cache) the fused kernel before anything is timed
     warm = F.normalize(torch.randn(16, 8), dim=1)
     matching_pursuit(torch.randn(4, 8), warm, 2, gram=warm @ warm.T)
