@@ -1,13 +1,16 @@
 """k-means and k-means + local-PCA autoencoders (SplInterp's baselines) as sae_lens SAEs.
 
 Both are "cluster SAEs": latents come in blocks of ``1 + m`` per cluster — an indicator whose
-decoder row is the centroid ``μ_c`` and ``m`` coefficients whose rows are the cluster's top
+decoder row is the cluster mean ``μ_c`` and ``m`` coefficients whose rows are the cluster's top
 principal directions ``U_c``. The encoder is affine, ``pre = x W_enc + b_enc`` with indicator
-columns ``2μ_c, −‖μ_c‖²`` (so ``argmax`` = nearest centroid, a Voronoi cell) and coefficient
+columns ``2ν_c, −‖ν_c‖²`` (so ``argmax`` = nearest centroid ``ν_c``, a Voronoi cell) and coefficient
 columns ``U_c, −U_cᵀμ_c``; the activation keeps only the winning cluster's block, indicator set to 1.
 So ``x̂ = μ_c + U_c U_cᵀ(x − μ_c)``: piecewise constant for k-means (``m = 0``, architecture
 "kmeans"), piecewise affine for local PCA (architecture "kmeans_pca", the accuracy reference:
 by Eckart–Young the best rank-m affine piece per region, but nothing shared between regions).
+The centroid ``ν_c`` is the one the points were assigned with, the mean ``μ_c`` that of the points
+the PCA was then fitted on: equal for k-means and once Lloyd has converged, and kept apart so the
+encoder's regions are the ones the local PCA was fitted on.
 Fitting them is :mod:`itda_lens.splinterp.kmeans`.
 """
 
@@ -155,16 +158,31 @@ class _ClusterSAE(SAE[_ClusterSAEConfig]):
     def _from_parts(
         cls,
         cfg: SAEConfig,
-        means: Tensor,
-        directions: Tensor,
+        means: Float[Tensor, "c d"],
+        directions: Float[Tensor, "c m d"],
         device: str | torch.device,
+        centroids: Float[Tensor, "c d"] | None = None,
     ) -> Any:
-        """Assemble weights from centroids ``[c, d]`` and directions ``[c, m, d]``."""
+        """Assemble weights from cluster means and principal directions (rows).
+
+        ``centroids`` are the Voronoi sites the encoder assigns with (default: the means): the
+        centroids a local PCA was fitted on, which differ from the refit means until Lloyd
+        converges. Decoder and coefficients use the means. Flat assignment needs the means (the
+        flats pass through them).
+        """
+        if centroids is None:
+            centroids = means
+        elif getattr(cfg, "assignment", "centroid") == "flat":
+            raise ValueError("flat assignment scores flats through the means: pass no centroids")
         c, m, d = directions.shape
         W_dec = torch.cat([means[:, None, :], directions], 1).reshape(c * (1 + m), d)
-        w_enc = torch.cat([2 * means[:, None, :], directions], 1)  # [c, 1+m, d]
+        w_enc = torch.cat([2 * centroids[:, None, :], directions], 1)  # [c, 1+m, d]
         b_enc = torch.cat(
-            [-(means * means).sum(1, keepdim=True), -(directions @ means[:, :, None])[..., 0]], 1
+            [
+                -(centroids * centroids).sum(1, keepdim=True),
+                -(directions @ means[:, :, None])[..., 0],
+            ],
+            1,
         )
         sae = cls(cfg)
         with torch.no_grad():

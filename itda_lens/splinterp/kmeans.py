@@ -5,6 +5,7 @@ for the local PCA. Everything streams over the activations in chunks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -85,28 +86,26 @@ def lloyd(
 
     Distances are computed in the activations' dtype, sums accumulated in float64.
     Stops when no centroid moves by more than ``tol`` times the mean per-feature variance (as
-    scikit-learn does). An empty cluster is re-seeded at the point farthest from its centroid.
+    scikit-learn does). Empty clusters are re-seeded as scikit-learn does: each at a different
+    one of the points farthest from their centroids (``_relocate_empty_clusters``).
     ``summary``: ``summarise_activations(acts)`` if the caller already has it (saves a pass).
     """
     summary = summary or summarise_activations(acts, chunk_size)
     var = float(summary.variance.mean())
     centroids = init.to(acts.device, torch.float64).clone()
-    n = acts.shape[0]
+    n, c = acts.shape[0], centroids.shape[0]
     for _ in tqdm(range(max_iter), desc="k-means", disable=not progress):
         sums = torch.zeros_like(centroids)
-        counts = torch.zeros(centroids.shape[0], dtype=torch.float64, device=acts.device)
-        far_d, far_i = -1.0, 0
+        counts = torch.zeros(c, dtype=torch.float64, device=acts.device)
+        far = _Farthest.start(c, acts.device)
         for start in range(0, n, chunk_size):
             x = acts[start : start + chunk_size]
             idx, d2 = nearest(x, centroids.to(x.dtype))  # distances in the input's dtype
             sums.index_add_(0, idx, x.double())
             counts.index_add_(0, idx, torch.ones_like(d2, dtype=torch.float64))
-            m, j = d2.max(0)
-            if float(m) > far_d:
-                far_d, far_i = float(m), start + int(j)
+            far = far.merge(d2.double(), start + torch.arange(len(d2), device=acts.device), idx)
+        far.relocate_empty(acts, sums, counts)
         new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
-        for c in (counts == 0).nonzero().flatten().tolist():
-            new[c] = acts[far_i].double()
         shift = float(((new - centroids) ** 2).sum())
         centroids = new
         if shift <= tol * var:
@@ -116,6 +115,52 @@ def lloyd(
         for s in range(0, n, chunk_size)
     )
     return centroids.to(acts.dtype), inertia
+
+
+@dataclass
+class _Farthest:
+    """The ``size`` points farthest from their centroids in one Lloyd pass, farthest first:
+    enough to re-seed every empty cluster (at most ``c − 1`` are empty) without a second pass."""
+
+    d2: Float[Tensor, " m"]
+    point: Int[Tensor, " m"]
+    label: Int[Tensor, " m"]
+    size: int
+
+    @classmethod
+    def start(cls, size: int, device: torch.device) -> _Farthest:
+        """No points seen yet."""
+        none = torch.empty(0, dtype=torch.long, device=device)
+        return cls(torch.empty(0, dtype=torch.float64, device=device), none, none, size)
+
+    def merge(
+        self, d2: Float[Tensor, " n"], point: Int[Tensor, " n"], label: Int[Tensor, " n"]
+    ) -> _Farthest:
+        """Keep the farthest of these and the new points (a chunk's distances and labels)."""
+        d2, point, label = (
+            torch.cat(p) for p in ((self.d2, d2), (self.point, point), (self.label, label))
+        )
+        keep = d2.topk(min(self.size, len(d2))).indices  # sorted, largest first
+        return _Farthest(d2[keep], point[keep], label[keep], self.size)
+
+    def relocate_empty(
+        self,
+        acts: Float[Tensor, "n d"],
+        sums: Float[Tensor, "c d"],
+        counts: Float[Tensor, " c"],
+    ) -> None:
+        """Move the i-th farthest point out of its cluster into the i-th empty one: ``sums`` and
+        ``counts`` in place, as scikit-learn does (nothing to do when every point sits on its
+        centroid). A cluster this leaves empty keeps its centroid (scikit-learn's takes the
+        largest cluster's mean, a duplicate)."""
+        empty = (counts == 0).nonzero().flatten()[: len(self.d2)]
+        if len(empty) == 0 or float(self.d2[0]) == 0:
+            return
+        point, label = self.point[: len(empty)], self.label[: len(empty)]
+        x = acts[point].double()
+        sums.index_add_(0, label, -x)
+        counts.index_add_(0, label, -torch.ones_like(x[:, 0]))
+        sums[empty], counts[empty] = x, 1.0
 
 
 def local_pca(
@@ -214,14 +259,17 @@ def fit_local_pca_sae(
 ) -> LocalPCASAE:
     """Fit k-means + local PCA. With ``assignment="flat"``, ``flat_iters`` rounds of (reassign to
     the nearest flat, refit mean + PCA) follow the k-means partition; reconstruction error does not
-    increase across rounds."""
+    increase across rounds.
+
+    With centroid assignment the encoder assigns with the k-means centroids the PCA's partition was
+    made with, not the refit means (they differ until Lloyd converges)."""
     centroids = _centroids(cached, n_clusters, seed, max_iter, seed_sample, progress)
     acts = cached.acts
     cfg = LocalPCASAEConfig(
         d_in=acts.shape[1],
         d_sae=n_clusters * (1 + n_components),
         n_components=n_components,
-        assignment="centroid",
+        assignment=assignment,
         device=str(device),
     )
     set_metadata(cfg, cached.usage_metadata(model_name))
@@ -240,14 +288,14 @@ def fit_local_pca_sae(
     means = torch.where(
         (torch.bincount(assign, minlength=n_clusters) > 0)[:, None], means, centroids
     )
+    if assignment == "centroid":
+        return LocalPCASAE._from_parts(cfg, means, dirs, device, centroids=centroids)
     sae = LocalPCASAE._from_parts(cfg, means, dirs, device)
-    if assignment == "flat":
-        sae.cfg.assignment = "flat"
-        for _ in range(flat_iters):
-            assign = assignments(sae)
-            means2, dirs2 = local_pca(acts, assign, n_clusters, n_components)
-            keep = (torch.bincount(assign, minlength=n_clusters) > 0)[:, None]
-            means = torch.where(keep, means2, means)
-            dirs = torch.where(keep[:, :, None], dirs2, dirs)
-            sae = LocalPCASAE._from_parts(sae.cfg, means, dirs, device)
+    for _ in range(flat_iters):
+        assign = assignments(sae)
+        means2, dirs2 = local_pca(acts, assign, n_clusters, n_components)
+        keep = (torch.bincount(assign, minlength=n_clusters) > 0)[:, None]
+        means = torch.where(keep, means2, means)
+        dirs = torch.where(keep[:, :, None], dirs2, dirs)
+        sae = LocalPCASAE._from_parts(cfg, means, dirs, device)
     return sae

@@ -10,18 +10,19 @@ sites ``±a_i/2``: the first pick maximises ``|⟨x, a_i⟩|``). sae_lens's TopK
 which only zeroes cell members with ``h_i ≤ 0``.
 
 Diagnostics: ``region_ids`` (the cell of each input), ``region_stats`` (how many regions the data
-visits, occupancy entropy), ``latent_geometry`` (per-latent power weight, occupancy and the margin
-by which a never-selected latent misses every cell: dead latents, and how far each is from alive).
+visits, occupancy entropy), ``latent_geometry`` (per latent: how often the SAE's own encoder fires
+it — dead latents never do — and, from the diagram, its power weight, cell occupancy and the margin
+by which a latent in no cell misses every one: how far it is from being selected).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from sae_lens import SAE
 from torch import Tensor
 
@@ -33,14 +34,29 @@ CHUNK = 8192
 
 @dataclass
 class PowerDiagram:
-    """Sites ``c``, weights ``r²`` and the order of a power diagram; ``latent_of_site`` maps sites
-    to SAE latents (ITDA has two sites, ``±a/2``, per atom)."""
+    """Sites ``c``, weights ``r²`` and the order of a power diagram of ``sae``'s encoder.
+
+    The cell of site ``s`` holds latents ``latent_of_site[s] + 0 … block − 1``: one latent per site
+    for TopK SAEs; a cluster SAE's whole block (indicator, then coefficients) per centroid; an ITDA
+    atom has two sites, ``±a/2``. Sites and weights are a snapshot of the encoder's weights.
+    """
 
     sites: Float[Tensor, "m d"]
     weights: Float[Tensor, " m"]
     order: int
     latent_of_site: Int[Tensor, " m"]
     d_sae: int
+    sae: SAE[Any] = field(repr=False, compare=False)
+    block: int = 1
+
+    def to_latents(
+        self, per_site: Shaped[Tensor, " m"], reduce: Literal["sum", "amax"]
+    ) -> Shaped[Tensor, " d_sae"]:
+        """Per-site values ``[m]`` as per-latent values ``[d_sae]`` (on the CPU): each latent of a
+        site's cell gets the site's value, summed or maxed over a latent's sites."""
+        lat = (self.latent_of_site.cpu()[:, None] + torch.arange(self.block)).flatten()
+        out = torch.full((self.d_sae,), 0 if reduce == "sum" else -math.inf, dtype=per_site.dtype)
+        return out.scatter_reduce(0, lat, per_site.cpu().repeat_interleave(self.block), reduce)
 
     def scores(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n m"]:
         """``‖x‖² − power distance`` = the affine pre-activations ``2cᵀx + r² − ‖c‖²``."""
@@ -72,11 +88,12 @@ def _affine(sae: SAE[Any]) -> tuple[Tensor, Tensor]:
 
 def power_diagram(sae: SAE[Any]) -> PowerDiagram:
     """The power diagram whose cells are the encoder's regions (see the module docstring)."""
+    block = 1
     if isinstance(sae, ITDA):
         a = sae.W_dec.detach().double()
         sites = torch.cat([a, -a]) / 2
         latents = torch.arange(a.shape[0]).repeat(2)
-        return PowerDiagram(sites, (sites * sites).sum(1), 1, latents, a.shape[0])
+        return PowerDiagram(sites, (sites * sites).sum(1), 1, latents, a.shape[0], sae)
     if isinstance(sae, LocalPCASAE | KMeansSAE):
         if getattr(sae.cfg, "assignment", "centroid") != "centroid":
             raise ValueError(
@@ -85,7 +102,7 @@ def power_diagram(sae: SAE[Any]) -> PowerDiagram:
         W, b = _affine(sae)
         ind = torch.arange(0, sae.cfg.d_sae, sae.cfg.block)
         W, b = W[:, ind], b[ind]
-        order, latents = 1, ind
+        order, latents, block = 1, ind, sae.cfg.block
     elif isinstance(getattr(sae.cfg, "k", None), int) and hasattr(sae, "W_enc"):
         W, b = _affine(sae)
         order, latents = int(sae.cfg.k), torch.arange(sae.cfg.d_sae)
@@ -95,7 +112,9 @@ def power_diagram(sae: SAE[Any]) -> PowerDiagram:
             "cluster SAEs and ITDA's first pursuit step"
         )
     sites = W.T / 2
-    return PowerDiagram(sites, (sites * sites).sum(1) + b, order, latents, sae.cfg.d_sae)
+    return PowerDiagram(
+        sites, (sites * sites).sum(1) + b, order, latents, sae.cfg.d_sae, sae, block
+    )
 
 
 def region_ids(
@@ -151,17 +170,29 @@ def region_stats(ids: Int[Tensor, "n order"]) -> RegionStats:
 
 @dataclass
 class LatentGeometry:
-    """Per latent: power weight, how often it is in a cell, and ``margin`` = the largest amount by
-    which its score beats the order-k threshold on the data (< 0: dead; −margin is the weight
-    increase that would revive it)."""
+    """Per latent, over the data: whether the encoder uses it, and where it sits in the diagram.
+
+    - ``fires``: inputs on which the SAE's own ``encode`` gives it a non-zero code (an ITDA's atom:
+      picked at any pursuit step with a non-zero coefficient). ``dead`` means it never fires.
+    - ``occupancy``: inputs whose diagram cell holds it: its top-k set before the ReLU (TopK), its
+      cluster's Voronoi cell for every latent of the block (cluster SAEs), its first pursuit pick
+      (ITDA). A TopK latent can sit in cells and still be dead (the ReLU zeroes it there); an ITDA
+      atom can be in no cell and fire (picked at later steps).
+    - ``margin``: the largest amount by which its score beats the order-k threshold; < 0 exactly
+      when ``occupancy`` is 0, and then ``−margin`` is the power-weight increase (bias increase,
+      for a TopK SAE) that would put it in some input's cell: how far it is from being selected.
+    - ``weights``: the power weight ``r²`` of its site (its cluster's for a cluster SAE's block).
+    """
 
     weights: Float[Tensor, " d_sae"]
     occupancy: Int[Tensor, " d_sae"]
     margin: Float[Tensor, " d_sae"]
+    fires: Int[Tensor, " d_sae"]
 
     @property
-    def dead(self) -> Tensor:
-        return self.occupancy == 0
+    def dead(self) -> Bool[Tensor, " d_sae"]:
+        """Latents the encoder never fires on the data."""
+        return self.fires == 0
 
     def weight_occupancy_correlation(self) -> float:
         """Spearman correlation of power weight and occupancy (NaN if either is constant)."""
@@ -178,15 +209,34 @@ def _ranks(v: Tensor) -> Tensor:
     return ((2 * ends - counts - 1) / 2)[inverse]
 
 
+def _fires(sae: SAE[Any], x: Float[Tensor, "n d"]) -> Int[Tensor, " d_sae"]:
+    """On how many inputs of ``x`` the SAE's own encoder gives each latent a non-zero code."""
+    d = sae.cfg.d_sae
+    with torch.no_grad():
+        x = x.to(sae.device)
+        if isinstance(sae, ITDA):  # sparse codes: no [n, d_sae] matrix for wide dictionaries
+            code = sae.encode_sparse(x)
+            row = torch.arange(len(x), device=x.device)[:, None].expand_as(code.indices)
+            used = code.values != 0
+            pairs = torch.unique(row[used] * d + code.indices[used])  # an atom picked twice: once
+            return torch.bincount(pairs % d, minlength=d).cpu()
+        z = sae.encode(x)
+        return ((z.to_dense() if z.is_sparse else z) != 0).sum(0).cpu()
+
+
 def latent_geometry(
     diagram: PowerDiagram, acts: Float[Tensor, "n d"], chunk_size: int = CHUNK
 ) -> LatentGeometry:
-    """Occupancy and margins of every latent over ``acts`` (streamed in chunks)."""
+    """Firing counts (from ``diagram.sae``'s encoder) and cell occupancy and margins (from the
+    diagram) of every latent over ``acts``, streamed in chunks; see ``LatentGeometry``."""
     m = diagram.sites.shape[0]
     occupancy = torch.zeros(m, dtype=torch.long)
     margin = torch.full((m,), -math.inf, dtype=torch.float64)
+    fires = torch.zeros(diagram.d_sae, dtype=torch.long)
     for s in range(0, acts.shape[0], chunk_size):
-        h = diagram.scores(acts[s : s + chunk_size].double())
+        x = acts[s : s + chunk_size]
+        fires += _fires(diagram.sae, x)
+        h = diagram.scores(x.double())
         top, idx = h.topk(min(diagram.order + 1, m), dim=1)
         kth = top[:, diagram.order - 1 : diagram.order]
         # members are compared with the first non-member, the others with the k-th member
@@ -195,11 +245,9 @@ def latent_geometry(
         slack = torch.where(member, h - nxt, h - kth)
         margin = torch.maximum(margin, slack.max(0).values.cpu())
         occupancy += member.sum(0).cpu()
-    d = diagram.d_sae
-    lat = diagram.latent_of_site
-    occ = torch.zeros(d, dtype=torch.long).index_add_(0, lat, occupancy)
-    mar = torch.full((d,), -math.inf, dtype=torch.float64).scatter_reduce(0, lat, margin, "amax")
-    w = torch.full((d,), -math.inf, dtype=torch.float64).scatter_reduce(
-        0, lat, diagram.weights.double().cpu(), "amax"
+    return LatentGeometry(
+        weights=diagram.to_latents(diagram.weights.double(), "amax"),
+        occupancy=diagram.to_latents(occupancy, "sum"),
+        margin=diagram.to_latents(margin, "amax"),
+        fires=fires,
     )
-    return LatentGeometry(w, occ, mar)

@@ -16,12 +16,14 @@ from itda_lens.activations import CachedActivations, collect_activations
 from itda_lens.evals import evaluate, saebench_core
 from itda_lens.saes.cluster import KMeansSAE, KMeansSAEConfig, LocalPCASAE
 from itda_lens.splinterp.kmeans import (
+    _centroids,
     assign_nearest,
     fit_kmeans_sae,
     fit_local_pca_sae,
     kmeans_plus_plus,
     lloyd,
     local_pca,
+    nearest,
 )
 from tests.helpers import make_tokens
 
@@ -51,6 +53,35 @@ def test_lloyd_matches_sklearn_from_the_same_start(blobs: torch.Tensor) -> None:
     )
     torch.testing.assert_close(centroids, torch.from_numpy(ref.cluster_centers_), atol=1e-9, rtol=0)
     assert inertia == pytest.approx(ref.inertia_, rel=1e-9)
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-9) -> None:
+    """``a`` and ``b`` hold the same rows up to order."""
+    d = torch.cdist(a, b)
+    match = d.argmin(1)
+    assert len(torch.unique(match)) == len(b) and float(d.min(1).values.max()) <= atol
+
+
+@pytest.mark.parametrize("init_rows", ["duplicates", "far_away"])
+def test_lloyd_reseeds_each_empty_cluster_at_a_different_far_point(
+    blobs: torch.Tensor, init_rows: str
+) -> None:
+    start = kmeans_plus_plus(blobs, 9, seed=2)
+    extra = start[:3] if init_rows == "duplicates" else torch.full_like(start[:3], 1e3)
+    init = torch.cat([start, extra])
+    label, d2 = nearest(blobs, init)
+    assert set(label.tolist()) == set(range(9))  # clusters 9, 10, 11 are empty
+    for max_iter in (1, 300):  # the re-seeding step itself, then convergence from it
+        centroids, inertia = lloyd(blobs, init, max_iter=max_iter, tol=0.0, chunk_size=700)
+        assert len(torch.unique(centroids, dim=0)) == 12
+        if max_iter == 1:  # the farthest points from their centroids, farthest first
+            assert torch.equal(centroids[9:], blobs[d2.topk(3).indices])
+        ref = KMeans(
+            12, init=init.numpy(), n_init=1, max_iter=max_iter, tol=0.0, algorithm="lloyd"
+        ).fit(blobs.numpy())
+        # which empty cluster gets which far point is an order sklearn leaves unspecified
+        _same_rows(centroids, torch.from_numpy(ref.cluster_centers_))
+        assert inertia == pytest.approx(ref.inertia_, rel=1e-9)
 
 
 def test_kmeans_plus_plus_seeds_distinct_data_points(blobs: torch.Tensor) -> None:
@@ -102,7 +133,7 @@ def test_local_pca_sae_reconstructs_with_the_cluster_flat(blobs: torch.Tensor) -
         z = sae.encode(x)
         xh = sae.decode(z)
     blocks = sae.W_dec.reshape(12, 4, 10)
-    c = torch.cdist(x, blocks[:, 0]).argmin(1)
+    c = torch.cdist(x, sae.W_enc[:, ::4].T / 2).argmin(1)  # the centroids, not the means
     mu, U = blocks[c, 0], blocks[c, 1:]
     ref = mu + torch.einsum("nmd,nm->nd", U, torch.einsum("nmd,nd->nm", U, x - mu))
     torch.testing.assert_close(xh, ref, atol=1e-4, rtol=1e-4)
@@ -115,6 +146,20 @@ def test_local_pca_sae_reconstructs_with_the_cluster_flat(blobs: torch.Tensor) -
     km = fit_kmeans_sae(_cached(x), 12, progress=False)
     with torch.no_grad():
         assert sse["centroid"] < float(((km(x) - x) ** 2).sum())  # affine pieces beat constants
+
+
+def test_local_pca_sae_assigns_as_it_was_fitted(blobs: torch.Tensor) -> None:
+    cached = _cached(blobs)
+    sae = fit_local_pca_sae(cached, 12, 3, max_iter=1, progress=False)  # Lloyd not converged
+    with torch.no_grad():
+        assign = sae.encode(blobs)[:, ::4].argmax(1)
+    centroids = _centroids(cached, 12, seed=0, max_iter=1, sample=16384, progress=False)
+    assert torch.equal(assign, assign_nearest(blobs, centroids))  # the fitting's assignment
+    means, dirs = local_pca(blobs, assign, 12, 3)
+    blocks = sae.W_dec.reshape(12, 4, 10).double()
+    torch.testing.assert_close(blocks[:, 0], means, atol=1e-5, rtol=0)
+    proj = blocks[:, 1:].transpose(1, 2) @ blocks[:, 1:]
+    torch.testing.assert_close(proj, dirs.transpose(1, 2) @ dirs, atol=1e-5, rtol=0)
 
 
 def test_cluster_saes_round_trip_and_run_in_sae_lens(model, tmp_path) -> None:

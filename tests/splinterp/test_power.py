@@ -12,8 +12,19 @@ from scipy.stats import spearmanr
 from itda_lens import ITDA
 from itda_lens.activations import CachedActivations
 from itda_lens.pursuit import matching_pursuit
+from itda_lens.saes.cluster import KMeansSAE, KMeansSAEConfig
 from itda_lens.splinterp.kmeans import fit_kmeans_sae, fit_local_pca_sae
-from itda_lens.splinterp.power import latent_geometry, power_diagram, region_ids, region_stats
+from itda_lens.splinterp.power import (
+    LatentGeometry,
+    latent_geometry,
+    power_diagram,
+    region_ids,
+    region_stats,
+)
+
+
+def _cached(x: torch.Tensor) -> CachedActivations:
+    return CachedActivations(x, torch.zeros(len(x), dtype=torch.long), "h", 8, 0.0)
 
 
 def _topk_sae(d_in: int = 6, d_sae: int = 40, k: int = 5, **cfg) -> SAE:
@@ -57,9 +68,7 @@ def test_topk_region_is_the_order_k_power_cell(cfg: dict) -> None:
 
 def test_kmeans_sae_diagram_is_voronoi() -> None:
     x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
-    km = fit_kmeans_sae(
-        CachedActivations(x, torch.zeros(500).long(), "h", 8, 0.0), 7, progress=False
-    )
+    km = fit_kmeans_sae(_cached(x), 7, progress=False)
     diagram = power_diagram(km)
     assert diagram.order == 1
     torch.testing.assert_close(
@@ -67,13 +76,7 @@ def test_kmeans_sae_diagram_is_voronoi() -> None:
     )
     torch.testing.assert_close(diagram.sites.float(), km.W_dec, atol=1e-5, rtol=0)
     assert torch.equal(region_ids(diagram, x)[:, 0], torch.cdist(x, km.W_dec).argmin(1))
-    flat = fit_local_pca_sae(
-        CachedActivations(x, torch.zeros(500).long(), "h", 8, 0.0),
-        3,
-        1,
-        assignment="flat",
-        progress=False,
-    )
+    flat = fit_local_pca_sae(_cached(x), 3, 1, assignment="flat", progress=False)
     with pytest.raises(ValueError, match="quadratic"):
         power_diagram(flat)
 
@@ -107,13 +110,72 @@ def test_dead_latents_and_the_margin_that_revives_them() -> None:
     ids = region_ids(power_diagram(sae), x)
     assert torch.equal(geometry.occupancy, torch.bincount(ids.flatten(), minlength=40))
     assert bool(geometry.dead[7]) and float(geometry.margin[7]) < 0
-    assert torch.equal(geometry.dead, geometry.margin < 0)
-    with torch.no_grad():  # raising its power weight by just over -margin brings it to life
+    assert torch.equal(geometry.occupancy == 0, geometry.margin < 0)
+    with torch.no_grad():  # raising its power weight by just over -margin puts it in a cell
         sae.b_enc[7] += -float(geometry.margin[7]) + 1e-3
     revived = latent_geometry(power_diagram(sae), x)
-    assert not bool(revived.dead[7])
+    assert int(revived.occupancy[7]) > 0 and float(revived.margin[7]) > 0
     ref = spearmanr(geometry.weights.numpy(), geometry.occupancy.numpy()).statistic
     assert geometry.weight_occupancy_correlation() == pytest.approx(ref, abs=1e-12)
+
+
+def _geometry_checked(sae: SAE, x: torch.Tensor) -> LatentGeometry:
+    """``latent_geometry`` over ``x``, checked against what dead means: the SAE's own ``encode``
+    never gives the latent a non-zero code. Also: no cell <=> negative margin."""
+    geometry = latent_geometry(power_diagram(sae), x, chunk_size=128)
+    with torch.no_grad():
+        fires = (sae.encode(x) != 0).sum(0)
+    assert torch.equal(geometry.dead, fires == 0)
+    assert torch.equal(geometry.fires, fires)
+    assert torch.equal(geometry.occupancy == 0, geometry.margin < 0)
+    return geometry
+
+
+def test_itda_atoms_used_at_any_pursuit_step_are_alive() -> None:
+    g = torch.Generator().manual_seed(0)
+    itda = ITDA.from_atoms(torch.randn(200, 8, generator=g), k=6)
+    x = torch.randn(500, 8, generator=g)
+    geometry = _geometry_checked(itda, x)
+    first = matching_pursuit(x, itda.W_dec, 1).indices[:, 0]
+    assert torch.equal(geometry.occupancy, torch.bincount(first, minlength=200))
+    # every atom is used, many of them never as the first pick
+    assert not bool(geometry.dead.any()) and int((geometry.occupancy == 0).sum()) > 10
+    torch.testing.assert_close(geometry.weights, torch.full((200,), 0.25, dtype=torch.float64))
+
+
+def test_kmeans_sae_latent_fires_in_its_voronoi_cell() -> None:
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    km = fit_kmeans_sae(_cached(x), 7, progress=False)
+    centroids = torch.cat([km.W_dec.detach(), torch.full((1, 4), 50.0)])  # one far from the data
+    sae = KMeansSAE._from_parts(
+        KMeansSAEConfig(d_in=4, d_sae=8), centroids, centroids.new_zeros(8, 0, 4), "cpu"
+    )
+    geometry = _geometry_checked(sae, x)
+    assert torch.equal(geometry.occupancy, geometry.fires)  # one-hot codes
+    assert torch.equal(geometry.dead, torch.arange(8) == 7)
+
+
+def test_local_pca_coefficient_latents_share_their_cluster_cell() -> None:
+    x = torch.randn(600, 5, generator=torch.Generator().manual_seed(1))
+    sae = fit_local_pca_sae(_cached(x), 8, 3, progress=False)
+    geometry = _geometry_checked(sae, x)
+    assert not bool(geometry.dead.any())
+    cells = torch.bincount(region_ids(power_diagram(sae), x)[:, 0], minlength=8)
+    assert torch.equal(geometry.occupancy.view(8, 4), cells[:, None].expand(8, 4))
+    for field in (geometry.margin, geometry.weights):  # the block's indicator's, for all of it
+        assert torch.equal(field.view(8, 4), field.view(8, 4)[:, :1].expand(8, 4))
+
+
+def test_topk_latents_in_cells_that_never_pass_the_relu_are_dead() -> None:
+    sae = _topk_sae()
+    x = torch.randn(800, 6, generator=torch.Generator().manual_seed(3))
+    before = latent_geometry(power_diagram(sae), x)
+    with torch.no_grad():
+        sae.b_enc -= 6  # a shared shift: the same top-k cells, but many members now stay <= 0
+    after = _geometry_checked(sae, x)
+    assert torch.equal(after.occupancy, before.occupancy)
+    torch.testing.assert_close(after.margin, before.margin, atol=1e-5, rtol=0)  # b_enc: fp32
+    assert int((after.dead & (after.occupancy > 0)).sum()) > 0
 
 
 def test_power_diagram_refuses_non_topk_and_normalised_saes() -> None:
