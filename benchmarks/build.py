@@ -1,6 +1,8 @@
 """ITDA build throughput on zoo models, split into model forward and dictionary work: the exact
 sequential rule (the default) next to the reference code's batch rule on the same stream (same
-model, hooks, k, threshold), plus how each rule's dictionary size depends on the batch size.
+model, hooks, k, threshold or target width), plus how each rule's dictionary size depends on the
+batch size. Dictionary work is the build pass's rule time; a sized build (the demo's) also runs
+the threshold search, shown separately.
 
     python benchmarks/build.py            # full run (~2 minutes)
     python benchmarks/build.py --quick    # reduced run, same code and tables
@@ -14,28 +16,31 @@ from typing import Any
 import torch
 from _common import bench_parser, fmt_bytes, measure, prepare, record, table, table_spec
 
-from itda_lens import ITDA, build_itda, zoo
+from itda_lens import ITDA, BuildConfig, build_itda, zoo
+from itda_lens.demo import DEMO_CONFIG
 from itda_lens.pursuit import matching_pursuit
 
 MODEL = zoo.DEFAULT_MODEL
-#: (name, layers, k, cos_threshold, training windows): the demo's settings first
+#: (name, layers, build config, training windows): the demo's settings first
 SETTINGS = [
-    ("demo (layers 1+2, k=20, cos 0.8)", [1, 2], 20, 0.8, 512),
-    ("k=40, cos 0.8", [2], 40, 0.8, 1024),
-    ("k=16, cos 0.9", [2], 16, 0.9, 1024),
+    ("demo (layers 1+2, k=20, 1024 atoms)", [1, 2], DEMO_CONFIG, 512),
+    ("k=40, cos 0.8", [2], BuildConfig(k=40, cos_threshold=0.8), 1024),
+    ("k=16, cos 0.9", [2], BuildConfig(k=16, cos_threshold=0.9), 1024),
 ]
 BATCH_SIZES = [1, 4, 32, 128]  # sequences of 128 tokens per forward pass
 
 
-def run(model: Any, tokens: torch.Tensor, hooks: list[str], rule: str, **kw: Any) -> dict:
-    m = measure(lambda: build_itda(model, tokens, hooks, add_rule=rule, progress=False, **kw))
+def run(model: Any, tokens: torch.Tensor, hooks: list[str], cfg: BuildConfig) -> dict:
+    m = measure(lambda: build_itda(model, tokens, hooks, cfg, progress=False))
     itdas: dict[str, ITDA] = m.result
     metas = [it.cfg.metadata.itda_builder for it in itdas.values()]
     fwd = metas[0]["forward_seconds"]
     dictionary = sum(meta["dictionary_seconds"] for meta in metas)
     n_tok = metas[0]["tokens_seen"]
+    searches = [meta.get("threshold_search") for meta in metas]
     return {
-        "rule": rule,
+        "rule": cfg.add_rule,
+        "search_s": sum(s["seconds"] for s in searches) if all(searches) else None,
         "tokens": n_tok,
         "atoms": "+".join(str(it.cfg.d_sae) for it in itdas.values()),
         "wall_s": m.seconds,
@@ -57,13 +62,18 @@ def main() -> None:
     for dt in (torch.float32, torch.float64):  # compile the fused kernel before timing
         matching_pursuit(torch.randn(4, 8, dtype=dt), warm.to(dt), 2, gram=(warm @ warm.T).to(dt))
     model = zoo.load_model(MODEL)
-    settings = [(n, ls, k, c, 64) for n, ls, k, c, _ in SETTINGS[:2]] if args.quick else SETTINGS
+    settings = SETTINGS
+    if args.quick:
+        settings = [
+            (n, ls, c.replace(target_atoms=c.target_atoms and 256), 64)
+            for n, ls, c, _ in SETTINGS[:2]
+        ]
     rows: list[dict] = []
-    for name, layers, k, cos, n_seq in settings:
+    for name, layers, cfg, n_seq in settings:
         tokens = zoo.load_tokens("train", n_seq)
         hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
         for rule in ("exact", "batch"):
-            r = run(model, tokens, hooks, rule, k=k, cos_threshold=cos, batch_size=32)
+            r = run(model, tokens, hooks, cfg.replace(add_rule=rule, batch_size=32))
             rows.append({"setting": name, **r})
             print({k_: v for k_, v in rows[-1].items() if k_ != "labels"}, flush=True)
     shown = [
@@ -75,6 +85,7 @@ def main() -> None:
             "forward s": f"{r['forward_s']:.2f}",
             "dictionary s": f"{r['dictionary_s']:.2f}",
             "dictionary / forward": f"{r['dictionary_over_forward']:.2f}",
+            "threshold search s": "-" if r["search_s"] is None else f"{r['search_s']:.1f}",
             "peak extra": fmt_bytes(r["peak_extra_bytes"]),
         }
         for r in rows
@@ -95,7 +106,7 @@ def main() -> None:
     print(table(shown, cols))
 
     # how the dictionary depends on the batch size under each rule
-    name, layers, k, cos, _ = SETTINGS[2]
+    name, layers, cfg, _ = SETTINGS[2]
     tokens = zoo.load_tokens("train", 16 if args.quick else 256)
     hook = f"blocks.{layers[0]}.hook_resid_post"
     sizes = BATCH_SIZES[:3] if args.quick else BATCH_SIZES
@@ -104,14 +115,7 @@ def main() -> None:
         labels = []
         for bs in sizes:
             it = build_itda(
-                model,
-                tokens,
-                hook,
-                k=k,
-                cos_threshold=cos,
-                batch_size=bs,
-                add_rule=rule,
-                progress=False,
+                model, tokens, hook, cfg.replace(batch_size=bs, add_rule=rule), progress=False
             )
             labels.append(it.atom_labels)
             first = int((it.atom_labels[:, 0] < bs).sum())

@@ -10,6 +10,7 @@ bracket.
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ class ThresholdSearch(NamedTuple):
     target: int
     sample_rows: int
     history: list[tuple[float, int]]
+    seconds: float
 
 
 def atoms_at(acts: Float[Tensor, "n d"], cfg: BuildConfig, cap: int | None = None) -> int:
@@ -57,6 +59,7 @@ def find_threshold(
     (within ``cfg.target_tolerance``, at least one atom); returns the closest found within
     ``max_steps``. A trial build stops once it holds twice the target (its count is then a lower
     bound, which is all the search needs there)."""
+    start = time.perf_counter()
     n = acts.shape[0]
     if target > n:
         raise ValueError(
@@ -97,7 +100,7 @@ def find_threshold(
             f"activations (target {target}): they are too redundant for this many atoms; "
             "read more tokens or ask for fewer"
         )
-    return ThresholdSearch(best[0], best[1], target, n, history)
+    return ThresholdSearch(best[0], best[1], target, n, history, time.perf_counter() - start)
 
 
 def _next_threshold(
