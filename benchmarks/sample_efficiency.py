@@ -63,7 +63,7 @@ def sae_fvu(sae: Any, x: torch.Tensor) -> float:
 
 
 def geometry(sae: Any, x: torch.Tensor) -> dict[str, Any]:
-    """Dead latents (never in a held-out point's top-k cell) and regions visited."""
+    """Dead latents (never fire on a held-out point) and power-diagram regions visited."""
     diagram = power_diagram(sae)
     geo = latent_geometry(diagram, x)
     stats = region_stats(region_ids(diagram, x))
