@@ -250,14 +250,18 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
             continue
         topk = keyed[(model, width, k, "TopK SAE")]
         rand = keyed[(model, width, k, "random activations, MP")]
-        ref = keyed.get((model, width, k, "ITDA refined (MP)"), r)
+        ref = keyed.get((model, width, k, "ITDA refined (MP)"))
         lines.append(
             f"{model} width {width} L0 {k}: ITDA - TopK CE score {r['ce_loss_score'] - topk['ce_loss_score']:+.3f}, "
             f"EV {r['explained_variance'] - topk['explained_variance']:+.3f}; ITDA - random activations CE "
             f"{r['ce_loss_score'] - rand['ce_loss_score']:+.3f}, EV {r['explained_variance'] - rand['explained_variance']:+.3f}; "
-            f"refined - random CE {ref['ce_loss_score'] - rand['ce_loss_score']:+.3f}, EV "
-            f"{ref['explained_variance'] - rand['explained_variance']:+.3f}; "
-            f"wall-clock ITDA/TopK {r['wall_s'] / max(topk['wall_s'], 1e-9):.3f}, tokens ITDA/TopK "
+            + (
+                f"refined - random CE {ref['ce_loss_score'] - rand['ce_loss_score']:+.3f}, EV "
+                f"{ref['explained_variance'] - rand['explained_variance']:+.3f}; "
+                if ref
+                else ""
+            )
+            + f"wall-clock ITDA/TopK {r['wall_s'] / max(topk['wall_s'], 1e-9):.3f}, tokens ITDA/TopK "
             f"{r['tokens'] / max(topk['tokens'], 1):.3f} (ITDA {r['atoms']} atoms)"
         )
     return lines
