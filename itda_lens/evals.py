@@ -25,6 +25,7 @@ from transformer_lens import HookedRootModule
 
 from itda_lens.activations import special_token_ids
 from itda_lens.probing import ProbeData, mean_over_tasks, pooled_features, sparse_probe
+from itda_lens.saes import ITDA
 
 try:  # SAEBench is an optional extra (itda_lens[saebench])
     from sae_bench.evals.core import main as saebench_core_main
@@ -65,6 +66,7 @@ def activation_store(
     batch_size_prompts: int = 8,
 ) -> ActivationsStore:
     """An ActivationsStore over a token tensor (pre-tokenised rows are used as they are)."""
+    require_hook_name(sae)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [n_seq, seq_len], got {tuple(tokens.shape)}")
     ds = Dataset.from_dict({"tokens": tokens.tolist()})
@@ -77,6 +79,25 @@ def activation_store(
         context_size=tokens.shape[1],
         n_batches_in_buffer=4,
         total_tokens=tokens.numel(),
+    )
+
+
+def require_hook_name(sae: SAE[Any]) -> str:
+    """The hook the SAE reads, or a clear error saying how to set it (sae_lens would only say
+    "hook_name is required", or, in ``model.add_sae``, log a warning and attach nothing)."""
+    hook = sae.cfg.metadata.hook_name
+    if hook:
+        return hook
+    how = (
+        "pass hook_name= to ITDA.from_atoms (metadata={'hook_name': ...} to "
+        "build_itda_from_activations), or set itda.cfg.metadata.hook_name"
+        if isinstance(sae, ITDA)
+        else "set sae.cfg.metadata.hook_name"
+    )
+    name = "ITDA" if isinstance(sae, ITDA) else type(sae).__name__
+    raise ValueError(
+        f"this {name} has no hook_name, so it cannot be run inside a model: {how} "
+        "(e.g. 'blocks.1.hook_resid_post')"
     )
 
 

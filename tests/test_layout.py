@@ -121,3 +121,26 @@ def test_readme_layout_table_names_every_module() -> None:
         top = rel.split("/")[1]
         named = rel in table or ((PACKAGE / top).is_dir() and f"itda_lens/{top}/" in table)
         assert named, f"{rel} is not in the README's layout table"
+
+
+def test_readme_guarantees_name_tests_that_exist() -> None:
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    current = None
+    refs = 0
+    for token in re.findall(r"`([^`]+)`", section):
+        path, _, name = token.partition("::")
+        if path.startswith("tests/"):
+            current = path
+        elif token.startswith("::") and current:
+            name = token[2:]
+        else:
+            continue
+        file = PACKAGE.parent / current
+        assert file.is_file(), f"README Guarantees: no {current}"
+        if name:
+            assert re.search(rf"def {re.escape(name)}\b", file.read_text()), f"{current}::{name}"
+            refs += 1
+    assert refs >= 10

@@ -5,10 +5,13 @@ checkpoint, resume, and stop on a token budget or when every dictionary is full 
 reads activations the caller already has. Both run the same loop (:func:`run_stream`), whose state
 between batches is the typed :class:`BuildProgress`. A resumed build replays the checkpointed
 dictionaries bit for bit and checks that the batches it skips are the ones the checkpoint read.
+A build holds its checkpoint folder's lock from start to end: a second build into the same folder
+fails at once with :class:`~itda_lens.builder.checkpoint.CheckpointLockedError`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -16,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -30,7 +33,7 @@ from itda_lens.activations import (
     read_batch,
     token_batches,
 )
-from itda_lens.builder.checkpoint import Checkpointer
+from itda_lens.builder.checkpoint import Checkpointer, locked
 from itda_lens.builder.config import BuildConfig
 from itda_lens.builder.refine import prune_by_energy
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
@@ -42,6 +45,20 @@ PREFIX_SEQUENCES = 16
 
 #: (raw batch, sequences before it) -> ({hook: ActivationBatch}, sequences in it, forward seconds)
 ToUpdates = Callable[[Any, int], tuple[dict[str, ActivationBatch], int, float]]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _holding_checkpoint_lock(build: F) -> F:
+    """Run ``build`` holding the lock of its ``checkpoint_dir=`` (if any) from its first line, so
+    that a second build into that folder fails before reading anything."""
+
+    @functools.wraps(build)
+    def locked_build(*args: Any, **kwargs: Any) -> Any:
+        with locked(kwargs.get("checkpoint_dir")):
+            return build(*args, **kwargs)
+
+    return locked_build  # type: ignore[return-value]
 
 
 @dataclass
@@ -94,6 +111,22 @@ def run_stream(
 ) -> tuple[dict[str, ITDABuilder], BuildProgress]:
     """Feed the stream to one builder per hook until it ends, the token budget is spent, or every
     builder is full or converged. ``thresholds`` overrides ``cos_threshold`` per hook."""
+    with locked(checkpoint_dir):  # re-entrant: build_itda already holds it
+        return _run_stream(
+            stream, cfg, fingerprint, device, checkpoint_dir, resume, progress, thresholds
+        )
+
+
+def _run_stream(
+    stream: Stream,
+    cfg: BuildConfig,
+    fingerprint: dict[str, Any],
+    device: Any,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    thresholds: dict[str, float] | None,
+) -> tuple[dict[str, ITDABuilder], BuildProgress]:
     thresholds = thresholds or {}
     ckpt = Checkpointer(checkpoint_dir)
     state = BuildProgress(fingerprint, thresholds=dict(thresholds))
@@ -254,6 +287,7 @@ class _Sizing:
                 "sample_tokens": search.sample_rows,
                 "atoms_on_sample": search.atoms,
                 "steps": [list(p) for p in search.history],
+                "seconds": round(search.seconds, 3),
             },
         }
 
@@ -265,6 +299,7 @@ class _Sizing:
         return prune_by_energy(itda, self.samples[hook], target)
 
 
+@_holding_checkpoint_lock
 def build_itda(
     model: HookedRootModule,
     tokens: TokenInput,
@@ -382,6 +417,7 @@ def build_itda(
     return out[hooks[0]] if isinstance(hook_name, str) else out
 
 
+@_holding_checkpoint_lock
 def build_itda_from_activations(
     batches: Iterable[Tensor | tuple[Tensor, ...]],
     cfg: BuildConfig | None = None,

@@ -7,14 +7,23 @@ matching pursuit (or OMP) with ``cfg.k`` steps and returns dense codes like ever
 ``(sequence index, token position)`` in the token stream the builder read, and ``atom_token_ids`` —
 is an int64 buffer that survives ``save_model`` / ``SAE.load_from_disk``.
 
+A save folder records in ``cfg.json``'s metadata its format version (``itda_format_version``; a
+newer version is refused with a request to upgrade itda_lens, an absent one reads as version 1), a
+save id shared with the weights file (a cfg.json and weights from different saves never load
+together) and the sha256 of the weights as written (any changed byte of the weights is refused).
+
 Registered with sae_lens (with the other architectures) in ``itda_lens/__init__.py``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,8 +52,19 @@ from itda_lens.pursuit import (
 from itda_lens.saes._io import atomic_write, check_sae_folder
 
 ARCHITECTURE = "itda"
+#: the save-folder layout this itda_lens writes (1: no version recorded, no checksum; 2: sha256)
+FORMAT_VERSION = 2
 _INT_BUFFERS = ("atom_labels", "atom_token_ids")
+_FLOAT_KEYS = ("W_dec", "b_dec")
 _SAVE_ID_KEY = "itda_save_id"
+_FORMAT_KEY = "itda_format_version"
+_SHA_KEY = "itda_weights_sha256"
+_DTYPE_KEY = "itda_weights_dtype"
+#: metadata that describes one save folder, not the dictionary (dropped when deriving an ITDA)
+_SAVE_KEYS = (_SAVE_ID_KEY, _FORMAT_KEY, _SHA_KEY, _DTYPE_KEY)
+_FLOAT_WIDTH = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+#: set while ITDA.load_from_disk loads a folder whose bytes check_itda_folder just verified
+_VERIFIED_ON_DISK: ContextVar[bool] = ContextVar("itda_verified_on_disk", default=False)
 
 
 @dataclass
@@ -62,6 +82,9 @@ class ITDAConfig(SAEConfig):
 
     @override
     def __post_init__(self) -> None:
+        # first: a newer format may have fields this version would misread (the loader hands
+        # cfg.json's metadata in as a dict, then replaces it with SAEMetadata)
+        check_format_version(self.metadata)
         super().__post_init__()
         check_k(self.k)
         if self.d_sae < 1:
@@ -302,7 +325,7 @@ class ITDA(SAE[ITDAConfig]):
             raise ValueError("select needs a non-empty 1-D tensor of atom indices")
         if int(atoms.min()) < 0 or int(atoms.max()) >= self.cfg.d_sae:
             raise ValueError(f"atom indices must lie in [0, {self.cfg.d_sae})")
-        kept = {k: v for k, v in self.cfg.metadata.to_dict().items() if k != _SAVE_ID_KEY}
+        kept = {k: v for k, v in self.cfg.metadata.to_dict().items() if k not in _SAVE_KEYS}
         return type(self).from_atoms(
             self.W_dec.detach()[atoms],
             self.cfg.k,
@@ -329,26 +352,41 @@ class ITDA(SAE[ITDAConfig]):
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """Undo the loader's float cast of provenance and check the weights belong to this cfg."""
-        required = ("W_dec", "b_dec", *_INT_BUFFERS)
-        missing = [key for key in required if key not in state_dict]
-        if missing:
-            raise ValueError(f"not a complete ITDA save: the weights file lacks {missing}")
-        expected_id = self.cfg.metadata.get(_SAVE_ID_KEY)
+        """Check the weights belong to this cfg (keys, save id, shapes, checksum, unit-norm atoms)
+        and undo the loader's float cast of provenance."""
+        meta = self.cfg.metadata
+        _check_keys(state_dict)
         saved_id = state_dict.pop(_SAVE_ID_KEY, None)
-        saved_hex = (
-            None if saved_id is None else bytes(saved_id.round().to(torch.uint8).tolist()).hex()
-        )
-        if expected_id is not None and saved_hex != expected_id:
-            raise ValueError(
-                "cfg.json and sae_weights.safetensors come from different saves "
-                "(an interrupted or mixed save); re-save the ITDA"
-            )
-        w = state_dict["W_dec"]
+        _check_save_id(meta, saved_id)
+        sha = meta.get(_SHA_KEY)
+        w, b = state_dict["W_dec"], state_dict["b_dec"]
         if tuple(w.shape) != (self.cfg.d_sae, self.cfg.d_in):
             raise ValueError(
                 f"W_dec has shape {tuple(w.shape)} but cfg.json says d_sae={self.cfg.d_sae}, d_in={self.cfg.d_in}"
             )
+        if tuple(b.shape) != (self.cfg.d_in,):
+            raise ValueError(
+                f"b_dec has shape {tuple(b.shape)} but cfg.json says d_in={self.cfg.d_in}"
+            )
+        for key in _INT_BUFFERS:
+            shape = tuple(getattr(self, key).shape)
+            allowed = [(*shape, 8)] if sha is not None else [(*shape, 8), shape]
+            if tuple(state_dict[key].shape) not in allowed:
+                raise ValueError(
+                    f"{key} has shape {tuple(state_dict[key].shape)} in the weights file; "
+                    f"cfg.json (d_sae={self.cfg.d_sae}) needs {allowed[0]}"
+                )
+        if sha is not None and not _VERIFIED_ON_DISK.get():
+            saved = _dtype_from_name(meta.get(_DTYPE_KEY))
+            if _lossless(saved, w.dtype):  # else the loader rounded: only the file can be checked
+                form = {
+                    **{k: state_dict[k].to(saved) for k in _FLOAT_KEYS},
+                    **{k: state_dict[k].to(torch.uint8) for k in _INT_BUFFERS},
+                }
+                if saved_id is not None:
+                    form[_SAVE_ID_KEY] = saved_id.to(torch.uint8)
+                if _weights_digest(form) != sha:
+                    raise ValueError(_CHECKSUM_ERROR)
         for key in _INT_BUFFERS:
             value = state_dict[key]
             state_dict[key] = (
@@ -360,19 +398,31 @@ class ITDA(SAE[ITDAConfig]):
             raise ValueError("corrupt ITDA weights: W_dec contains NaN or Inf")
         if (w.float().norm(dim=1) - 1).abs().max().item() > UNIT_NORM_TOL:
             raise ValueError("corrupt ITDA weights: atoms in W_dec are not unit-norm")
+        if bool((b != 0).any()):
+            raise ValueError(
+                "corrupt ITDA weights: b_dec must be zero (an ITDA has no decoder bias)"
+            )
 
     @override
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """Save as ``cfg.json`` + ``sae_weights.safetensors``; atomic per file, with a shared save id
-        so that a crash between the two writes can never load as a wrong dictionary."""
+        so that a crash between the two writes can never load as a wrong dictionary, and the weights'
+        sha256 in ``cfg.json``. A failed write raises ``OSError`` and leaves no temporary file."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_id = uuid.uuid4().hex
         state = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
         self.process_state_dict_for_saving(state)
         state[_SAVE_ID_KEY] = torch.tensor(list(bytes.fromhex(save_id)), dtype=torch.uint8)
+        state["b_dec"] = state["b_dec"].to(state["W_dec"].dtype)
         cfg_dict = self.cfg.to_dict()
-        cfg_dict["metadata"] = {**cfg_dict["metadata"], _SAVE_ID_KEY: save_id}
+        cfg_dict["metadata"] = {
+            **cfg_dict["metadata"],
+            _FORMAT_KEY: FORMAT_VERSION,
+            _SAVE_ID_KEY: save_id,
+            _SHA_KEY: _weights_digest(state),
+            _DTYPE_KEY: _dtype_name(state["W_dec"].dtype),
+        }
         weights_path, cfg_path = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
         atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
         atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(cfg_dict, indent=2)))
@@ -383,19 +433,151 @@ class ITDA(SAE[ITDAConfig]):
     def load_from_disk(
         cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any
     ) -> ITDA:  # type: ignore[override]
-        """Load an ITDA folder, with clear errors for folders that are not ITDAs or are damaged."""
+        """Load an ITDA folder, with clear errors for folders that are not ITDAs or are damaged
+        (the weights file's bytes are checked against cfg.json before sae_lens reads them)."""
         check_itda_folder(path)
-        return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
+        with _verified_on_disk():
+            return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
 
 
 def check_itda_folder(path: str | Path) -> dict[str, Any]:
-    """Validate an ITDA save folder before loading; return its cfg dict."""
-    cfg = check_sae_folder(path)
-    if cfg.get("architecture") != ARCHITECTURE:
-        raise ValueError(
-            f"{path} is not an ITDA: its cfg.json has architecture {cfg.get('architecture')!r}"
-        )
+    """Validate an ITDA save folder before loading; return its cfg dict.
+
+    Checks the architecture and format version, then the weights as stored: the tensors an ITDA
+    saves and no others, the save id shared with cfg.json and, for format 2, each tensor's stored
+    dtype and the sha256 recorded in cfg.json."""
+    stored: dict[str, Tensor] = {}  # small tensors (the save id) kept whole
+    digests: dict[str, str] = {}
+    dtypes: dict[str, torch.dtype] = {}
+
+    def visit(key: str, t: Tensor) -> None:
+        digests[key], dtypes[key] = _tensor_digest(t), t.dtype
+        if key == _SAVE_ID_KEY:
+            stored[key] = t
+
+    def check_cfg(cfg: dict[str, Any]) -> None:
+        if cfg.get("architecture") != ARCHITECTURE:
+            raise ValueError(
+                f"{path} is not an ITDA: its cfg.json has architecture {cfg.get('architecture')!r}"
+            )
+        check_format_version(cfg.get("metadata") or {}, where=str(path))
+
+    cfg = check_sae_folder(path, on_tensor=visit, check_cfg=check_cfg)
+    meta = cfg.get("metadata") or {}
+    _check_keys(digests)
+    _check_save_id(meta, stored.get(_SAVE_ID_KEY))
+    sha = meta.get(_SHA_KEY)
+    if sha is not None:
+        saved = _dtype_name(_dtype_from_name(meta.get(_DTYPE_KEY)))
+        for key in digests:
+            want = saved if key in _FLOAT_KEYS else "uint8"
+            if _dtype_name(dtypes[key]) != want:
+                raise ValueError(
+                    f"corrupt ITDA weights: {SAE_WEIGHTS_FILENAME} stores {key} as "
+                    f"{_dtype_name(dtypes[key])}, but this ITDA was saved with {key} as {want} "
+                    "(the file was rewritten after saving)"
+                )
+        if _combine(digests) != sha:
+            raise ValueError(_CHECKSUM_ERROR)
     return cfg
+
+
+def check_format_version(meta: Any, where: str = "this ITDA folder") -> int:
+    """The folder's ITDA format version (1 if absent); refuses versions newer than this itda_lens
+    reads."""
+    version = meta.get(_FORMAT_KEY, 1) if hasattr(meta, "get") else 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{where}: invalid {_FORMAT_KEY} {version!r} in cfg.json")
+    if version > FORMAT_VERSION:
+        try:
+            installed = f" {importlib.metadata.version('itda_lens')}"
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+            installed = ""
+        raise ValueError(
+            f"{where} was saved by a newer itda_lens (ITDA format version {version}; this "
+            f"itda_lens{installed} reads versions up to {FORMAT_VERSION}): upgrade itda_lens "
+            "(pip install -U itda_lens) to load it"
+        )
+    return version
+
+
+_CHECKSUM_ERROR = (
+    f"corrupt ITDA weights: {SAE_WEIGHTS_FILENAME} does not match the sha256 recorded in "
+    f"{SAE_CFG_FILENAME} (damaged or modified after saving); restore it or save the ITDA again"
+)
+
+
+def _check_keys(state: Mapping[str, Any]) -> None:
+    """The weights hold exactly what ITDA.save_model writes (the save id is optional: older saves)."""
+    required = (*_FLOAT_KEYS, *_INT_BUFFERS)
+    missing = [key for key in required if key not in state]
+    unexpected = sorted(set(state) - {*required, _SAVE_ID_KEY})
+    if missing:
+        raise ValueError(
+            f"not a complete ITDA save: the weights file lacks {missing}"
+            + (f" (it holds {unexpected}: another architecture's weights?)" if unexpected else "")
+        )
+    if unexpected:
+        raise ValueError(
+            f"not an ITDA save as written by ITDA.save_model: the weights file has unexpected "
+            f"tensors {unexpected}"
+        )
+
+
+def _check_save_id(meta: Mapping[str, Any], saved_id: Tensor | None) -> None:
+    """cfg.json and the weights carry the same save id, or neither has one (saves before ids);
+    an id on one side only is a save interrupted between its two writes."""
+    expected = meta.get(_SAVE_ID_KEY)
+    saved_hex = None if saved_id is None else bytes(saved_id.round().to(torch.uint8).tolist()).hex()
+    if saved_hex != expected:
+        raise ValueError(
+            "cfg.json and sae_weights.safetensors come from different saves "
+            "(an interrupted or mixed save); re-save the ITDA"
+        )
+
+
+def _tensor_digest(t: Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    h = hashlib.sha256(f"{_dtype_name(t.dtype)}:{list(t.shape)}:".encode())
+    h.update(memoryview(data))
+    return h.hexdigest()
+
+
+def _combine(digests: Mapping[str, str]) -> str:
+    return hashlib.sha256(
+        "\n".join(f"{key}={digests[key]}" for key in sorted(digests)).encode()
+    ).hexdigest()
+
+
+def _weights_digest(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (independent of their order)."""
+    return _combine({key: _tensor_digest(t) for key, t in tensors.items()})
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: object) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_WIDTH:
+        raise ValueError(f"invalid {_DTYPE_KEY} {name!r} in cfg.json")
+    return dtype
+
+
+def _lossless(saved: torch.dtype, loaded: torch.dtype) -> bool:
+    """Whether casting ``saved`` values to ``loaded`` (as the loader did) kept them exactly."""
+    return saved == loaded or _FLOAT_WIDTH.get(loaded, 0) > _FLOAT_WIDTH[saved]
+
+
+@contextmanager
+def _verified_on_disk() -> Iterator[None]:
+    token = _VERIFIED_ON_DISK.set(True)
+    try:
+        yield
+    finally:
+        _VERIFIED_ON_DISK.reset(token)
 
 
 def _int_tensor(value: Tensor | None, shape: tuple[int, ...], name: str) -> Tensor:
