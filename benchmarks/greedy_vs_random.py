@@ -8,7 +8,8 @@ all encoded with the same signed MP at k steps; held-out FVU (fraction of varian
 activations of the held-out books. At the largest k the greedy build is repeated on the windows in
 shuffled order to check that what it measures is not the stream order.
 
-    python benchmarks/greedy_vs_random.py                     # full run (about an hour, 2 cores)
+    python benchmarks/greedy_vs_random.py --model kjv-4l128-s0   # one model (results file per model)
+    python benchmarks/greedy_vs_random.py                     # both (hours on 2 cores)
     python benchmarks/greedy_vs_random.py --quick --out bench_out/greedy_vs_random_q
 """
 
@@ -182,7 +183,7 @@ def main() -> None:
                 logx=True,
             )
     record(
-        "greedy_vs_random",
+        f"greedy_vs_random_{args.model}" if args.model else "greedy_vs_random",
         args,
         {"main": table_spec(shown, cols)},
         {"rows": rows, "draws": DRAWS, "windows": windows},
