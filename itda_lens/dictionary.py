@@ -114,6 +114,13 @@ class AtomStore:
         self.blocks.append(b)
         self._extend_gram(start, end)
 
+    def truncate(self, n: int, n_blocks: int) -> None:
+        """Drop every atom after the first ``n`` (the first ``n_blocks`` blocks)."""
+        if sum(self.blocks[:n_blocks]) != n or n > self.n:
+            raise ValueError(f"cannot truncate to {n} atoms in {n_blocks} blocks")
+        self.n = n
+        del self.blocks[n_blocks:]
+
     def _extend_gram(self, start: int, end: int) -> None:
         if self._gram is None:
             return

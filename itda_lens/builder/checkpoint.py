@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from itda_lens.builder.config import BuildConfig
+from itda_lens.builder.distributed import Comm
 from itda_lens.builder.rule import ITDABuilder
 from itda_lens.dictionary import AtomStore
 from itda_lens.saes import atomic_write
@@ -132,8 +133,12 @@ def _take(folder: Path, probe: bool = False) -> IO[str] | None:
 
 
 def locked(folder: str | Path | None) -> AbstractContextManager[Any]:
-    """:func:`build_lock` on ``folder``, or nothing when there is no checkpoint folder."""
-    return build_lock(folder) if folder is not None else nullcontext()
+    """:func:`build_lock` on ``folder``, or nothing when there is no checkpoint folder (or on
+    the ranks other than 0 of a data-parallel build: rank 0 writes for all)."""
+    comm = Comm.current()
+    if folder is None or (comm is not None and comm.rank != 0):
+        return nullcontext()
+    return build_lock(folder)
 
 
 def _locked_message(folder: Path, holder: str) -> str:

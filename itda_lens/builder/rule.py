@@ -115,30 +115,43 @@ class ITDABuilder:
             return math.inf
         return (self.added_at[-1] if self.added_at else -1) + p
 
-    def update(self, batch: ActivationBatch) -> int:
-        """Read one batch (rows in stream order); returns the number of atoms added."""
-        start = time.perf_counter()
-        acts = batch.acts
+    def check(self, acts: Tensor) -> None:
+        """Refuse activations of the wrong shape, NaN or Inf."""
         if acts.ndim != 2 or acts.shape[1] != self.d_in:
             raise ValueError(
                 f"d_in mismatch: expected activations [n, {self.d_in}], got {tuple(acts.shape)}"
             )
         if not bool(torch.isfinite(acts).all()):
             raise ValueError(f"activations contain NaN or Inf (batch {self.n_batches})")
+
+    def update(self, batch: ActivationBatch) -> int:
+        """Read one batch (rows in stream order); returns the number of atoms added."""
+        self.check(batch.acts)
         if self.stopped:
             return 0
+        n = batch.acts.shape[0]
+        pos = torch.arange(self.tokens_seen, self.tokens_seen + n)
+        return self.read(batch, pos, self.tokens_seen + n)
+
+    def read(self, batch: ActivationBatch, pos: Tensor, end: int) -> int:
+        """Judge ``batch``'s rows, read at stream positions ``pos`` (increasing), and advance the
+        stream to ``end`` (exclusive) unless a cutoff stops it first; returns atoms added."""
+        start = time.perf_counter()
         self.n_batches += 1
         before = len(self.store)
-        pos = torch.arange(self.tokens_seen, self.tokens_seen + acts.shape[0])
-        x = acts.to(self.store.device, self.store.dtype)
+        x = batch.acts.to(self.store.device, self.store.dtype)
         keep = (batch.eligible.to(x.device) & (x.norm(dim=1) > 0)).cpu()
         rows = keep.nonzero().flatten()
         if self.cfg.add_rule == "exact":
-            self._exact(x, rows, pos, batch)
+            self._exact(x, rows, pos, batch, end)
         else:
-            self._batch(x, rows, pos, batch)
+            self._batch(x, rows, pos, batch, end)
         self.seconds += time.perf_counter() - start
         return len(self.store) - before
+
+    def _finish_batch(self, end: int) -> None:
+        """Reading went to ``end`` (exclusive), or to the cutoff if that came first."""
+        self._read_until(int(min(end - 1, self._cutoff())))
 
     def _read_until(self, last: int) -> None:
         """Advance ``tokens_seen`` past stream position ``last`` and record why reading stopped."""
@@ -157,19 +170,20 @@ class ITDABuilder:
 
     # --- the exact sequential rule ----------------------------------------------------------
 
-    def _exact(self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch) -> None:
-        n = x.shape[0]
+    def _exact(
+        self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch, end: int
+    ) -> None:
         i = 0  # index into rows
         while i < len(rows) and not self.full:
             cutoff = self._cutoff()
             if pos[rows[i]] > cutoff:
                 break
-            end = min(i + self._sub, len(rows))
+            stop = min(i + self._sub, len(rows))
             if cutoff < math.inf:  # rows past the cutoff are read only if an atom comes first
-                end = min(
-                    end, i + int(torch.searchsorted(pos[rows[i:end]], int(cutoff), right=True))
+                stop = min(
+                    stop, i + int(torch.searchsorted(pos[rows[i:stop]], int(cutoff), right=True))
                 )
-            sub = rows[i:end]
+            sub = rows[i:stop]
             with _threads(1 if len(sub) <= SINGLE_THREAD_TOKENS else None):
                 added, last = self._resolve(x, sub, pos, batch)
             self.tokens_scored += int((sub <= last).sum())
@@ -181,12 +195,8 @@ class ITDABuilder:
                 self._sub = max(MIN_SUB_BATCH, self._sub // 2)
             elif added * 256 < len(sub):
                 self._sub = min(MAX_SUB_BATCH, self._sub * 2)
-            i = end
-        last_read = n - 1
-        cutoff = self._cutoff()
-        if cutoff < math.inf:
-            last_read = min(last_read, int(cutoff) - int(pos[0]))
-        self._read_until(int(pos[last_read]) if last_read >= 0 else int(pos[0]) - 1)
+            i = stop
+        self._finish_batch(end)
 
     def _resolve(
         self, x: Tensor, sub: Tensor, pos: Tensor, batch: ActivationBatch
@@ -196,7 +206,7 @@ class ITDABuilder:
         T = xs.shape[0]
         paths = self._score(xs)
         valid = torch.full((T,), len(self.store) > 0, dtype=torch.bool)
-        tol = xs.norm(dim=1) * math.sqrt(torch.finfo(xs.dtype).eps) * 4
+        tol = xs.norm(dim=1) * self.tolerance_factor
         added, i = 0, 0
         while i < T:
             todo = (~valid[i:] | paths.accept[i:]).nonzero()
@@ -243,10 +253,20 @@ class ITDABuilder:
             (cos < self.cfg.cos_threshold).cpu(),
         )
 
-    def _enters(self, xs: Tensor, paths: _Paths, rows: Tensor, tol: Tensor) -> Tensor:
-        """Which of these tokens' paths the newest atom would enter (conservatively, within ``tol``)."""
-        new = self.store.atoms[-1]
-        row = self.store.gram_row(len(self.store) - 1)
+    @property
+    def tolerance_factor(self) -> float:
+        """Margin (relative to |x|) within which an atom is assumed to enter a path: far above
+        the rounding of the decision dtype, so that a re-pursuit is never missed."""
+        return math.sqrt(torch.finfo(self.store.dtype).eps) * 4
+
+    def _enters(
+        self, xs: Tensor, paths: _Paths, rows: Tensor, tol: Tensor, atom: int = -1
+    ) -> Tensor:
+        """Which of these tokens' paths the atom (default: the newest) would enter
+        (conservatively, within ``tol``)."""
+        atom = atom % len(self.store)
+        new = self.store.atoms[atom]
+        row = self.store.gram_row(atom)
         corr = xs @ new
         idx = paths.idx[rows]
         g = row[idx]  # <atom picked at step s, new atom>
@@ -259,7 +279,9 @@ class ITDABuilder:
 
     # --- the reference code's batch rule ------------------------------------------------------
 
-    def _batch(self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch) -> None:
+    def _batch(
+        self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch, end: int
+    ) -> None:
         cutoff = self._cutoff()
         if cutoff < math.inf:
             rows = rows[pos[rows] <= cutoff]
@@ -273,12 +295,10 @@ class ITDABuilder:
             r = rows[sel]
             self.store.add(x[r], batch.labels[r].to(dev), batch.token_ids[r].to(dev))
             self.added_at.extend(pos[r].tolist())
-        last = pos.shape[0] - 1
         if self.full:
-            last = int(rows[sel[-1]])
-        elif cutoff < math.inf:
-            last = min(last, int(self._cutoff()) - int(pos[0]))
-        self._read_until(int(pos[last]) if last >= 0 else int(pos[0]) - 1)
+            self._read_until(int(pos[rows[sel[-1]]]))
+        else:
+            self._finish_batch(end)
 
     # --- results ------------------------------------------------------------------------------
 

@@ -35,6 +35,13 @@ from itda_lens.activations import (
 )
 from itda_lens.builder.checkpoint import Checkpointer, locked
 from itda_lens.builder.config import BuildConfig
+from itda_lens.builder.distributed import (
+    Comm,
+    dictionary_digest,
+    distributed_read,
+    empty_like,
+    shard,
+)
 from itda_lens.builder.refine import prune_by_energy
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 from itda_lens.builder.target import ThresholdSearch, find_threshold
@@ -76,6 +83,7 @@ class BuildProgress:
     context_size: int | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
     prefix_sha256: str | None = None
+    wire_bytes: int = 0  # candidates this rank sent to the others (data-parallel builds)
 
 
 @dataclass
@@ -87,6 +95,8 @@ class Stream:
     key: Callable[[Any], Tensor]  # raw -> tensor hashed for the stream fingerprint
     total: int | None
     first_tokens: Callable[[Any], list[int]] | None = None  # token inputs: first token per row
+    size: Callable[[Any], int] = len  # rows (sequences, or activations) in a raw batch
+    rows: Callable[[Any, int, int], Any] = lambda raw, lo, hi: raw[lo:hi]  # a shard of one
 
 
 def _digest(prev: str, t: Tensor) -> str:
@@ -128,14 +138,23 @@ def _run_stream(
     thresholds: dict[str, float] | None,
 ) -> tuple[dict[str, ITDABuilder], BuildProgress]:
     thresholds = thresholds or {}
-    ckpt = Checkpointer(checkpoint_dir)
+    comm = Comm.current()
+    if comm is not None and cfg.batch_size % comm.world:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} does not divide among {comm.world} ranks: every rank "
+            "reads an equal shard of each batch; use a multiple of the world size"
+        )
+    ckpt = Checkpointer(checkpoint_dir if comm is None or comm.rank == 0 else None)
     state = BuildProgress(fingerprint, thresholds=dict(thresholds))
     builders: dict[str, ITDABuilder] = {}
 
     def hook_cfg(hook: str) -> BuildConfig:
         return cfg.replace(cos_threshold=thresholds[hook]) if hook in thresholds else cfg
 
-    saved = ckpt.load(resume, cfg, device or "cpu")
+    saved = ckpt.load(resume, cfg, device or "cpu") if comm is None or comm.rank == 0 else None
+    if comm is not None:  # rank 0 reads the checkpoint, every rank resumes from it
+        comm.agree("the build settings and model", fingerprint)
+        saved = comm.broadcast(saved)
     if saved is not None:
         fields_, builders = saved
         if fields_["fingerprint"] != fingerprint:
@@ -151,9 +170,8 @@ def _run_stream(
         for hook, b in builders.items():
             b.cfg = hook_cfg(hook)
     skip, target_sha, running_sha = state.batches, state.stream_sha256, ""
-    bar = tqdm(
-        total=stream.total, desc="ITDA build", unit="batch", disable=not progress, initial=skip
-    )
+    show = progress and (comm is None or comm.rank == 0)
+    bar = tqdm(total=stream.total, desc="ITDA build", unit="batch", disable=not show, initial=skip)
     t0, seen_now, i = time.perf_counter(), 0, -1
     prefix: list[Tensor] = []  # the first sequences, fingerprinted for label compatibility
     try:
@@ -169,22 +187,37 @@ def _run_stream(
                 continue
             if state.finished:
                 break
-            updates, n_seq, fwd = stream.to_updates(raw, state.sequences)
-            state.forward_seconds += fwd
             if i == 0 and stream.first_tokens is not None:
                 state.first_column = stream.first_tokens(raw)
                 state.context_size = int(raw.shape[1])
-            n_rows = n_tok = next(iter(updates.values())).acts.shape[0]
+            n_seq = stream.size(raw)
+            lo, hi = (0, n_seq) if comm is None else shard(n_seq, comm.world, comm.rank)
+            if hi > lo:
+                updates, _, fwd = stream.to_updates(stream.rows(raw, lo, hi), state.sequences + lo)
+            elif builders:  # a short last batch leaves this rank's shard empty
+                updates, fwd = {h: empty_like(b, device) for h, b in builders.items()}, 0.0
+            else:
+                raise ValueError(f"the first batch has {n_seq} rows, fewer than {comm.world} ranks")
+            state.forward_seconds += fwd
+            local = next(iter(updates.values())).acts.shape[0]
+            counts = [local] if comm is None else comm.gather(local)
+            offset, n_rows = sum(counts[: comm.rank if comm else 0]), sum(counts)
+            n_tok = n_rows
             if cfg.max_tokens is not None and state.tokens + n_tok > cfg.max_tokens:
                 n_tok = cfg.max_tokens - state.tokens
                 n_seq = math.ceil(n_seq * n_tok / n_rows)
-                updates = _cut(updates, n_tok)
+                updates = _cut(updates, max(0, min(local, n_tok - offset)))
             for hook, batch in updates.items():
                 if hook not in builders:
                     builders[hook] = ITDABuilder(
                         batch.acts.shape[1], hook_cfg(hook), device=device or batch.acts.device
                     )
-                builders[hook].update(batch)
+                if comm is None:
+                    builders[hook].update(batch)
+                else:
+                    state.wire_bytes += distributed_read(
+                        builders[hook], batch, comm, offset, n_tok
+                    )[1]
             state.sequences += n_seq
             state.tokens += n_tok
             state.batches = i + 1
@@ -212,6 +245,9 @@ def _run_stream(
     if not builders:
         raise ValueError("no activations: the input yielded no batches")
     state.prefix_sha256 = _digest("", torch.cat(prefix)) if prefix else None
+    if comm is not None:
+        for hook, b in builders.items():
+            comm.agree(f"the dictionary at {hook}", dictionary_digest(b))
     if not state.finished:
         state.finished = True
         ckpt.save(asdict(state), builders)
