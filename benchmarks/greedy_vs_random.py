@@ -114,6 +114,9 @@ def verdict(r: dict[str, Any], col: str) -> str:
 def main() -> None:
     parser = bench_parser(__doc__, "bench_out/greedy_vs_random")
     parser.add_argument("--model", choices=list(MODELS), default=None, help="one model only")
+    parser.add_argument(
+        "--max-width", type=float, default=32.0, help="largest width (x d_model) of a full run"
+    )
     args = parser.parse_args()
     out = prepare(args)
     t0 = time.perf_counter()
@@ -121,7 +124,8 @@ def main() -> None:
         ks, mults, windows, heldout = (16,), (1.0, 2.0), 64, 8
         models = {"kjv-4l128-s0": MODELS["kjv-4l128-s0"]}
     else:
-        ks, mults, windows, heldout = (4, 16), (1.0, 2.0, 4.0, 8.0, 16.0, 32.0), 1024, 64
+        ks, windows, heldout = (4, 16), 1024, 64
+        mults = tuple(m for m in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0) if m <= args.max_width)
         models = {args.model: MODELS[args.model]} if args.model else MODELS
     rows = [
         r

@@ -22,7 +22,8 @@ variance, L0); k-sparse probing (SAEBench's procedure, zoo-corpus tasks) at one 
 SAEBench ``core`` for one of each kind. Wall-clock counts the model forward for the tokens each
 method needs; tokens are activations read. Writes tables (JSON), and two plots per model.
 
-    python benchmarks/vs_sae.py --out bench_out/vs_sae            # full run (about 90 min, 2 cores)
+    python benchmarks/vs_sae.py --out bench_out/vs_sae            # full run (hours on 2 cores)
+    python benchmarks/vs_sae.py --model kjv-4l128-s0 --l0-fractions 0.0625 0.125   # a part
     python benchmarks/vs_sae.py --quick --out bench_out/vs_sae_q  # reduced run (a few minutes)
 """
 
@@ -340,6 +341,14 @@ def pivot(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = bench_parser(__doc__, "bench_out/vs_sae")
+    parser.add_argument("--model", choices=[m for m, _ in FULL], help="one model only")
+    parser.add_argument(
+        "--l0-fractions",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"L0s as fractions of d_model (default {' '.join(map(str, L0_FRACTIONS))})",
+    )
     args = parser.parse_args()
     if args.quick:
         args.models, args.l0_fractions, args.widths = [FULL[0][0]], (0.0625, 0.125), (8,)
@@ -351,7 +360,8 @@ def main() -> None:
         )
         args.probe_train, args.probe_test, args.core = 16, 16, True
     else:
-        args.models, args.l0_fractions, args.widths = [m for m, _ in FULL], None, None
+        args.models = [args.model] if args.model else [m for m, _ in FULL]
+        args.widths = None
         args.train_windows, args.build_windows, args.heldout_windows, args.sae_tokens = (
             4096,
             512,

@@ -25,6 +25,7 @@ from itda_lens import zoo
 from itda_lens.activations import check_hook_names, collect_activations, token_batches
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import BuildConfig, build_itda
+from itda_lens.builder.checkpoint import keep_build_lock
 from itda_lens.config import (
     TRAINERS,
     BuildCommand,
@@ -41,6 +42,7 @@ from itda_lens.probing import probe_data
 from itda_lens.resolve import resolve_model, resolve_tokens
 from itda_lens.saes import ITDA, check_sae_folder
 from itda_lens.similarity import model_jaccard, similarity_matrix
+from itda_lens.warmstart import as_source
 
 #: errors that are about the user's input, printed as one line with exit code 2
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
@@ -61,6 +63,13 @@ def _cmd_build(args: Any) -> int:
     if not cmd.hook:
         raise ValueError("give at least one --hook, e.g. --hook blocks.2.hook_resid_post")
     out = Path(cmd.out)
+    # one build per --out: the lock build_itda takes on the checkpoint folder is kept until the
+    # ITDAs are saved
+    with keep_build_lock(out / "checkpoint"):
+        return _build_into(cmd, cfg, out)
+
+
+def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path) -> int:
     model = resolve_model(cmd.model, device=cfg.device or "cpu")
     tokens, dataset_path = resolve_tokens(
         cmd.data, model, split=cmd.split, context_size=cfg.context_size
@@ -95,17 +104,29 @@ def _cmd_train(args: Any) -> int:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
     if cmd.max_tokens < 1:
         raise ValueError("--max-tokens must be >= 1")
+    trainer = TRAINERS[args.arch]
+    warm: dict[str, Any] = {}
+    if cmd.init_from is not None:
+        if not trainer.warm_start:
+            starts = ", ".join(a for a, t in TRAINERS.items() if t.warm_start)
+            raise ValueError(
+                f"--init-from starts a sae_lens SAE ({starts}); {args.arch} has its own initialisation"
+            )
+        warm = {"init": as_source(cmd.init_from), "init_rule": cmd.init_rule}
+    elif cmd.init_rule != "auto":
+        raise ValueError("--init-rule needs --init-from (an ITDA folder)")
     model = resolve_model(cmd.model, device=cmd.device)
     check_hook_names(model, [cmd.hook])
     tokens, _ = resolve_tokens(cmd.data, model, split=cmd.split, context_size=cmd.context_size)
     cached = collect_activations(
         model, tokens, cmd.hook, context_size=cmd.context_size, max_tokens=cmd.max_tokens
     )
-    trainer = TRAINERS[args.arch]
     print(f"cached {cached.acts.shape[0]:,} activations at {cmd.hook}; training {args.arch}")
-    sae = trainer.fit(cached, args.train, cmd.model or model.cfg.model_name, cmd.device)
+    sae = trainer.fit(cached, args.train, cmd.model or model.cfg.model_name, cmd.device, **warm)
     sae.save_model(out)
-    print(f"saved {type(sae).__name__} ({sae.cfg.d_sae} latents) -> {out}")
+    init = sae.cfg.metadata.get("init")
+    started = f", started from {init['from']} by {init['rule']!r}" if init else ""
+    print(f"saved {type(sae).__name__} ({sae.cfg.d_sae} latents{started}) -> {out}")
     print(f"next: itda-lens eval {out}")
     return 0
 
@@ -285,7 +306,7 @@ def _cmd_demo(args: Any) -> int:
     sizes = {"n_train": 96, "n_heldout": 32} if cmd.quick else {}
     setup = default_setup(cmd.model, **sizes)
     if cmd.quick and cfg.target_atoms is not None:
-        cfg = cfg.replace(target_atoms=min(cfg.target_atoms, 256))
+        cfg = cfg.replace(target_atoms=min(cfg.target_atoms, 128))
     out = run_demo(cmd.out, setup, layers=cmd.layers, cfg=cfg, overwrite=cmd.overwrite)
     print(f"report written to {out / 'report.md'} (plots and saved ITDAs alongside)")
     print(f"next: itda-lens inspect {out / 'itdas' / f'blocks.{cmd.layers[0]}.hook_resid_post'}")

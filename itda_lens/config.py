@@ -19,6 +19,7 @@ from itda_lens.activations import CachedActivations
 from itda_lens.splinterp.kmeans import fit_kmeans_sae, fit_local_pca_sae
 from itda_lens.splinterp.pam import PAMSettings, train_pam
 from itda_lens.training import TRAIN_ARCHITECTURES, train_sae
+from itda_lens.warmstart import InitSource, Rule, init_rows, resolve_rule
 
 MODEL_HELP = "zoo model (default kjv-4l128-s0), model folder, or TransformerLens pretrained name"
 DATA_HELP = "kjv (zoo corpus) | kjv:heldout | .pt/.npy token file | save_to_disk folder | hub name"
@@ -64,6 +65,10 @@ class TrainCommand:
     """Device for the model and the training."""
     overwrite: bool = False
     """Replace a non-empty output folder."""
+    init_from: str | None = None
+    """An ITDA folder built at --hook whose atoms start the SAE (sae_lens trainers only)."""
+    init_rule: Rule = "auto"
+    """How the atoms start the SAE (itda_lens.warmstart; auto = the measured best per architecture)."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,9 @@ class SAETrainConfig:
     """sae_lens's own trainer (SAETrainer) on the cached activations."""
 
     d_sae: int | None = None
-    """Latents (default 8 x d_model)."""
+    """Latents (default 8 x d_model, or the rows --init-from's atoms fill)."""
     k: int = 16
-    """L0 budget (TopK's k; the MP SAE's maximum iterations)."""
+    """L0 budget (TopK's k; the MP SAE's iterations; JumpReLU's target L0; unused by standard)."""
     epochs: int = 4
     """Passes over the cached activations."""
     batch_size: int = 256
@@ -113,11 +118,14 @@ class LocalPCAConfig:
 
 
 class Trainer(NamedTuple):
-    """One ``itda-lens train`` architecture: its config class and how it fits."""
+    """One ``itda-lens train`` architecture: its config class and how it fits
+    (``fit(cached, cfg, model_name, device)``; with ``warm_start`` it also takes
+    ``init=`` / ``init_rule=``)."""
 
     config: type
-    fit: Callable[[CachedActivations, Any, str | None, str], SAE[Any]]
+    fit: Callable[..., SAE[Any]]
     help: str
+    warm_start: bool = False
 
 
 def _width(cfg: Any, cached: CachedActivations) -> int:
@@ -126,13 +134,23 @@ def _width(cfg: Any, cached: CachedActivations) -> int:
 
 def _sae_lens_trainer(arch: str) -> Trainer:
     def fit(
-        cached: CachedActivations, cfg: SAETrainConfig, name: str | None, device: str
+        cached: CachedActivations,
+        cfg: SAETrainConfig,
+        name: str | None,
+        device: str,
+        init: InitSource | None = None,
+        init_rule: Rule = "auto",
     ) -> SAE[Any]:
         n = cached.acts.shape[0]
+        width = cfg.d_sae or (
+            init_rows(resolve_rule(arch, init_rule), init.n_atoms)
+            if init is not None
+            else _width(cfg, cached)
+        )
         return train_sae(
             cached,
             architecture=arch,  # type: ignore[arg-type]
-            d_sae=_width(cfg, cached),
+            d_sae=width,
             k=cfg.k,
             training_tokens=cfg.epochs * n,
             batch_size=min(cfg.batch_size, n),
@@ -140,9 +158,11 @@ def _sae_lens_trainer(arch: str) -> Trainer:
             seed=cfg.seed,
             model_name=name,
             device=device,
+            init=init,
+            init_rule=init_rule,
         ).sae
 
-    return Trainer(SAETrainConfig, fit, f"sae_lens {arch} SAE (its own trainer)")
+    return Trainer(SAETrainConfig, fit, f"sae_lens {arch} SAE (its own trainer)", warm_start=True)
 
 
 def _pam(cached: CachedActivations, cfg: PAMSettings, name: str | None, device: str) -> SAE[Any]:

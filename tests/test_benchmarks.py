@@ -132,10 +132,11 @@ def test_build_budget_benchmark_quick(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_greedy_vs_random_benchmark_quick(tmp_path: Path) -> None:
     text = run_quick("greedy_vs_random.py", "--out", str(tmp_path))
-    assert "| k | atoms | greedy FVU | random FVU |" in text and "| 4 | 128 |" in text
-    assert (tmp_path / "greedy_vs_random.json").is_file() and (
-        tmp_path / "fvu_vs_atoms.png"
-    ).is_file()
+    assert "| model | k | width | greedy atoms | threshold | greedy FVU | refined FVU |" in text
+    assert "| kjv-4l128-s0 | 16 | 1x |" in text and "| kjv-4l128-s0 | 16 | 2x |" in text
+    saved = json.loads((tmp_path / "greedy_vs_random.json").read_text())
+    assert len(saved["tables"]["main"]["rows"]) == 2
+    assert (tmp_path / "fvu_vs_atoms_kjv-4l128-s0_k16.png").is_file()
 
 
 def _render_module():
@@ -166,3 +167,18 @@ def test_render_detects_a_table_that_differs_from_its_json(tmp_path: Path) -> No
     assert "| 1 | 2 |" in fresh and render.stale(fresh, tmp_path) == []
     with pytest.raises(KeyError, match="no table"):
         render.render(stale_text.replace("#t", "#u"), tmp_path)
+
+
+@pytest.mark.slow
+def test_warm_start_benchmark_quick(tmp_path: Path) -> None:
+    text = run_quick("warm_start.py", "--out", str(tmp_path))
+    header = (
+        "| model | architecture | init | rule | atoms | tokens | FVU @0 | FVU @1/4 | FVU @1/2 |"
+    )
+    assert header in text and "| CE @0 | CE @1/4 | CE @1/2 | CE @end |" in text
+    for init in ("default", "random activations", "ITDA", "ITDA refined", "ITDA alone"):
+        assert f"| {init} |" in text
+    assert "| tokens to reach | token speed-up | seconds to reach | wall-clock speed-up |" in text
+    saved = json.loads((tmp_path / "warm_start.json").read_text())
+    assert set(saved["tables"]) == {"budgets", "speedup"}
+    assert (tmp_path / "fvu_vs_tokens_kjv-4l128-s0_topk.png").is_file()

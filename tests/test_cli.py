@@ -465,3 +465,48 @@ def test_cli_works_without_scikit_learn(tmp_path: Path) -> None:
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_train_init_from_an_itda_folder(
+    model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`itda-lens train topk --init-from DIR` on a tiny build: the SAE is as wide as the ITDA's
+    atoms (tied-fit fills one latent per atom), records its start, and loads as a sae_lens SAE;
+    the other trainers, a wrong hook and a rule without a folder are refused."""
+    from sae_lens import SAE
+
+    itda_dir = tmp_path / "itda"
+    common = ["--model", str(model_dir), "--data", str(data_file), "--hook", HOOK]
+    assert (
+        main(["build", *common, "--k", "4", "--cos-threshold", "0.9", "--out", str(itda_dir)]) == 0
+    )
+    n_atoms = ITDA.load_from_disk(itda_dir).cfg.d_sae
+    out = tmp_path / "sae"
+    train = ["train", "topk", *common, "--k", "4", "--epochs", "1"]
+    assert main([*train, "--init-from", str(itda_dir), "--out", str(out)]) == 0
+    assert f"started from {itda_dir} by 'tied-fit'" in capsys.readouterr().out
+    sae = SAE.load_from_disk(out)
+    init = sae.cfg.metadata.init
+    assert type(sae).__name__ == "TopKSAE" and sae.cfg.d_sae == n_atoms
+    assert (
+        init["from"] == str(itda_dir) and init["n_atoms"] == n_atoms and init["rule"] == "tied-fit"
+    )
+    assert init["itda_k"] == 4 and init["itda_hook"] == HOOK
+    for argv, message in [
+        (["train", "kmeans", *common, "--init-from", str(itda_dir)], "own initialisation"),
+        (
+            [
+                "train",
+                "topk",
+                *common[:-1],
+                "blocks.0.hook_resid_post",
+                "--init-from",
+                str(itda_dir),
+            ],
+            "build the ITDA at the training hook",
+        ),
+        (["train", "topk", *common, "--init-rule", "pairs"], "--init-rule needs --init-from"),
+        (["train", "topk", *common, "--init-from", str(tmp_path / "none")], "no SAE folder"),
+    ]:
+        assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err

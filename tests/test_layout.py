@@ -21,6 +21,7 @@ LAYERS = {
     "similarity": 4,
     "splinterp": 4,
     "training": 4,
+    "warmstart": 4,
     "analysis": 4,
     "config": 5,
     "cli": 5,

@@ -125,3 +125,54 @@ def test_summarise_activations_matches_torch_and_names_bad_rows() -> None:
         summarise_activations(x, chunk_size=128)
     with pytest.raises(ValueError, match="float tensor"):
         summarise_activations(torch.zeros(3, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("arch", "cls"), [("standard", "StandardSAE"), ("jumprelu", "JumpReLUSAE")]
+)
+def test_standard_and_jumprelu_train_save_and_load(cached, tmp_path, arch: str, cls: str) -> None:
+    trained = train_sae(
+        cached,
+        architecture=arch,  # type: ignore[arg-type]
+        d_sae=64,
+        k=4,
+        training_tokens=4096,
+        batch_size=256,
+        lr=1e-2,
+        model_name="tiny-0",
+    )
+    sae = trained.sae
+    assert type(sae).__name__ == cls and sae.cfg.metadata.hook_name == HOOK
+    sae.save_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    x = cached.acts
+    with torch.no_grad():
+        z = loaded.encode(x)
+        torch.testing.assert_close(z, sae.encode(x))
+        fvu = float(((loaded.decode(z) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert fvu < 1.0 and float((z != 0).sum(-1).float().mean()) > 0
+
+
+def test_mp_config_runs_exactly_k_steps() -> None:
+    from itda_lens.training import training_config
+
+    cfg = training_config("matching_pursuit", d_in=8, d_sae=16, k=3, device="cpu")
+    assert cfg.max_iterations == 3 and cfg.residual_threshold == 0.0
+    assert cfg.stop_on_duplicate_support is False
+
+
+def test_checkpoints_report_inference_saes_along_one_run(cached) -> None:
+    """on_checkpoint sees the inference SAE (normalisation folded in) at 0 tokens and at sae_lens's
+    evenly spaced checkpoints; the run itself is the one without checkpoints."""
+    seen: list[tuple[int, float, SAE]] = []
+    kw = {"d_sae": 32, "k": 4, "training_tokens": 2048, "batch_size": 256}
+    trained = train_sae(
+        cached, checkpoints=3, on_checkpoint=lambda n, t, s: seen.append((n, t, s)), **kw
+    )
+    plain = train_sae(cached, **kw)
+    assert [n for n, _, _ in seen] == [0, 768, 1280, 1792]
+    seconds = [t for _, t, _ in seen]
+    assert seconds == sorted(seconds) and seconds[-1] <= trained.train_seconds
+    assert all(s.cfg.normalize_activations == "none" for _, _, s in seen)
+    assert all(s.cfg.metadata.hook_name == HOOK for _, _, s in seen)
+    torch.testing.assert_close(trained.sae.W_dec, plain.sae.W_dec)
