@@ -26,6 +26,7 @@ from itda_lens.activations import check_hook_names, collect_activations, token_b
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.builder import BuildConfig, build_itda
 from itda_lens.builder.checkpoint import keep_build_lock
+from itda_lens.builder.distributed import Comm
 from itda_lens.config import (
     TRAINERS,
     BuildCommand,
@@ -63,13 +64,16 @@ def _cmd_build(args: Any) -> int:
     if not cmd.hook:
         raise ValueError("give at least one --hook, e.g. --hook blocks.2.hook_resid_post")
     out = Path(cmd.out)
+    comm = Comm.current()
+    if comm is not None and comm.rank != 0:  # a data-parallel build: rank 0 writes for all
+        return _build_into(cmd, cfg, out, save=False)
     # one build per --out: the lock build_itda takes on the checkpoint folder is kept until the
     # ITDAs are saved
     with keep_build_lock(out / "checkpoint"):
         return _build_into(cmd, cfg, out)
 
 
-def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path) -> int:
+def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = True) -> int:
     model = resolve_model(cmd.model, device=cfg.device or "cpu")
     tokens, dataset_path = resolve_tokens(
         cmd.data, model, split=cmd.split, context_size=cfg.context_size
@@ -85,6 +89,8 @@ def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path) -> int:
         dataset_path=dataset_path,
     )
     itdas = {cmd.hook[0]: result} if isinstance(result, ITDA) else result
+    if not save:
+        return 0
     folders = {hook: out if len(itdas) == 1 else out / hook for hook in itdas}
     for hook, itda in itdas.items():
         itda.save_model(folders[hook])

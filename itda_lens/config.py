@@ -21,7 +21,10 @@ from itda_lens.splinterp.pam import PAMSettings, train_pam
 from itda_lens.training import TRAIN_ARCHITECTURES, train_sae
 from itda_lens.warmstart import InitSource, Rule, init_rows, resolve_rule
 
-MODEL_HELP = "zoo model (default kjv-4l128-s0), model folder, or TransformerLens pretrained name"
+MODEL_HELP = (
+    "zoo model (default kjv-4l128-s0), model folder, TransformerLens pretrained name, or "
+    "hf:NAME_OR_DIR (a Hugging Face causal LM; --hook takes module paths, e.g. transformer.h.1)"
+)
 DATA_HELP = "kjv (zoo corpus) | kjv:heldout | .pt/.npy token file | save_to_disk folder | hub name"
 
 
@@ -34,7 +37,8 @@ class BuildCommand:
     out: str = field(default=None, required=True)
     """Output folder (one sub-folder per hook when several)."""
     model: str | None = None
-    """Zoo model (default kjv-4l128-s0), model folder, or TransformerLens pretrained name."""
+    """Zoo model (default kjv-4l128-s0), model folder, TransformerLens pretrained name, or
+    hf:NAME_OR_DIR (a Hugging Face causal LM; --hook takes its module paths)."""
     data: str | None = field(default=None, alias=["--dataset"])
     """kjv (zoo corpus, default) | kjv:heldout | .pt/.npy token file | save_to_disk folder | hub name."""
     split: str = "train"

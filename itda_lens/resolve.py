@@ -1,7 +1,8 @@
 """What users name on the command line: a model and its token data.
 
-A model is a zoo name (the default), a model folder, or a TransformerLens pretrained name (which needs
-the Hugging Face hub). Data is the zoo corpus (``kjv`` / ``kjv:heldout``, the default), a token file
+A model is a zoo name (the default), a model folder, a TransformerLens pretrained name (which needs
+the Hugging Face hub), or ``hf:NAME_OR_DIR``: a Hugging Face causal LM read at module paths
+(:class:`~itda_lens.sources.ModuleSource`). Data is the zoo corpus (``kjv`` / ``kjv:heldout``, the default), a token file
 (``.pt`` / ``.npy`` holding ``[n_seq, seq_len]`` ids), a folder written by ``datasets.save_to_disk``,
 or a hub dataset name (streamed, as a user with internet expects).
 """
@@ -19,12 +20,15 @@ from sae_lens import HookedSAETransformer
 
 from itda_lens import zoo
 from itda_lens.models import load_model_folder
+from itda_lens.sources import ModuleSource, load_hf
 
 ZOO_DATA = ("kjv", "kjv:train", "kjv:heldout")
 
 
-def resolve_model(spec: str | None, device: str = "cpu") -> HookedSAETransformer:
+def resolve_model(spec: str | None, device: str = "cpu") -> HookedSAETransformer | ModuleSource:
     spec = spec or zoo.DEFAULT_MODEL
+    if spec.startswith("hf:"):
+        return load_hf(spec.removeprefix("hf:"), device)
     if spec in zoo.list_models(include_checkpoints=True):
         return zoo.load_model(spec, device)
     folder = Path(spec)

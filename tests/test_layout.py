@@ -33,6 +33,7 @@ LAYERS = {
     "plots": 5,
     "zoo": 5,
     "__main__": 5,
+    "sources": 2,
 }
 
 

@@ -1,0 +1,168 @@
+"""Activation sources beyond HookedTransformer, offline on a tiny GPT-2 made from a config and saved
+locally: the same weights read as a Hugging Face model by module path, as a TransformerLens model
+and as a TransformerBridge give the same dictionary; the CLI builds from ``hf:DIR`` (and under
+``torchrun``), and the folders load in ``itda-lens inspect`` and sae_lens."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import SAE, SAETransformerBridge
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import loading_from_pretrained as loading
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from itda_lens import ITDA, build_itda, zoo
+from itda_lens.cli import main
+from itda_lens.sources import ModuleSource, load_hf
+
+SETTINGS = {"k": 8, "cos_threshold": 0.8, "batch_size": 8, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GPT-2 with the zoo tokenizer, saved as a Hugging Face folder."""
+    tok = zoo.load_model().tokenizer
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=128,
+        n_ctx=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tl_over(folder: Path, hf: GPT2LMHeadModel) -> HookedTransformer:
+    """A TransformerLens model over the HF model's weights, unprocessed (offline: the config is
+    read from the folder, not the hub)."""
+    cfg_dict = loading.convert_hf_model_config(str(folder))
+    cfg = HookedTransformerConfig(**{**cfg_dict, "model_name": "tiny_gpt2"}, device="cpu")
+    model = HookedTransformer(cfg, tokenizer=zoo.load_model().tokenizer)
+    state = loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return model
+
+
+def tokens() -> torch.Tensor:
+    return zoo.load_tokens("train", 32, 64)
+
+
+def same_dictionary(a: ITDA, b: ITDA) -> None:
+    assert torch.equal(a.atom_labels, b.atom_labels)
+    torch.testing.assert_close(a.W_dec, b.W_dec, atol=1e-5, rtol=0)
+
+
+def test_hf_module_path_and_tl_hook_give_the_same_dictionary(hf_dir: Path) -> None:
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    source = ModuleSource(hf, zoo.load_model().tokenizer)
+    from_hf = build_itda(source, tokens(), "transformer.h.1", **SETTINGS)
+    from_tl = build_itda(tl_over(hf_dir, hf), tokens(), "blocks.1.hook_resid_post", **SETTINGS)
+    assert isinstance(from_hf, ITDA) and isinstance(from_tl, ITDA)
+    assert from_hf.cfg.d_sae > 20
+    same_dictionary(from_hf, from_tl)
+    # a module's input is the previous module's output
+    both = build_itda(source, tokens(), ["transformer.h.1:input", "transformer.h.0"], **SETTINGS)
+    assert isinstance(both, dict)
+    same_dictionary(both["transformer.h.1:input"], both["transformer.h.0"])
+
+
+def test_transformer_bridge_builds_and_attaches(hf_dir: Path) -> None:
+    def boot(cls: type[TransformerBridge]) -> TransformerBridge:
+        hf = GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
+        return cls.boot_transformers(
+            str(hf_dir), hf_model=hf, tokenizer=zoo.load_model().tokenizer, device="cpu"
+        )
+
+    # TL hook names on the bridge; the same dictionary as the HF module it aliases
+    itda = build_itda(boot(TransformerBridge), tokens(), "blocks.1.hook_resid_post", **SETTINGS)
+    assert isinstance(itda, ITDA)
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    source = ModuleSource(hf, zoo.load_model().tokenizer)
+    same_dictionary(itda, build_itda(source, tokens(), "transformer.h.1", **SETTINGS))
+    # attached with sae_lens's SAETransformerBridge (which resolves the alias itself)
+    bridge = boot(SAETransformerBridge)
+    x = tokens()[:2]
+    clean = bridge(x)
+    bridge.add_sae(itda)
+    patched = bridge(x)
+    assert patched.shape == clean.shape and not torch.equal(patched, clean)
+    bridge.reset_saes()
+    torch.testing.assert_close(bridge(x), clean)
+
+
+def test_unknown_module_path_names_close_matches(hf_dir: Path) -> None:
+    source = load_hf(hf_dir)
+    with pytest.raises(ValueError, match=r"transformer\.h\.1"):
+        build_itda(source, tokens(), "transformer.h1", **SETTINGS)
+    with pytest.raises(ValueError, match="cannot load Hugging Face model"):
+        load_hf(hf_dir / "missing")
+
+
+def test_not_residual_activations_are_refused(hf_dir: Path) -> None:
+    source = load_hf(hf_dir)
+    with pytest.raises(ValueError, match=r"not \[batch, seq, d\] activations"):
+        source.run_with_cache(tokens()[:2], ["transformer"])
+    # attention dropout is skipped by the fused (sdpa) attention
+    with pytest.raises(ValueError, match="never ran"):
+        source.run_with_cache(tokens()[:2], ["transformer.h.0.attn.attn_dropout"])
+
+
+def test_cli_builds_from_an_hf_folder(hf_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "itda"
+    argv = ["build", "--model", f"hf:{hf_dir}", "--hook", "transformer.h.1", "--data", "kjv"]
+    assert main([*argv, "--out", str(out), "--max-tokens", "4096", "--k", "8"]) == 0
+    itda = SAE.load_from_disk(str(out))
+    assert isinstance(itda, ITDA) and itda.cfg.metadata.hook_name == "transformer.h.1"
+    assert main(["inspect", str(out), "--top", "3"]) == 0
+
+
+@pytest.mark.slow
+def test_torchrun_builds_the_single_process_dictionary(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun is installed with torch"
+    common = ["build", "--hook", "blocks.1.hook_resid_post", "--max-tokens", "8192", "--k", "8"]
+    common += ["--cos-threshold", "0.8", "--batch-size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "itda_lens",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    same_dictionary(ITDA.load_from_disk(tmp_path / "two"), ITDA.load_from_disk(tmp_path / "one"))
+    assert main(["inspect", str(tmp_path / "two"), "--top", "3"]) == 0
