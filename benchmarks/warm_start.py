@@ -267,7 +267,7 @@ def main() -> None:
     else:
         models = {args.model: MODELS[args.model]} if args.model else MODELS
         archs = TRAIN_ARCHITECTURES
-        sizes = {"width": 8, "windows": 1024, "heldout": 64, "epochs": 4, "ckpts": 7}
+        sizes = {"width": 8, "windows": 256, "heldout": 64, "epochs": 4, "ckpts": 7}
     runs: list[dict[str, Any]] = []
     alone: list[dict[str, Any]] = []
     for name, hook in models.items():
