@@ -59,7 +59,9 @@ def rank_main(
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # RANK WORLD STORE OUT CHECKPOINT [resume] [perturb]
+if __name__ == "__main__":  # RANK WORLD STORE OUT CHECKPOINT [resume] [perturb] [setting=int]
     rank, world = int(sys.argv[1]), int(sys.argv[2])
-    flags = {name: True for name in ("resume", "perturb") if name in sys.argv[6:]}
+    flags: dict = {name: True for name in ("resume", "perturb") if name in sys.argv[6:]}
+    flags.update(arg.split("=", 1) for arg in sys.argv[6:] if "=" in arg)  # setting=value
+    flags = {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in flags.items()}
     rank_main(rank, world, sys.argv[3], sys.argv[4], sys.argv[5] or None, flags)

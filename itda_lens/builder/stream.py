@@ -151,10 +151,19 @@ def _run_stream(
     def hook_cfg(hook: str) -> BuildConfig:
         return cfg.replace(cos_threshold=thresholds[hook]) if hook in thresholds else cfg
 
-    saved = ckpt.load(resume, cfg, device or "cpu") if comm is None or comm.rank == 0 else None
-    if comm is not None:  # rank 0 reads the checkpoint, every rank resumes from it
+    if comm is None:
+        saved = ckpt.load(resume, cfg, device or "cpu")
+    else:  # rank 0 reads the checkpoint, every rank resumes from it (or fails with its error)
+        saved, error = None, None
+        if comm.rank == 0:
+            try:
+                saved = ckpt.load(resume, cfg, device or "cpu")
+            except (ValueError, OSError) as err:
+                error = err
         comm.agree("the build settings and model", fingerprint)
-        saved = comm.broadcast(saved)
+        saved, error = comm.broadcast((saved, error))
+        if error is not None:
+            raise error
     if saved is not None:
         fields_, builders = saved
         if fields_["fingerprint"] != fingerprint:

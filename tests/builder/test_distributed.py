@@ -104,6 +104,20 @@ def test_a_rank_with_another_model_is_refused(tmp_path: Path) -> None:
     assert all("disagree with rank 0" in err for _, err in results), results[0][1][-1500:]
 
 
+def test_a_batch_that_does_not_divide_among_the_ranks_is_refused(tmp_path: Path) -> None:
+    results = finish(spawn(2, tmp_path / "odd", None, "batch_size=7"))
+    assert all(rc != 0 for rc, _ in results)
+    assert all("does not divide among 2 ranks" in err for _, err in results), results[0][1][-1500:]
+
+
+def test_a_resume_with_other_settings_is_refused_on_every_rank(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    driver.build(tmp_path / "one", ckpt, max_tokens=1024)  # a short single-process build
+    results = finish(spawn(2, tmp_path / "two", ckpt, "resume", "k=4"))
+    assert all(rc != 0 for rc, _ in results)
+    assert all("written with other settings" in err for _, err in results), results[1][1][-1500:]
+
+
 def _state(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["state"])
