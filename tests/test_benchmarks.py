@@ -182,3 +182,12 @@ def test_warm_start_benchmark_quick(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "warm_start.json").read_text())
     assert set(saved["tables"]) == {"budgets", "speedup"}
     assert (tmp_path / "fvu_vs_tokens_kjv-4l128-s0_topk.png").is_file()
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_quick(tmp_path: Path) -> None:
+    text = run_quick("distributed.py", "--out", str(tmp_path))
+    assert "| processes | tokens | atoms | wall s | tok/s | speed-up |" in text
+    assert "2 processes built the 1-process dictionary: True" in text
+    saved = json.loads((tmp_path / "distributed.json").read_text())
+    assert set(saved["tables"]) == {"main", "estimate"} and saved["data"]["same"] is True

@@ -125,16 +125,20 @@ def distributed_read(
     included = paths.accept.clone()
     tol = x[rows].norm(dim=1) * b.tolerance_factor
     snap = _Snapshot.of(b)
-    sent = 0
+    sent, gathered, new = 0, [], included.clone()
     while True:
-        mine = rows[included]
-        payload = (x[mine].cpu(), batch.labels[mine].cpu(), batch.token_ids[mine].cpu(), pos[mine])
+        # only rows not sent before; activations in their own dtype (converted like any batch)
+        mine = rows[new]
+        payload = (batch.acts[mine].cpu(), batch.labels[mine].cpu(), batch.token_ids[mine].cpu())
+        payload += (pos[mine],)
         sent += wire_bytes(payload)
-        parts = comm.gather(payload)
+        gathered += comm.gather(payload)
         snap.restore(b)
-        xs, labels, tids, where = (torch.cat([p[i] for p in parts]) for i in range(4))
+        where = torch.cat([p[3] for p in gathered])
+        order = torch.argsort(where)  # global stream order
+        xs, labels, tids = (torch.cat([p[i] for p in gathered])[order] for i in range(3))
         merged = ActivationBatch(xs, labels, tids, torch.ones(xs.shape[0], dtype=torch.bool))
-        b.read(merged, where, start + total)
+        b.read(merged, where[order], start + total)
         # tokens left out that an atom added before them would pursue differently
         suspects = torch.zeros(rows.shape[0], dtype=torch.bool)
         for atom, at in zip(
@@ -147,6 +151,7 @@ def distributed_read(
         if not any(comm.gather(bool(suspects.any()))):
             return len(b.store) - snap.n_atoms, sent
         included |= suspects
+        new = suspects
 
 
 def dictionary_digest(b: ITDABuilder) -> str:

@@ -83,7 +83,9 @@ class BuildProgress:
     context_size: int | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
     prefix_sha256: str | None = None
-    wire_bytes: int = 0  # candidates this rank sent to the others (data-parallel builds)
+    wire_bytes: int = (
+        0  # candidates sent (data-parallel builds): by this rank; all ranks at the end
+    )
 
 
 @dataclass
@@ -257,6 +259,7 @@ def _run_stream(
     if comm is not None:
         for hook, b in builders.items():
             comm.agree(f"the dictionary at {hook}", dictionary_digest(b))
+        state.wire_bytes = sum(comm.gather(state.wire_bytes))
     if not state.finished:
         state.finished = True
         ckpt.save(asdict(state), builders)
@@ -421,6 +424,8 @@ def build_itda(
         progress=progress,
         thresholds=sizing.thresholds,
     )
+    comm = Comm.current()
+    world = 1 if comm is None else comm.world
     bos = getattr(tokenizer, "bos_token_id", None)
     first = state.first_column
     seq_len = state.context_size
@@ -449,6 +454,8 @@ def build_itda(
                         **b.summary(),
                         **sizing.metadata(h),
                         "forward_seconds": round(state.forward_seconds, 3),
+                        "world_size": world,
+                        "wire_bytes": state.wire_bytes,
                         "batch_size": cfg.batch_size,
                         "excluded_token_ids": excluded.tolist(),
                     },
