@@ -10,6 +10,7 @@ last hook), so reading layer 3 of a 70B model costs three layers. It works with 
 / accelerate offloading: hooks see each module's output wherever it lives, and activations are
 returned on the device of the first parameter.
 
+:func:`sae_lens_cache_batches` reads activations sae_lens's ``CacheActivationsRunner`` saved.
 TransformerLens 3.9's ``TransformerBridge`` needs no adapter: it already has TL hook names and
 ``run_with_cache``, so ``build_itda(bridge, tokens, "blocks.3.hook_resid_post")`` works as is.
 """
@@ -17,7 +18,7 @@ TransformerLens 3.9's ``TransformerBridge`` needs no adapter: it already has TL 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,39 @@ class ModuleSource:
         return None, cache
 
 
+def sae_lens_cache_batches(
+    folder: str | Path, hook_name: str, *, rows_per_batch: int = 32
+) -> Iterator[tuple[Float[Tensor, "n d"], Int[Tensor, "n 2"], Int[Tensor, " n"]]]:
+    """Batches ``(acts, labels, token_ids)`` for ``build_itda_from_activations`` from activations
+    sae_lens's ``CacheActivationsRunner`` saved to ``folder`` (a ``datasets`` folder with a
+    ``[context, d]`` column named by the hook and a ``token_ids`` column). Labels are ``(row of the
+    cache, position)``: the runner shuffles sequences, so they do not point into the original
+    corpus; they still identify each atom's activation in the cache."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{folder} is not a saved activation cache: {err}") from err
+    if hook_name not in ds.column_names:
+        raise ValueError(
+            f"the cache in {folder} has no column {hook_name!r}; it has {ds.column_names}"
+        )
+    ds = ds.with_format("torch")
+    for start in range(0, len(ds), rows_per_batch):
+        rows = ds[start : start + rows_per_batch]
+        acts = rows[hook_name].float()
+        b, ctx, d = acts.shape
+        labels = torch.stack(
+            [torch.arange(start, start + b).repeat_interleave(ctx), torch.arange(ctx).repeat(b)],
+            dim=1,
+        )
+        tids = rows["token_ids"].long().reshape(-1) if "token_ids" in rows else None
+        if tids is None:
+            tids = torch.full((b * ctx,), -1, dtype=torch.long)
+        yield acts.reshape(b * ctx, d), labels, tids
+
+
 def load_hf(
     spec: str | Path, device: str = "cpu", *, device_map: str | None = None
 ) -> ModuleSource:
@@ -153,4 +187,4 @@ def load_hf(
     return ModuleSource(model, tokenizer, name=str(spec))
 
 
-__all__ = ["INPUT_SUFFIX", "ModuleSource", "SourceConfig", "load_hf"]
+__all__ = ["INPUT_SUFFIX", "ModuleSource", "SourceConfig", "load_hf", "sae_lens_cache_batches"]

@@ -166,3 +166,35 @@ def test_torchrun_builds_the_single_process_dictionary(tmp_path: Path) -> None:
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     same_dictionary(ITDA.load_from_disk(tmp_path / "two"), ITDA.load_from_disk(tmp_path / "one"))
     assert main(["inspect", str(tmp_path / "two"), "--top", "3"]) == 0
+
+
+def test_build_from_a_sae_lens_activation_cache(tmp_path: Path) -> None:
+    """A cache in CacheActivationsRunner's format (its features) builds the ITDA of the same
+    activations fed directly."""
+    from datasets import Array2D, Dataset, Features, Sequence, Value
+
+    from itda_lens import build_itda_from_activations
+    from itda_lens.sources import sae_lens_cache_batches
+
+    hook, ctx = "blocks.1.hook_resid_post", 32
+    toks = zoo.load_tokens("train", 24, ctx)
+    model = zoo.load_model()
+    _, cache = model.run_with_cache(toks, names_filter=[hook])
+    features = Features(
+        {
+            hook: Array2D(shape=(ctx, 128), dtype="float32"),
+            "token_ids": Sequence(Value("int32"), length=ctx),
+        }
+    )
+    Dataset.from_dict(
+        {hook: cache[hook].numpy(), "token_ids": toks.int().numpy()}, features=features
+    ).save_to_disk(tmp_path / "cache")
+    settings = {"k": 8, "cos_threshold": 0.8, "progress": False}
+    itda = build_itda_from_activations(sae_lens_cache_batches(tmp_path / "cache", hook), **settings)
+    direct = build_itda_from_activations([cache[hook].reshape(-1, 128)], **settings)
+    torch.testing.assert_close(itda.W_dec, direct.W_dec, atol=1e-6, rtol=0)
+    rows = itda.atom_labels[:, 0] * ctx + itda.atom_labels[:, 1]
+    assert torch.equal(rows, direct.atom_labels[:, 0])  # (cache row, position) <-> stream row
+    assert torch.equal(itda.atom_token_ids, toks.reshape(-1)[rows])
+    with pytest.raises(ValueError, match="has no column"):
+        next(sae_lens_cache_batches(tmp_path / "cache", "blocks.0.hook_resid_post"))
