@@ -153,6 +153,8 @@ def test_readme_tables_are_rendered_from_committed_results() -> None:
     text = (BENCH / "README.md").read_text()
     assert render.MARKER.search(text), "the README's tables should be marked with their sources"
     assert render.stale(text) == [], "run `python benchmarks/render.py` after a benchmark"
+    unmarked = [line for line in render.MARKER.sub("", text).splitlines() if line.startswith("|")]
+    assert unmarked == [], f"tables without a results file: {unmarked[:2]}"
 
 
 def test_render_detects_a_table_that_differs_from_its_json(tmp_path: Path) -> None:
