@@ -50,7 +50,7 @@ def spawn(
     ]
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str]]:
     out = []
     for p in procs:
         _, err = p.communicate(timeout=timeout)
