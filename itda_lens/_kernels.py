@@ -66,3 +66,86 @@ def mp_gram_serial(corr, bits, gram_flat, row_stride, k, mask, idx, val):  # pra
     far more when the CPU is busy)."""
     for t in range(corr.shape[0]):
         _mp_token(corr[t], bits[t], gram_flat, row_stride, k, mask, idx[t], val[t])
+
+
+@njit(inline="always")
+def _dot(a, b):  # pragma: no cover - jitted
+    """Sequential dot product: the same rounding wherever it is called."""
+    s = a.dtype.type(0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(inline="always")
+def _gram_row(atoms, gram, i):  # pragma: no cover - jitted
+    """Fill row and column ``i`` of ``gram`` (over atoms 0..i) from ``atoms[i]``."""
+    a = atoms[i]
+    for j in range(i):
+        g = _dot(a, atoms[j])
+        gram[i, j] = g
+        gram[j, i] = g
+    gram[i, i] = _dot(a, a)
+
+
+@njit(fastmath={"contract"}, cache=True)
+def extend_gram(atoms, gram, start, end):  # pragma: no cover - jitted
+    """Gram rows and columns of atoms ``start..end-1`` (one at a time, as the exact rule adds them)."""
+    for i in range(start, end):
+        _gram_row(atoms, gram, i)
+
+
+@njit(fastmath={"contract"}, cache=True)
+def exact_mp(
+    x, corr0, atoms, gram, n0, k, threshold, pos, cutoff, patience, max_new, c, bits, mask, accepted
+):  # pragma: no cover - jitted
+    """ITDA's exact add rule with MP over a sub-batch, one token at a time in stream order.
+
+    ``x`` [T, d] are the rows, ``corr0`` [T, n0] their correlations with the ``n0`` atoms at the
+    sub-batch start (one matmul outside); ``atoms`` [cap, d] and ``gram`` [cap, cap] are the
+    store's buffers, written in place as atoms are added (the Gram row by :func:`_gram_row`).
+    Row t is read iff ``pos[t] <= cutoff``; each addition moves the cutoff to ``pos + patience``
+    (``patience < 0``: never). Stops after ``max_new`` additions. ``c`` [cap] is a work row and
+    ``bits`` its integer view (``mask`` clears the sign bit, as in :func:`mp_gram`). Writes the
+    added rows' indices into ``accepted``; returns (atoms added, rows read).
+    """
+    T, d = x.shape
+    cap = gram.shape[0]
+    gram_flat = gram.ravel()
+    idx = np.empty(k, dtype=np.int64)
+    val = np.empty(k, dtype=x.dtype)
+    recon = np.empty(d, dtype=x.dtype)
+    n, added = n0, 0
+    for t in range(T):
+        if pos[t] > cutoff:
+            return added, t
+        xt = x[t]
+        xx = _dot(xt, xt)
+        accept = n == 0
+        if not accept:
+            for i in range(n0):
+                c[i] = corr0[t, i]
+            for i in range(n0, n):
+                c[i] = _dot(xt, atoms[i])
+            _mp_token(c[:n], bits[:n], gram_flat, cap, k, mask, idx, val)
+            recon[:] = 0
+            for s in range(k):
+                a = atoms[idx[s]]
+                for i in range(d):
+                    recon[i] += val[s] * a[i]
+            denom = np.sqrt(xx) * np.sqrt(_dot(recon, recon))
+            cos = _dot(xt, recon) / max(denom, 1e-30)
+            accept = cos < threshold
+        if accept:
+            norm = np.sqrt(xx)
+            for i in range(d):
+                atoms[n, i] = xt[i] / norm
+            _gram_row(atoms, gram, n)
+            accepted[added] = t
+            added += 1
+            n += 1
+            if patience >= 0:
+                cutoff = pos[t] + patience
+            if added == max_new:
+                return added, t + 1
+    return added, T

@@ -5,6 +5,8 @@ the existing ones. While it fits the memory budget the Gram matrix ``atoms @ ato
 incrementally: each block adds the rows ``new @ atoms.T`` and their mirror. The block sizes are
 recorded so that a dictionary restored from a checkpoint rebuilds a bit-identical Gram matrix by
 replaying the same matmuls (same shapes, same kernels), which keeps resumed builds deterministic.
+On CPU, small blocks (the exact rule adds one atom at a time) get their rows from the numba kernel
+that the exact rule's CPU path also uses, so both paths and a restore agree bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from itda_lens.pursuit import gram_max_atoms
+from itda_lens.pursuit import _kernels, gram_max_atoms
+
+#: Blocks of at most this many atoms get their Gram rows from the numba kernel on CPU.
+KERNEL_GRAM_BLOCK = 64
 
 
 class AtomStore:
@@ -65,6 +70,41 @@ class AtomStore:
         if self._gram is not None:
             return self._gram[i, : self.n]
         return self.atoms @ self._atoms[i]
+
+    @property
+    def max_gram_atoms(self) -> int:
+        """Most atoms the Gram budget holds (past it the store keeps no Gram matrix)."""
+        return self._max_gram_atoms
+
+    @property
+    def kernel_ok(self) -> bool:
+        """Whether numba kernels can work on the buffers in place (CPU, float32/float64)."""
+        return (
+            _kernels is not None
+            and self.device.type == "cpu"
+            and self.dtype in (torch.float32, torch.float64)
+        )
+
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` atoms (the Gram matrix is dropped past its budget)."""
+        self._reserve(needed)
+
+    def buffers(self) -> tuple[Tensor, Tensor | None]:
+        """The whole atom and Gram buffers (capacity rows), for a kernel that appends in place
+        and then calls :meth:`commit`."""
+        return self._atoms, self._gram
+
+    def commit(self, labels: Int[Tensor, "b 2"], token_ids: Int[Tensor, " b"]) -> None:
+        """Register ``b`` atoms a kernel wrote in place after the last one (unit rows, Gram rows
+        by :func:`itda_lens._kernels.extend_gram`'s rule), one block each."""
+        b = labels.shape[0]
+        start, end = self.n, self.n + b
+        if end > self._atoms.shape[0] or (self._gram is not None and end > self._gram.shape[0]):
+            raise ValueError(f"commit of {b} atoms past the reserved capacity; reserve first")
+        self._labels[start:end] = labels.to(self.device, torch.long)
+        self._token_ids[start:end] = token_ids.to(self.device, torch.long)
+        self.n = end
+        self.blocks.extend([1] * b)
 
     def _new_gram(self, capacity: int) -> Tensor | None:
         size = min(capacity, self._max_gram_atoms)
@@ -123,6 +163,9 @@ class AtomStore:
 
     def _extend_gram(self, start: int, end: int) -> None:
         if self._gram is None:
+            return
+        if self.kernel_ok and end - start <= KERNEL_GRAM_BLOCK:
+            _kernels.extend_gram(self._atoms.numpy(), self._gram.numpy(), start, end)
             return
         rows = self._atoms[start:end] @ self._atoms[:end].T
         self._gram[start:end, :end] = rows

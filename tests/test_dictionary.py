@@ -27,10 +27,12 @@ def test_add_normalises_grows_and_keeps_order() -> None:
     assert store.labels[:, 0].tolist() == [0] * 3 + [1] + [2] * 7 + [3] * 5
 
 
-def test_incremental_gram_equals_full_gram() -> None:
-    store = AtomStore(8, capacity=4)
-    add_blocks(store, [5, 9, 2, 30])
-    torch.testing.assert_close(store.gram, store.atoms @ store.atoms.T, atol=1e-6, rtol=0)
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+def test_incremental_gram_equals_full_gram(dtype: torch.dtype, atol: float) -> None:
+    # blocks of <= KERNEL_GRAM_BLOCK atoms take the numba kernel, the 100-atom block a matmul
+    store = AtomStore(8, capacity=4, dtype=dtype)
+    add_blocks(store, [5, 9, 1, 100, 30])
+    torch.testing.assert_close(store.gram, store.atoms @ store.atoms.T, atol=atol, rtol=0)
 
 
 def test_gram_is_dropped_past_its_budget() -> None:

@@ -7,7 +7,10 @@ stream gives the same atoms, labels and order for any batch size. A sub-batch is
 the dictionary at its start in one pass; a verdict can change only if an atom added later in the
 sub-batch would enter the token's pursuit path, which is tested exactly from the new atom's Gram row
 and the path's coefficients (``|<r_t, a_new>| > |<r_t, a_pick>|`` at some step t); only those
-tokens are pursued again, in order. Verdicts are computed in ``decision_dtype`` (float64 by default)
+tokens are pursued again, in order. On CPU with MP, a compiled kernel
+(:func:`itda_lens._kernels.exact_mp`) instead walks the sub-batch one token at a time from one
+matmul against the atoms at its start (no token is pursued twice, no per-atom Python overhead);
+both paths give the same atoms. Verdicts are computed in ``decision_dtype`` (float64 by default)
 so that rounding, which differs between batch shapes, cannot flip one.
 
 **Batch** (``add_rule="batch"``, the reference code's behaviour): every token of a batch is judged
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from itda_lens import pursuit
 from itda_lens.builder.config import BuildConfig
 from itda_lens.dictionary import AtomStore
 from itda_lens.pursuit import decode, pursue
@@ -44,6 +48,9 @@ MIN_SUB_BATCH, MAX_SUB_BATCH = 8, 4096
 #: Sub-batches of at most this many tokens are resolved on one thread: their matmuls are tiny, and
 #: multi-threaded BLAS on tiny products costs more than it saves (60x more on a busy CPU).
 SINGLE_THREAD_TOKENS = 256
+#: Working-set budget of the CPU kernel's sub-batch correlations [T, n] (bytes), and its bounds.
+KERNEL_CORR_BYTES = 32 * 2**20
+KERNEL_SUB_BATCH = (64, 4096)
 #: Growth-curve points kept in the metadata (geometric in the atom count, plus the end).
 GROWTH_POINTS = 256
 
@@ -173,6 +180,13 @@ class ITDABuilder:
     def _exact(
         self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch, end: int
     ) -> None:
+        if self.cfg.encoder == "mp" and self.store.kernel_ok:
+            rest = self._exact_kernel(x, rows, pos, batch)
+            if rest is None:
+                if not self.full:
+                    self._finish_batch(end)
+                return
+            rows = rest  # past the Gram budget: the torch path reads the rest
         i = 0  # index into rows
         while i < len(rows) and not self.full:
             cutoff = self._cutoff()
@@ -197,6 +211,62 @@ class ITDABuilder:
                 self._sub = min(MAX_SUB_BATCH, self._sub * 2)
             i = stop
         self._finish_batch(end)
+
+    def _exact_kernel(
+        self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch
+    ) -> Tensor | None:
+        """The exact rule in the CPU kernel, sub-batch by sub-batch. Returns the rows left for
+        the torch path once the dictionary outgrows its Gram budget, or None when done (read to
+        the end, the cutoff, or full; ``tokens_seen`` is then set unless the batch continues)."""
+        store, i = self.store, 0
+        while i < len(rows):
+            n0 = len(store)
+            room = store.max_gram_atoms - n0
+            if room <= 0:
+                return rows[i:]
+            lo, hi = KERNEL_SUB_BATCH
+            size = max(lo, min(hi, KERNEL_CORR_BYTES // (max(n0, 1) * x.element_size())))
+            sub = rows[i : i + min(size, room)]
+            xs = x[sub].contiguous()
+            store.reserve(n0 + len(sub))
+            atoms, gram = store.buffers()
+            if gram is None:  # pragma: no cover - reserve() keeps it while room > 0
+                return rows[i:]
+            corr0 = xs @ store.atoms.T
+            work = np.empty(gram.shape[0], dtype=xs.numpy().dtype)
+            bits = work.view(np.int64 if work.dtype == np.float64 else np.int32)
+            accepted = np.empty(len(sub), dtype=np.int64)
+            cutoff = self._cutoff()
+            p = self.cfg.patience_tokens
+            limit = self.cfg.max_atoms
+            added, read = pursuit._kernels.exact_mp(
+                xs.numpy(),
+                corr0.contiguous().numpy(),
+                atoms.numpy(),
+                gram.numpy(),
+                n0,
+                self.cfg.k,
+                self.cfg.cos_threshold,
+                pos[sub].numpy(),
+                np.int64(min(cutoff, 2**62)),
+                -1 if p is None else p,
+                -1 if limit is None else limit - n0,
+                work,
+                bits,
+                bits.dtype.type(np.iinfo(bits.dtype).max),
+                accepted,
+            )
+            new = sub[torch.from_numpy(accepted[:added])]
+            store.commit(batch.labels[new], batch.token_ids[new])
+            self.added_at.extend(pos[new].tolist())
+            self.tokens_scored += read
+            if self.full:
+                self._read_until(int(pos[new[-1]]))
+                return None
+            if read < len(sub):  # the next row lies past the cutoff
+                return None
+            i += len(sub)
+        return None
 
     def _resolve(
         self, x: Tensor, sub: Tensor, pos: Tensor, batch: ActivationBatch

@@ -11,7 +11,9 @@ from itda_lens import (
     BuildConfig,
     ITDABuilder,
     build_itda_from_activations,
+    pursuit,
 )
+from itda_lens.dictionary import AtomStore
 from itda_lens.pursuit import reference_matching_pursuit
 from tests.builder.helpers import (
     anisotropic,
@@ -23,8 +25,18 @@ from tests.builder.helpers import (
 HOOK = "blocks.1.hook_resid_post"
 
 
-@pytest.mark.parametrize("encoder", ["mp", "omp"])
-def test_exact_rule_is_the_sequential_rule(encoder: str) -> None:
+def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the builder take the torch path (score, test entries, re-pursue) instead of the
+    CPU kernel that walks tokens one at a time."""
+    monkeypatch.setattr(AtomStore, "kernel_ok", property(lambda self: False))
+
+
+@pytest.mark.parametrize(("encoder", "path"), [("mp", "kernel"), ("mp", "torch"), ("omp", "torch")])
+def test_exact_rule_is_the_sequential_rule(
+    encoder: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path == "torch":
+        _torch_path(monkeypatch)
     acts = anisotropic(900, 24)
     acts[100] = 0  # zero vectors never become atoms
     acts[200] = 3 * acts[150]  # a rescaled copy is reconstructed exactly
@@ -61,6 +73,39 @@ def test_dictionary_does_not_depend_on_the_batch_size(encoder: str) -> None:
         for size in (1, 1500)
     ]
     assert by_batch[0] == builds[0].cfg.d_sae and by_batch[1] > 2 * by_batch[0]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"patience_tokens": 150}, {"max_atoms": 50}],
+    ids=["plain", "patience", "max_atoms"],
+)
+def test_kernel_and_torch_paths_agree(
+    settings: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acts = anisotropic(2000, 24, seed=3)
+    cfg = BuildConfig(k=5, cos_threshold=0.85, **settings)  # type: ignore[arg-type]
+
+    def build(size: int) -> ITDABuilder:
+        b = ITDABuilder(24, cfg)
+        for part in chunks(acts, size):
+            b.update(batch(part))
+        return b
+
+    fast = build(500)
+    _torch_path(monkeypatch)
+    slow = build(64)
+    assert fast.added_at == slow.added_at and len(fast.store) > 30
+    assert (fast.tokens_seen, fast.stop_reason) == (slow.tokens_seen, slow.stop_reason)
+    torch.testing.assert_close(fast.store.atoms, slow.store.atoms, atol=1e-15, rtol=0)
+
+
+def test_kernel_hands_over_to_torch_past_the_gram_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    acts = anisotropic(900, 24)
+    monkeypatch.setattr(pursuit, "GRAM_MAX_BYTES", 40 * 40 * 8)  # 40 float64 atoms
+    itda = build_itda_from_activations(chunks(acts, 300), k=6, cos_threshold=0.95, progress=False)
+    assert itda.atom_labels[:, 0].tolist() == sequential_transcription(acts, 6, 0.95, "mp")
+    assert itda.cfg.d_sae > 60, "the build should go past the budget"
 
 
 def test_every_atom_was_poorly_reconstructed_when_added() -> None:
