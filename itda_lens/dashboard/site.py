@@ -1,0 +1,302 @@
+"""Write a static dashboard site for any sae_lens SAE or ITDA: index, one panel per latent.
+
+The site is plain files (HTML, one JS app, CSS, data as JS shards loaded by ``<script>`` tags, so
+it opens from disk with no server, CDN or network). Statistics stream over the tokens in bounded
+memory (:mod:`itda_lens.dashboard.stats`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from itda_lens.activations import iter_hook_activations
+from itda_lens.analysis import replay_sequences
+from itda_lens.dashboard.stats import LatentStats, SparseEntries, coalesce
+from itda_lens.evals import require_hook_name
+from itda_lens.saes import ITDA
+
+#: Latents per data shard (one JS file each).
+SHARD = 256
+#: Dense codes encoded at once for non-ITDA SAEs: rows x d_sae floats (bounds memory).
+DENSE_BUDGET = 2**24
+ASSETS = ("index.html", "app.js", "style.css")
+LOGIT_NOTE = (
+    "Decoder direction times the unembedding W_U, with the final layer norm's scale folded into "
+    "W_U and its normalisation ignored, as sae-dashboard and Neuronpedia do."
+)
+
+
+def sparse_codes(sae: SAE[Any], x: Float[Tensor, "n d"]) -> SparseEntries:
+    """Non-zero codes of ``x`` as (row, latent, value) entries: ITDAs by their sparse pursuit,
+    other SAEs by their dense ``encode`` in row blocks (never the whole tokens x latents matrix)."""
+    d_sae = sae.cfg.d_sae
+    if isinstance(sae, ITDA):
+        code = sae.encode_sparse(x)
+        return coalesce(code.indices.cpu(), code.values.float().cpu(), d_sae)
+    step = max(1, DENSE_BUDGET // d_sae)
+    parts = []
+    for s in range(0, x.shape[0], step):
+        dense = sae.encode(x[s : s + step]).float().cpu()
+        row, lat = dense.nonzero(as_tuple=True)
+        parts.append(SparseEntries(row + s, lat, dense[row, lat]))
+    return SparseEntries(*(torch.cat(t) for t in zip(*parts, strict=True)))
+
+
+@torch.no_grad()
+def collect(
+    sae: SAE[Any],
+    model: Any,
+    tokens: Int[Tensor, "n_seq seq"],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    **stats: Any,
+) -> LatentStats:
+    """Stream ``tokens`` through ``model`` to the SAE's hook and accumulate :class:`LatentStats`
+    (special tokens are read but never coded)."""
+    hook = require_hook_name(sae)
+    result = LatentStats(sae.cfg.d_sae, **stats)
+    seq_len = tokens.shape[1]
+    bar = tqdm(total=tokens.numel(), desc="dashboard: encoding", unit="tok", disable=not progress)
+    device = sae.W_dec.device
+    for batch in iter_hook_activations(model, tokens, [hook], batch_size=batch_size):
+        kept = batch.keep.nonzero().flatten()
+        x = batch.acts[hook][kept].to(device, sae.W_dec.dtype)
+        e = sparse_codes(sae, x)
+        e = SparseEntries(kept[e.row], e.latent, e.value)
+        seq, pos = batch.labels[:, 0], batch.labels[:, 1]
+        result.update(e, batch.labels.shape[0], seq * seq_len + pos, seq, int(kept.numel()))
+        bar.update(batch.labels.shape[0])
+    bar.close()
+    return result
+
+
+def logit_effects(
+    sae: SAE[Any], model: Any, n: int = 10
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Each latent's ``n`` most promoted and suppressed tokens ``(up_ids, up, down_ids, down)``,
+    through the unembedding (see ``LOGIT_NOTE``); None where the decoder does not write to the
+    residual stream (a hook whose width is not d_model, or inside attention / the MLP)."""
+    hook = require_hook_name(sae)
+    W_U = getattr(model, "W_U", None)
+    cfg = getattr(model, "cfg", None)
+    writes_resid = "resid" in hook or hook.endswith(("hook_attn_out", "hook_mlp_out"))
+    if W_U is None or cfg is None or sae.cfg.d_in != cfg.d_model or not writes_resid:
+        return None
+    W = W_U.detach().float().cpu()
+    scale = getattr(getattr(model, "ln_final", None), "w", None)
+    if scale is not None:
+        W = W * scale.detach().float().cpu()[:, None]
+    dec = sae.W_dec.detach().float().cpu()
+    k = min(n, W.shape[1])
+    ups, upv, downs, downv = [], [], [], []
+    for s in range(0, dec.shape[0], 1024):
+        eff = dec[s : s + 1024] @ W
+        top = eff.topk(k, dim=1)
+        bot = eff.topk(k, dim=1, largest=False)
+        ups.append(top.indices), upv.append(top.values)
+        downs.append(bot.indices), downv.append(bot.values)
+    return torch.cat(ups), torch.cat(upv), torch.cat(downs), torch.cat(downv)
+
+
+def _r(t: Tensor, digits: int = 3) -> list[Any]:
+    """Rounded floats for JSON (short numbers, smaller files)."""
+    m = 10.0**digits
+    return (t.double() * m).round().div(m).tolist()
+
+
+def _vocab(tokenizer: Any, d_vocab: int) -> list[str]:
+    if tokenizer is None:
+        return [str(i) for i in range(d_vocab)]
+    return [tokenizer.decode([i]) for i in range(d_vocab)]
+
+
+def _contexts(
+    res: Any, latent: int, tokens: Tensor, before: int, after: int
+) -> list[dict[str, Any]]:
+    """The kept entries of one latent as contexts: value, (sequence, position), window tokens and
+    the latent's values on them, largest key first."""
+    seq_len = tokens.shape[1]
+    out = []
+    order = torch.argsort(res.key[latent], descending=True)
+    for slot in order.tolist():
+        if res.key[latent, slot] == -torch.inf or res.where[latent, slot] < 0:
+            continue
+        g = int(res.where[latent, slot])
+        s, p = divmod(g, seq_len)
+        lo, hi = max(0, p - before), min(seq_len, p + after + 1)
+        acts = res.window[latent, slot, lo - (p - before) : hi - (p - before)]
+        out.append(
+            {
+                "v": round(float(res.value[latent, slot]), 4),
+                "s": s,
+                "p": p,
+                "c": p - lo,
+                "t": tokens[s, lo:hi].tolist(),
+                "a": _r(acts.float()),
+            }
+        )
+    return out
+
+
+def _lower_quantiles(samples: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
+    """Up to ``n`` of a uniform sample of firings, spread over the lower half of their |values|,
+    each with its quantile within the sample."""
+    ranked = sorted(samples, key=lambda c: abs(c["v"]))
+    m = len(ranked)
+    if m == 0:
+        return []
+    half = max(1, m // 2)
+    picks = sorted({round(i * (half - 1) / max(1, n - 1)) for i in range(n)}) if half > 1 else [0]
+    return [{**ranked[i], "q": round(i / max(1, m - 1), 2)} for i in picks]
+
+
+def write_dashboard(
+    sae: SAE[Any],
+    model: Any,
+    tokens: Int[Tensor, "n_seq seq"],
+    out: str | Path,
+    *,
+    provenance_tokens: Any = None,
+    data_name: str | None = None,
+    top_k: int = 10,
+    samples: int = 24,
+    before: int = 10,
+    after: int = 4,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Compute every latent's statistics over ``tokens`` (held-out text) and write the site to
+    ``out``; returns the path of its ``index.html``. For an ITDA, ``provenance_tokens`` (the token
+    input it was built from) lets each atom show the passage it was read at."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} exists and is not empty; pass overwrite=True (--overwrite)"
+            )
+        shutil.rmtree(out)
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.numel() == 0:
+        raise ValueError("tokens must be a non-empty [n_seq, seq_len] tensor of token ids")
+    stats = collect(
+        sae,
+        model,
+        tokens,
+        batch_size=batch_size,
+        progress=progress,
+        top_k=top_k,
+        samples=samples,
+        before=before,
+        after=after,
+    )
+    tokenizer = getattr(model, "tokenizer", None)
+    d_vocab = int(getattr(getattr(model, "cfg", None), "d_vocab", 0) or int(tokens.max()) + 1)
+    logits = logit_effects(sae, model)
+    partners, jaccard = stats.cofiring()
+    d_sae = sae.cfg.d_sae
+    freq = stats.count.double() / max(1, stats.n_tokens)
+    mean_abs = stats.abs_sum / stats.count.clamp_min(1)
+    max_abs = stats.top.key[:, 0].clamp_min(0)
+    is_itda = isinstance(sae, ITDA)
+    if is_itda:
+        label = sae.atom_token_ids.cpu().long()
+    else:  # the token at each latent's strongest activation
+        g = stats.top.where[:, 0]
+        label = torch.where(g >= 0, tokens.reshape(-1)[g.clamp_min(0)], -1)
+    provenance = _provenance(sae, provenance_tokens, tokenizer, before, after) if is_itda else {}
+
+    data = out / "data"
+    data.mkdir(parents=True)
+    meta = sae.cfg.metadata
+    index = {
+        "meta": {
+            "architecture": sae.cfg.architecture(),
+            "hook": require_hook_name(sae),
+            "model": getattr(meta, "model_name", None),
+            "d_in": sae.cfg.d_in,
+            "d_sae": d_sae,
+            "n_tokens": stats.n_tokens,
+            "data": data_name,
+            "is_itda": is_itda,
+            "shard": SHARD,
+            "cofire_tokens": stats.co_tokens,
+            "logit_note": LOGIT_NOTE if logits is not None else None,
+            "label_kind": "own token" if is_itda else "top token",
+        },
+        "vocab": _vocab(tokenizer, d_vocab),
+        "freq": [float(f"{v:.4g}") for v in freq.tolist()],
+        "mean_abs": _r(mean_abs),
+        "max_abs": _r(max_abs),
+        "label": label.tolist(),
+    }
+    _write_js(data / "index.js", f"DASH.setIndex({json.dumps(index, separators=(',', ':'))});")
+    shards = range(0, d_sae, SHARD)
+    for start in tqdm(shards, desc="dashboard: writing", unit="shard", disable=not progress):
+        items = []
+        for i in range(start, min(d_sae, start + SHARD)):
+            samples_i = _contexts(stats.sample, i, tokens, before, after)
+            item: dict[str, Any] = {
+                "i": i,
+                "top": _contexts(stats.top, i, tokens, before, after),
+                "low": _lower_quantiles(samples_i),
+                "hist": stats.histogram(i),
+                "co": [
+                    [int(j), round(float(s), 3)]
+                    for j, s in zip(partners[i].tolist(), jaccard[i].tolist(), strict=True)
+                    if j >= 0
+                ],
+            }
+            if logits is not None:
+                up_i, up_v, dn_i, dn_v = (t[i] for t in logits)
+                item["up"] = [[int(a), round(float(b), 3)] for a, b in zip(up_i, up_v, strict=True)]
+                item["down"] = [
+                    [int(a), round(float(b), 3)] for a, b in zip(dn_i, dn_v, strict=True)
+                ]
+            if i in provenance:
+                item["src"] = provenance[i]
+            items.append(item)
+        text = json.dumps(items, separators=(",", ":"))
+        _write_js(
+            data / f"shard_{start // SHARD:05d}.js", f"DASH.addShard({start // SHARD},{text});"
+        )
+    assets = resources.files("itda_lens.dashboard") / "assets"
+    for name in ASSETS:
+        (out / name).write_text((assets / name).read_text(encoding="utf-8"), encoding="utf-8")
+    return out / "index.html"
+
+
+def _provenance(
+    sae: ITDA, source: Any, tokenizer: Any, before: int, after: int
+) -> dict[int, dict[str, Any]]:
+    """Each atom's own context in the stream it was built from (when that stream is given)."""
+    labels = sae.atom_labels.cpu()
+    if source is None:
+        return {}
+    meta = sae.cfg.metadata
+    wanted = {int(s) for s in labels[:, 0].tolist() if s >= 0}
+    seqs = replay_sequences(
+        source, wanted, context_size=getattr(meta, "context_size", None), tokenizer=tokenizer
+    )
+    out = {}
+    for a, (s, p) in enumerate(labels.tolist()):
+        if s not in seqs:
+            continue
+        seq = seqs[s]
+        lo, hi = max(0, p - before), min(seq.shape[0], p + after + 1)
+        out[a] = {"s": s, "p": p, "c": p - lo, "t": seq[lo:hi].tolist()}
+    return out
+
+
+def _write_js(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
