@@ -20,6 +20,7 @@ from sae_lens import SAE
 from sae_lens.util import extract_layer_from_tlens_hook_name
 from simple_parsing import ArgumentParser, DashVariant
 from tqdm.auto import tqdm
+from transformer_lens import HookedRootModule
 
 from itda_lens import zoo
 from itda_lens.activations import check_hook_names, collect_activations, token_batches
@@ -30,12 +31,14 @@ from itda_lens.builder.distributed import Comm
 from itda_lens.config import (
     TRAINERS,
     BuildCommand,
+    DashboardCommand,
     DemoCommand,
     EvalCommand,
     InspectCommand,
     SimilarityCommand,
     TrainCommand,
 )
+from itda_lens.dashboard import write_dashboard
 from itda_lens.demo import DEMO_CONFIG, default_setup, run_demo
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import heatmap
@@ -208,6 +211,48 @@ def _cmd_inspect(args: Any) -> int:
             else ""
         )
         print(f"  atom {a:>6} (seq {seq}, pos {pos}) token {token}{used}{ctx}")
+    print(f"\nnext: itda-lens dashboard {args.dir}  (every atom in the browser)")
+    return 0
+
+
+def _cmd_dashboard(args: Any) -> int:
+    cmd = args.cmd
+    folder = Path(cmd.dir)
+    check_sae_folder(folder)
+    sae = SAE.load_from_disk(folder, device=cmd.device)
+    meta = sae.cfg.metadata
+    name = cmd.model or meta.model_name
+    if name is None:
+        raise ValueError(f"{folder} names no model in its metadata; pass --model")
+    model = resolve_model(name, device=cmd.device)
+    if not isinstance(model, HookedRootModule):
+        raise ValueError(
+            f"dashboards read hook points of a TransformerLens model; {name!r} is not one"
+        )
+    context = meta.context_size or 128
+    source, data_name = resolve_tokens(cmd.data, model, split=cmd.split, context_size=context)
+    tokenizer = getattr(model, "tokenizer", None)
+    tokens = next(token_batches(source, cmd.seqs, context_size=context, tokenizer=tokenizer))
+    build_stream = None
+    if isinstance(sae, ITDA) and meta.dataset_path:
+        try:
+            build_stream = resolve_tokens(meta.dataset_path, model, context_size=context)[0]
+        except Exception as err:  # the dashboard still works, without the atoms' own passages
+            print(f"(build stream {meta.dataset_path!r} unavailable, no provenance: {err})")
+    out = Path(cmd.out) if cmd.out else folder / "dashboard"
+    index = write_dashboard(
+        sae,
+        model,
+        tokens,
+        out,
+        provenance_tokens=build_stream,
+        data_name=data_name,
+        top_k=cmd.top_k,
+        batch_size=cmd.batch_size,
+        overwrite=cmd.overwrite,
+    )
+    print(f"wrote {index} ({sae.cfg.d_sae:,} latents over {tokens.numel():,} tokens)")
+    print(f"next: open file://{index.resolve()} in a browser (no server needed)")
     return 0
 
 
@@ -328,6 +373,8 @@ def build_parser() -> ArgumentParser:
     p.add_arguments(BuildConfig, dest="build")
     p = _parser(sub, "inspect", "summarise a saved ITDA and show its atoms in context")
     p.add_arguments(InspectCommand, dest="cmd")
+    p = _parser(sub, "dashboard", "write a browsable dashboard of a saved SAE or ITDA folder")
+    p.add_arguments(DashboardCommand, dest="cmd")
     p = _parser(sub, "eval", "evaluate a saved sae_lens SAE or ITDA folder (offline)")
     p.add_arguments(EvalCommand, dest="cmd")
     train = _parser(sub, "train", "train a comparison SAE on a hook's cached activations")
@@ -347,6 +394,7 @@ def build_parser() -> ArgumentParser:
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "build": _cmd_build,
     "inspect": _cmd_inspect,
+    "dashboard": _cmd_dashboard,
     "eval": _cmd_eval,
     "train": _cmd_train,
     "similarity": _cmd_similarity,

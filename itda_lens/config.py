@@ -232,6 +232,32 @@ class InspectCommand:
 
 
 @dataclass
+class DashboardCommand:
+    """Write a static dashboard (opens from disk) of a saved sae_lens SAE or ITDA folder."""
+
+    dir: str = field(positional=True)
+    """A folder written by save_model (any registered architecture, ITDA included)."""
+    out: str | None = None
+    """Output folder (default: DIR/dashboard)."""
+    model: str | None = None
+    """Override the model named in the SAE's metadata."""
+    data: str = "kjv:heldout"
+    """Held-out tokens the latents are read on: kjv:heldout | .pt/.npy token file | folder | hub."""
+    split: str = "test"
+    """Dataset split (hub and save_to_disk data)."""
+    seqs: int = 256
+    """Sequences of --data to read (of the SAE's context size)."""
+    top_k: int = 10
+    """Top-activating contexts kept per latent."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    device: str = "cpu"
+    """Device for the model and the SAE."""
+    overwrite: bool = False
+    """Replace a non-empty output folder."""
+
+
+@dataclass
 class EvalCommand:
     """Evaluate a saved sae_lens SAE or ITDA folder on a zoo model (offline)."""
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from itda_lens.activations import iter_hook_activations
 from itda_lens.analysis import replay_sequences
-from itda_lens.dashboard.stats import LatentStats, SparseEntries, coalesce
+from itda_lens.dashboard.stats import LatentStats, Reservoir, SparseEntries, coalesce
 from itda_lens.evals import require_hook_name
 from itda_lens.saes import ITDA
 
@@ -122,29 +122,45 @@ def _vocab(tokenizer: Any, d_vocab: int) -> list[str]:
 
 
 def _contexts(
-    res: Any, latent: int, tokens: Tensor, before: int, after: int
-) -> list[dict[str, Any]]:
-    """The kept entries of one latent as contexts: value, (sequence, position), window tokens and
-    the latent's values on them, largest key first."""
+    res: Reservoir, lo: int, hi: int, tokens: Tensor, before: int, after: int
+) -> list[list[dict[str, Any]]]:
+    """The kept entries of latents ``lo..hi-1`` as contexts (largest key first): value, sequence
+    and position, window tokens, the centre's index in them and the latent's values on them."""
     seq_len = tokens.shape[1]
+    key = res.key[lo:hi]
+    order = torch.argsort(key, dim=1, descending=True, stable=True)
+    key = key.gather(1, order)
+    where = res.where[lo:hi].gather(1, order)
+    value = res.value[lo:hi].gather(1, order)
+    window = res.window[lo:hi].gather(1, order.unsqueeze(-1).expand(-1, -1, res.width))
+    valid = (key > -torch.inf) & (where >= 0)
+    g = where.clamp_min(0)
+    seq, pos = g // seq_len, g % seq_len
+    offsets = pos.unsqueeze(-1) + torch.arange(-before, after + 1)
+    toks = tokens[seq.unsqueeze(-1), offsets.clamp(0, seq_len - 1)]
+    first = (before - pos).clamp_min(0)  # window slots before the sequence start
+    last = res.width - (pos + after + 1 - seq_len).clamp_min(0)
+    rows = zip(
+        valid.tolist(),
+        value.tolist(),
+        seq.tolist(),
+        pos.tolist(),
+        first.tolist(),
+        last.tolist(),
+        toks.tolist(),
+        _r(window.float()),
+        strict=True,
+    )
     out = []
-    order = torch.argsort(res.key[latent], descending=True)
-    for slot in order.tolist():
-        if res.key[latent, slot] == -torch.inf or res.where[latent, slot] < 0:
-            continue
-        g = int(res.where[latent, slot])
-        s, p = divmod(g, seq_len)
-        lo, hi = max(0, p - before), min(seq_len, p + after + 1)
-        acts = res.window[latent, slot, lo - (p - before) : hi - (p - before)]
+    for ok_r, v_r, s_r, p_r, f_r, l_r, t_r, a_r in rows:
         out.append(
-            {
-                "v": round(float(res.value[latent, slot]), 4),
-                "s": s,
-                "p": p,
-                "c": p - lo,
-                "t": tokens[s, lo:hi].tolist(),
-                "a": _r(acts.float()),
-            }
+            [
+                {"v": round(v, 4), "s": s, "p": p, "c": before - f, "t": t[f:e], "a": a[f:e]}
+                for ok, v, s, p, f, e, t, a in zip(
+                    ok_r, v_r, s_r, p_r, f_r, l_r, t_r, a_r, strict=True
+                )
+                if ok
+            ]
         )
     return out
 
@@ -244,12 +260,14 @@ def write_dashboard(
     shards = range(0, d_sae, SHARD)
     for start in tqdm(shards, desc="dashboard: writing", unit="shard", disable=not progress):
         items = []
-        for i in range(start, min(d_sae, start + SHARD)):
-            samples_i = _contexts(stats.sample, i, tokens, before, after)
+        stop = min(d_sae, start + SHARD)
+        tops = _contexts(stats.top, start, stop, tokens, before, after)
+        lows = _contexts(stats.sample, start, stop, tokens, before, after)
+        for i in range(start, stop):
             item: dict[str, Any] = {
                 "i": i,
-                "top": _contexts(stats.top, i, tokens, before, after),
-                "low": _lower_quantiles(samples_i),
+                "top": tops[i - start],
+                "low": _lower_quantiles(lows[i - start]),
                 "hist": stats.histogram(i),
                 "co": [
                     [int(j), round(float(s), 3)]
