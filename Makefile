@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint check-install clean
+.PHONY: setup browser demo test lint check-install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/itda-lens demo --out itda_report --overwrite
 
-test: setup
+# Headless Chromium for the dashboard's browser tests, from Debian (needs root); without it those
+# tests skip and say how to install it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+	  || echo "note: could not install chromium (needs root on Debian); the browser tests will skip"
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 lint: setup
