@@ -193,3 +193,11 @@ def test_distributed_benchmark_quick(tmp_path: Path) -> None:
     assert "2 processes built the 1-process dictionary: True" in text
     saved = json.loads((tmp_path / "distributed.json").read_text())
     assert set(saved["tables"]) == {"main", "estimate"} and saved["data"]["same"] is True
+
+
+def test_dashboard_benchmark_quick(tmp_path: Path) -> None:
+    text = run_quick("dashboard.py", "--out", str(tmp_path))
+    assert "| atoms | k | tokens | time | tokens / s | peak extra memory | site size |" in text
+    saved = json.loads((tmp_path / "dashboard.json").read_text())
+    assert [r["atoms"] for r in saved["data"]["rows"]] == [256, 1024]
+    assert (tmp_path / "itda_1024" / "index.html").is_file()
