@@ -20,6 +20,7 @@ from itda_lens import zoo
 from itda_lens.activations import iter_hook_activations, usage_metadata
 from itda_lens.analysis import atom_usage, fvu, in_context, replay_sequences
 from itda_lens.builder import BuildConfig, build_itda
+from itda_lens.dashboard import write_dashboard
 from itda_lens.evals import evaluate
 from itda_lens.plots import line_plot
 from itda_lens.saes import ITDA
@@ -194,6 +195,16 @@ def run_demo(
             layer["refined"] = {key: r.get(key) for key in ("ce_loss_score", "explained_variance")}
             layer["refined"]["n_atoms"] = refined[hook].cfg.d_sae
         results["layers"][hook] = layer
+    for hook, itda in itdas.items():  # every atom browsable: provenance, contexts, logit effects
+        write_dashboard(
+            itda,
+            setup.model,
+            setup.heldout_tokens,
+            out / "dashboards" / hook,
+            provenance_tokens=setup.train_tokens,
+            data_name=f"{setup.dataset_name} (held out)",
+            progress=progress,
+        )
     acts = _acts(setup, setup.heldout_tokens, hooks)
     _growth_plot(itdas, out / "growth.png")
     ks = sorted({1, 2, 5, 10, cfg.k, 2 * cfg.k})
@@ -258,6 +269,13 @@ def _write_report(
         "selection buys. The refined ITDA is built 3x wider and pruned back to the same width by "
         "coefficient energy (every atom still a real activation); see benchmarks/README.md for where "
         "each beats random activations.",
+    ]
+    lines += [
+        "",
+        "**Browse every atom** (its source passage, top and lower held-out contexts, histogram, "
+        "promoted tokens, co-firing atoms) in the dashboards, which open from disk: "
+        + ", ".join(f"[{hook}](dashboards/{hook}/index.html)" for hook in itdas)
+        + ". For any saved SAE or ITDA folder: `itda-lens dashboard DIR`.",
     ]
     lines += ["", "![dictionary growth](growth.png) ![reconstruction vs L0](recon_vs_l0.png)", ""]
     for hook, itda in itdas.items():

@@ -23,11 +23,16 @@ def test_quick_demo_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixtur
         control = r["random_control"]  # same size, random training activations, same MP
         assert 0 < control["explained_variance"] < 1 and control["ce_loss_score"] > 0.5
         assert isinstance(SAE.load_from_disk(out / "itdas" / hook), ITDA)
+        # each layer's dashboard, linked from the report, with the atoms' own passages
+        dash = out / "dashboards" / hook
+        assert (dash / "index.html").is_file()
+        assert '"src":' in (dash / "data" / "shard_00000.js").read_text()
     assert (out / "growth.png").stat().st_size > 1000 and (
         out / "recon_vs_l0.png"
     ).stat().st_size > 1000
     text = (out / "report.md").read_text()
     assert "CE-loss score" in text and "[[" in text and "random-activations control" in text
+    assert "(dashboards/blocks.1.hook_resid_post/index.html)" in text
     # refuses to overwrite unless told to
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
