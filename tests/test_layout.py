@@ -26,6 +26,7 @@ LAYERS = {
     "config": 5,
     "cli": 5,
     "demo": 5,
+    "dashboard": 5,
     "evals": 5,
     "probing": 5,
     "resolve": 5,
