@@ -72,6 +72,13 @@ def collect(
     for batch in iter_hook_activations(model, tokens, [hook], batch_size=batch_size):
         kept = batch.keep.nonzero().flatten()
         x = batch.acts[hook][kept].to(device, sae.W_dec.dtype)
+        if x.shape[-1] != sae.cfg.d_in:
+            raise ValueError(
+                f"d_in mismatch: {hook} gives {x.shape[-1]}-d activations but the SAE has "
+                f"d_in={sae.cfg.d_in}; is it the SAE of this model?"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"activations at {hook} contain NaN or Inf")
         e = sparse_codes(sae, x)
         e = SparseEntries(kept[e.row], e.latent, e.value)
         seq, pos = batch.labels[:, 0], batch.labels[:, 1]
@@ -196,13 +203,9 @@ def write_dashboard(
     """Compute every latent's statistics over ``tokens`` (held-out text) and write the site to
     ``out``; returns the path of its ``index.html``. For an ITDA, ``provenance_tokens`` (the token
     input it was built from) lets each atom show the passage it was read at."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} exists and is not empty; pass overwrite=True (--overwrite)"
-            )
-        shutil.rmtree(out)
+    final = Path(out)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True (--overwrite)")
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.numel() == 0:
         raise ValueError("tokens must be a non-empty [n_seq, seq_len] tensor of token ids")
     stats = collect(
@@ -232,6 +235,10 @@ def write_dashboard(
         label = torch.where(g >= 0, tokens.reshape(-1)[g.clamp_min(0)], -1)
     provenance = _provenance(sae, provenance_tokens, tokenizer, before, after) if is_itda else {}
 
+    # written next to the target and swapped in at the end: a failure leaves the old site intact
+    out = final.with_name(f".{final.name}.partial")
+    if out.exists():
+        shutil.rmtree(out)
     data = out / "data"
     data.mkdir(parents=True)
     meta = sae.cfg.metadata
@@ -291,7 +298,10 @@ def write_dashboard(
     assets = resources.files("itda_lens.dashboard") / "assets"
     for name in ASSETS:
         (out / name).write_text((assets / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return out / "index.html"
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    return final / "index.html"
 
 
 def _provenance(
