@@ -7,6 +7,7 @@ available.
 
     python benchmarks/dashboard.py            # full run (1,024 and 16,384 atoms; ~10 minutes)
     python benchmarks/dashboard.py --quick    # reduced run, same code and table
+    python benchmarks/dashboard.py --screenshots-only
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from _common import bench_parser, fmt_bytes, measure, prepare, record, table, table_spec
 
-from itda_lens import ITDA, zoo
+from itda_lens import ITDA, build_itda, zoo
 from itda_lens.activations import collect_activations
 from itda_lens.dashboard import write_dashboard
 
@@ -31,14 +32,28 @@ def site_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def screenshots(site: Path, word: str) -> list[str]:
-    """The index and one atom page, as the README shows them (skipped without Chromium)."""
+def screenshots(model: object, out: Path, word: str) -> list[str]:
+    """The index and one atom page of a greedy ITDA (with its atoms' source passages), as the
+    README shows them (skipped without Chromium)."""
     binary = shutil.which("chromium")
     if binary is None:
         print("no chromium: screenshots skipped")
         return []
     from playwright.sync_api import sync_playwright
 
+    train = zoo.load_tokens("train", 256)
+    itda = build_itda(model, train, HOOK, k=K, cos_threshold=0.85, progress=False)
+    site = out / "greedy"
+    write_dashboard(
+        itda,
+        model,
+        zoo.load_tokens("heldout", 339),
+        site,
+        provenance_tokens=train,
+        data_name="kjv:heldout",
+        overwrite=True,
+        progress=False,
+    )
     out = [RESULTS / "dashboard_index.png", RESULTS / "dashboard_atom.png"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=binary)
@@ -57,10 +72,14 @@ def screenshots(site: Path, word: str) -> list[str]:
 
 def main() -> None:
     parser = bench_parser(__doc__, "bench_out/dashboard")
+    parser.add_argument("--screenshots-only", action="store_true", help="only the README's PNGs")
     args = parser.parse_args()
     out = prepare(args)
     t0 = time.perf_counter()
     model = zoo.load_model(zoo.DEFAULT_MODEL)
+    if args.screenshots_only:
+        print(screenshots(model, out, " the"))
+        return
     sizes = [256, 1024] if args.quick else [1024, 16384]
     n_heldout = 16 if args.quick else 339
     n_train = 16 if args.quick else 443
@@ -98,7 +117,7 @@ def main() -> None:
         }
         rows.append(meta_rows)
         print(meta_rows, flush=True)
-    shots = [] if args.quick else screenshots(out / f"itda_{sizes[0]}", " the")
+    shots = [] if args.quick else screenshots(model, out, " the")
     shown = [
         {
             "atoms": f"{r['atoms']:,}",

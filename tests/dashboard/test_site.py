@@ -62,7 +62,7 @@ def test_site_files_and_contents(
 
 
 def test_logit_effects_match_a_plain_product(itda: ITDA, model: HookedSAETransformer) -> None:
-    up_i, up_v, dn_i, dn_v = logit_effects(itda, model, n=5)  # type: ignore[misc]
+    up_i, up_v, _, dn_v = logit_effects(itda, model, n=5)  # type: ignore[misc]
     W = model.W_U.detach() * model.ln_final.w.detach()[:, None]
     eff = itda.W_dec.detach() @ W
     torch.testing.assert_close(up_v, eff.topk(5, dim=1).values)
@@ -96,5 +96,5 @@ def test_bad_inputs_get_clear_errors(
     with pytest.raises(ValueError, match="d_in mismatch"):
         write_dashboard(other, model, tokens[:4], tmp_path / "f", progress=False)
     unknown = ITDA.from_atoms(torch.randn(5, 32), 2, hook_name="blocks.9.hook_nope")
-    with pytest.raises(ValueError, match="blocks.9.hook_nope"):
+    with pytest.raises(ValueError, match=r"blocks\.9\.hook_nope"):
         write_dashboard(unknown, model, tokens[:4], tmp_path / "g", progress=False)

@@ -100,8 +100,9 @@ function histogramSvg(values, opts) {
   const max = Math.max(1, ...counts);
   const bw = (width - 40) / bins;
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("width", width);
-  svg.setAttribute("height", height + 30);
+  svg.setAttribute("viewBox", `0 0 ${width} ${height + 30}`);
+  svg.setAttribute("width", "100%");
+  svg.style.maxWidth = width + "px";
   counts.forEach((c, i) => {
     const r = document.createElementNS(svg.namespaceURI, "rect");
     const h = (c / max) * height;
