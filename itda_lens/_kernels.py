@@ -97,7 +97,22 @@ def extend_gram(atoms, gram, start, end):  # pragma: no cover - jitted
 
 @njit(fastmath={"contract"}, cache=True)
 def exact_mp(
-    x, corr0, atoms, gram, n0, k, threshold, pos, cutoff, patience, max_new, c, bits, mask, accepted
+    x,
+    corr0,
+    atoms,
+    gram,
+    n0,
+    k,
+    threshold,
+    early,
+    pos,
+    cutoff,
+    patience,
+    max_new,
+    c,
+    bits,
+    mask,
+    accepted,
 ):  # pragma: no cover - jitted
     """ITDA's exact add rule with MP over a sub-batch, one token at a time in stream order.
 
@@ -105,7 +120,9 @@ def exact_mp(
     sub-batch start (one matmul outside); ``atoms`` [cap, d] and ``gram`` [cap, cap] are the
     store's buffers, written in place as atoms are added (the Gram row by :func:`_gram_row`).
     Row t is read iff ``pos[t] <= cutoff``; each addition moves the cutoff to ``pos + patience``
-    (``patience < 0``: never). Stops after ``max_new`` additions. ``c`` [cap] is a work row and
+    (``patience < 0``: never). Stops after ``max_new`` additions. A token is rejected as soon as its
+    residual guarantees ``cos >= early`` (``threshold`` plus a margin above rounding; ``early <= 0``
+    or ``>= 1``: never early). ``c`` [cap] is a work row and
     ``bits`` its integer view (``mask`` clears the sign bit, as in :func:`mp_gram`). Writes the
     added rows' indices into ``accepted``; returns (atoms added, rows read).
     """
@@ -127,15 +144,35 @@ def exact_mp(
                 c[i] = corr0[t, i]
             for i in range(n0, n):
                 c[i] = _dot(xt, atoms[i])
-            _mp_token(c[:n], bits[:n], gram_flat, cap, k, mask, idx, val)
-            recon[:] = 0
+            # MP with unit atoms: |r|^2 drops by v^2 per step, and cos(x, x_hat) >= sqrt(1 - |r|^2/|x|^2)
+            # for any later residual, so once |r|^2 <= bound the token is reconstructed above the
+            # threshold whatever the remaining steps do: rejected early, the same verdict
+            bound = (1.0 - early * early) * xx if 0.0 < early < 1.0 else -1.0
+            rr = xx
+            done = False
+            j = _first_absmax(bits[:n], mask)
             for s in range(k):
-                a = atoms[idx[s]]
-                for i in range(d):
-                    recon[i] += val[s] * a[i]
-            denom = np.sqrt(xx) * np.sqrt(_dot(recon, recon))
-            cos = _dot(xt, recon) / max(denom, 1e-30)
-            accept = cos < threshold
+                v = c[j]
+                idx[s] = j
+                val[s] = v
+                rr -= v * v
+                if rr <= bound:
+                    done = True
+                    break
+                if s + 1 < k:
+                    g = gram_flat[j * cap : j * cap + n]
+                    for i in range(n):
+                        c[i] -= v * g[i]
+                    j = _first_absmax(bits[:n], mask)
+            if not done:
+                recon[:] = 0
+                for s in range(k):
+                    a = atoms[idx[s]]
+                    for i in range(d):
+                        recon[i] += val[s] * a[i]
+                denom = np.sqrt(xx) * np.sqrt(_dot(recon, recon))
+                cos = _dot(xt, recon) / max(denom, 1e-30)
+                accept = cos < threshold
         if accept:
             norm = np.sqrt(xx)
             for i in range(d):

@@ -51,6 +51,9 @@ SINGLE_THREAD_TOKENS = 256
 #: Working-set budget of the CPU kernel's sub-batch correlations [T, n] (bytes), and its bounds.
 KERNEL_CORR_BYTES = 32 * 2**20
 KERNEL_SUB_BATCH = (64, 4096)
+#: How far above the threshold the kernel's early rejection must see ``cos`` (by decision dtype):
+#: far above the rounding of its |r|^2 bookkeeping, so no token the full pursuit accepts is rejected.
+EARLY_MARGIN = {torch.float64: 1e-6, torch.float32: 1e-3}
 #: Growth-curve points kept in the metadata (geometric in the atom count, plus the end).
 GROWTH_POINTS = 256
 
@@ -247,6 +250,7 @@ class ITDABuilder:
                 n0,
                 self.cfg.k,
                 self.cfg.cos_threshold,
+                self.cfg.cos_threshold + EARLY_MARGIN[store.dtype],
                 pos[sub].numpy(),
                 np.int64(min(cutoff, 2**62)),
                 -1 if p is None else p,
