@@ -33,7 +33,7 @@ browser:
 	  || echo "note: could not install chromium (needs root on Debian); the browser tests will skip"
 
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check itda_lens tests benchmarks

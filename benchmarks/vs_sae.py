@@ -351,12 +351,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.models, args.l0_fractions, args.widths = [FULL[0][0]], (0.0625, 0.125), (8,)
+        args.models, args.l0_fractions, args.widths = [FULL[0][0]], (0.125,), (8,)
         args.train_windows, args.build_windows, args.heldout_windows, args.sae_tokens = (
-            512,
-            128,
+            256,
+            64,
             16,
-            20_000,
+            16_384,
         )
         args.probe_train, args.probe_test, args.core = 16, 16, True
     else:

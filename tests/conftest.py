@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 import itda_lens  # noqa: F401, E402  (registers the "itda" architecture)
 from tests.helpers import BOS, EOS, PAD, VOCAB, make_model, make_tokens  # noqa: E402
 
-torch.set_num_threads(2)
+# one thread per worker under pytest-xdist (two workers share the two cores), else two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
