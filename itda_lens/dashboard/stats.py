@@ -49,14 +49,25 @@ def coalesce(
     return SparseEntries(uniq // d_sae, uniq % d_sae, summed)
 
 
+def ranked_by_group(
+    group: Int[Tensor, " m"], n_groups: int, key: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries sorted by group (within a group by ``key``, largest first; else in input order):
+    ``(order, group[order], rank within the group)``."""
+    order = torch.arange(group.shape[0], device=group.device)
+    if key is not None:
+        order = torch.argsort(key, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    g = group[order]
+    counts = torch.bincount(g, minlength=n_groups)
+    rank = torch.arange(g.shape[0], device=g.device) - (torch.cumsum(counts, 0) - counts)[g]
+    return order, g, rank
+
+
 def padded(entries: SparseEntries, n_rows: int) -> tuple[Tensor, Tensor]:
     """Entries as per-row slots ``(latents [n, L], values [n, L])``, zero-padded (value 0)."""
-    counts = torch.bincount(entries.row, minlength=n_rows)
-    L = max(1, int(counts.max()) if counts.numel() else 1)
-    order = torch.argsort(entries.row, stable=True)
-    row = entries.row[order]
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(row.shape[0], device=row.device) - starts[row]
+    order, row, slot = ranked_by_group(entries.row, n_rows)
+    L = max(1, int(slot.max()) + 1 if slot.numel() else 1)
     lat = torch.zeros(n_rows, L, dtype=torch.long, device=row.device)
     val = torch.zeros(n_rows, L, dtype=entries.value.dtype, device=row.device)
     lat[row, slot] = entries.latent[order]
@@ -88,11 +99,7 @@ class Reservoir:
         if entries.latent.numel() == 0:
             return
         # the chunk's own top-`size` per latent, in a dense [d_sae, size] block
-        order = torch.argsort(key, descending=True, stable=True)
-        order = order[torch.argsort(entries.latent[order], stable=True)]
-        lat = entries.latent[order]
-        counts = torch.bincount(lat, minlength=self.d_sae)
-        rank = torch.arange(lat.shape[0]) - (torch.cumsum(counts, 0) - counts)[lat]
+        order, lat, rank = ranked_by_group(entries.latent, self.d_sae, key)
         keep = rank < self.size
         order, lat, rank = order[keep], lat[keep], rank[keep]
         new_key = torch.full_like(self.key, -math.inf)
@@ -261,11 +268,7 @@ class LatentStats:
         scores = torch.zeros(self.d_sae, n, dtype=torch.float64)
         if src.numel() == 0:
             return partners, scores
-        order = torch.argsort(score, descending=True, stable=True)
-        order = order[torch.argsort(src[order], stable=True)]
-        s = src[order]
-        counts = torch.bincount(s, minlength=self.d_sae)
-        rank = torch.arange(s.shape[0]) - (torch.cumsum(counts, 0) - counts)[s]
+        order, s, rank = ranked_by_group(src, self.d_sae, score)
         keep = rank < n
         partners[s[keep], rank[keep]] = dst[order][keep]
         scores[s[keep], rank[keep]] = score[order][keep]
