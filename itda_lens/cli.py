@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from itda_lens.config import (
     BuildCommand,
     DashboardCommand,
     DemoCommand,
+    DiffCommand,
     EvalCommand,
     InspectCommand,
     SimilarityCommand,
@@ -40,6 +42,8 @@ from itda_lens.config import (
 )
 from itda_lens.dashboard import write_dashboard
 from itda_lens.demo import DEMO_CONFIG, default_setup, run_demo
+from itda_lens.diff_report import write_diff_report
+from itda_lens.diffing import DIFF_CONFIG, DIRECTIONS, diff_models
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import heatmap
 from itda_lens.probing import probe_data
@@ -351,6 +355,77 @@ def _cmd_similarity(args: Any) -> int:
     return 0
 
 
+def _card_diff_data(spec: str) -> str | None:
+    """The held-out text a zoo fine-tune's card names for diffing it (None for other models)."""
+    if spec in zoo.list_models(include_checkpoints=True):
+        return zoo.model_card(spec).get("diff_data")
+    card = Path(spec) / "card.json"
+    return json.loads(card.read_text()).get("diff_data") if card.is_file() else None
+
+
+def _cmd_diff(args: Any) -> int:
+    cmd: DiffCommand = args.cmd
+    cfg: BuildConfig = args.build
+    out = Path(cmd.out)
+    if out.exists() and any(out.iterdir()) and not cmd.overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+    if cmd.seqs < 1:
+        raise ValueError("--seqs must be >= 1")
+    t0 = time.perf_counter()
+    base = resolve_model(cmd.base, device=cmd.device)
+    ft = resolve_model(cmd.ft, device=cmd.device)
+    hooks = cmd.hook
+    if not hooks:
+        n_layers = getattr(getattr(base, "cfg", None), "n_layers", None)
+        if not isinstance(n_layers, int):
+            raise ValueError(f"{cmd.base} is not a TransformerLens model: give --hook")
+        hooks = [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+    data = cmd.data or _card_diff_data(cmd.ft) or "kjv:heldout"
+    source, data_name = resolve_tokens(data, base, split=cmd.split, context_size=cfg.context_size)
+    tokenizer = getattr(base, "tokenizer", None)
+    tokens = next(
+        token_batches(source, cmd.seqs, context_size=cfg.context_size, tokenizer=tokenizer)
+    )
+    print(
+        f"diffing {cmd.base} -> {cmd.ft} at {len(hooks)} hooks on {tokens.numel():,} tokens of {data_name}"
+    )
+    diffs = diff_models(
+        base,
+        ft,
+        tokens,
+        hooks,
+        cfg.replace(device=cfg.device or cmd.device),
+        names=(cmd.base, cmd.ft),
+        dataset_path=data_name,
+    )
+    for d in diffs:
+        for side, itda in (("base", d.base), ("fine-tune", d.ft)):
+            itda.save_model(out / "itdas" / side / d.hook)
+    report = write_diff_report(
+        diffs,
+        out,
+        tokenizer,
+        base_name=cmd.base,
+        ft_name=cmd.ft,
+        data_name=data_name,
+        top=cmd.top,
+        seconds=time.perf_counter() - t0,
+    )
+    for d in diffs:
+        top = d.scores.top(DIRECTIONS["fine-tune"], 1)
+        where = (
+            f"; top fine-tune context: {in_context(tokenizer, tokens[top[0][0]], top[0][1])}"
+            if top and tokenizer is not None
+            else ""
+        )
+        print(
+            f"  {d.hook}: {d.base.cfg.d_sae} / {d.ft.cfg.d_sae} atoms, Jaccard {d.jaccard:.3f}{where}"
+        )
+    print(f"report written to {report} ({time.perf_counter() - t0:.0f} s)")
+    print(f"next: itda-lens dashboard {out / 'itdas' / 'fine-tune' / hooks[-1]}")
+    return 0
+
+
 def _cmd_demo(args: Any) -> int:
     cmd: DemoCommand = args.cmd
     cfg: BuildConfig = args.build
@@ -385,6 +460,9 @@ def build_parser() -> ArgumentParser:
         p.add_arguments(trainer.config, dest="train")
     p = _parser(sub, "similarity", "Jaccard similarity of ITDA dictionaries (layers and models)")
     p.add_arguments(SimilarityCommand, dest="cmd")
+    p = _parser(sub, "diff", "diff a base model and its fine-tune through their ITDA dictionaries")
+    p.add_arguments(DiffCommand, dest="cmd")
+    p.add_arguments(BuildConfig, dest="build", default=DIFF_CONFIG)
     p = _parser(sub, "demo", "the main job: build, evaluate and report on the default zoo model")
     p.add_arguments(DemoCommand, dest="cmd")
     p.add_arguments(BuildConfig, dest="build", default=DEMO_CONFIG)
@@ -398,6 +476,7 @@ COMMANDS: dict[str, Callable[[Any], int]] = {
     "eval": _cmd_eval,
     "train": _cmd_train,
     "similarity": _cmd_similarity,
+    "diff": _cmd_diff,
     "demo": _cmd_demo,
 }
 

@@ -286,6 +286,33 @@ class SimilarityCommand:
 
 
 @dataclass
+class DiffCommand:
+    """Diff a base model and its fine-tune: ITDA dictionaries of both over the same tokens."""
+
+    base: str = field(positional=True)
+    """The base model (zoo name, model folder, TransformerLens name or hf:NAME_OR_DIR)."""
+    ft: str = field(positional=True)
+    """The fine-tune (same tokenizer and width as the base)."""
+    hook: list[str] = field(default_factory=list, action="append", nargs=None, type=str)
+    """Hook point (repeat for several; default every layer's hook_resid_post)."""
+    data: str | None = None
+    """Tokens both dictionaries are built and scored on (default: the fine-tune card's diff_data,
+    else kjv:heldout) | .pt/.npy token file | save_to_disk folder | hub name."""
+    split: str = "train"
+    """Dataset split (hub and save_to_disk data)."""
+    seqs: int = 512
+    """Sequences of --data to read (fewer if it has fewer)."""
+    out: str = "itda_diff"
+    """Report folder: report.md, diff.json, plots, and both models' ITDAs under itdas/."""
+    top: int = 10
+    """Contexts and atoms listed per layer and side."""
+    device: str = "cpu"
+    """Device for the models and the dictionaries."""
+    overwrite: bool = False
+    """Replace a non-empty report folder."""
+
+
+@dataclass
 class DemoCommand:
     """The main job: build, evaluate and report on the default zoo model (offline)."""
 

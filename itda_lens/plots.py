@@ -73,3 +73,28 @@ def heatmap(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def histograms(
+    series: dict[str, Sequence[float]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    title: str,
+    bins: int = 60,
+) -> Path:
+    """Overlaid step histograms (log count axis), one per series, saved as a PNG."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    values = [v for vs in series.values() for v in vs]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    for label, vs in series.items():
+        ax.hist(vs, bins=bins, range=(lo, hi if hi > lo else lo + 1), histtype="step", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

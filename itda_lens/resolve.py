@@ -2,7 +2,7 @@
 
 A model is a zoo name (the default), a model folder, a TransformerLens pretrained name (which needs
 the Hugging Face hub), or ``hf:NAME_OR_DIR``: a Hugging Face causal LM read at module paths
-(:class:`~itda_lens.sources.ModuleSource`). Data is the zoo corpus (``kjv`` / ``kjv:heldout``, the default), a token file
+(:class:`~itda_lens.sources.ModuleSource`). Data is the zoo corpus (``kjv[:SPLIT][:VARIANT]``, e.g. ``kjv``, the default, or ``kjv:heldout:planted``), a token file
 (``.pt`` / ``.npy`` holding ``[n_seq, seq_len]`` ids), a folder written by ``datasets.save_to_disk``,
 or a hub dataset name (streamed, as a user with internet expects).
 """
@@ -21,8 +21,6 @@ from sae_lens import HookedSAETransformer
 from itda_lens import zoo
 from itda_lens.models import load_model_folder
 from itda_lens.sources import ModuleSource, load_hf
-
-ZOO_DATA = ("kjv", "kjv:train", "kjv:heldout")
 
 
 def resolve_model(spec: str | None, device: str = "cpu") -> HookedSAETransformer | ModuleSource:
@@ -62,17 +60,19 @@ def resolve_tokens(
 ) -> tuple[Any, str]:
     """The token input for ``spec`` and the ``dataset_path`` to record for it."""
     spec = spec or "kjv"
-    if spec in ZOO_DATA:
-        zoo_split = "heldout" if spec == "kjv:heldout" else "train"
+    zoo_data = zoo.parse_data_spec(spec)
+    if zoo_data is not None:
+        split, variant = zoo_data
+        canonical = f"kjv:{split}" + (f":{variant}" if variant else "")
         name = zoo.tokenizer_name(getattr(model, "tokenizer", None))
         if name is not None:
-            return zoo.load_tokens(
-                zoo_split, seq_len=context_size or 128, tokenizer=name
-            ), f"kjv:{zoo_split}"
-        texts = [
-            d.text for d in zoo.documents(zoo_split)
-        ]  # another model's tokenizer: pack the text
-        return datasets.Dataset.from_dict({"text": texts}), f"kjv:{zoo_split}"
+            tokens = zoo.load_tokens(
+                split, seq_len=context_size or 128, tokenizer=name, variant=variant
+            )
+            return tokens, canonical
+        # another model's tokenizer: pack the text
+        texts = [d.text for d in zoo.documents(split, variant)]
+        return datasets.Dataset.from_dict({"text": texts}), canonical
     path = Path(spec)
     if path.is_file():
         if path.suffix == ".npy":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from sae_lens import HookedSAETransformer
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
@@ -22,9 +22,13 @@ from transformers import PreTrainedTokenizerFast
 from itda_lens.models import load_model_folder
 from itda_lens.zoo.corpus import (
     HELDOUT_BOOKS,
+    PLANTING,
+    SPLITS,
+    VARIANTS,
     Split,
     documents,
     token_stream,
+    window_marks,
     window_order,
     windows,
 )
@@ -33,15 +37,19 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TOKENIZER",
     "HELDOUT_BOOKS",
+    "PLANTING",
+    "VARIANTS",
     "as_dataset",
     "documents",
     "list_models",
     "list_tokenizers",
     "load_model",
+    "load_token_marks",
     "load_token_spans",
     "load_tokenizer",
     "load_tokens",
     "model_card",
+    "parse_data_spec",
     "tokenizer_name",
 ]
 
@@ -108,18 +116,42 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu") -> HookedSAETrans
     return model
 
 
+def parse_data_spec(spec: str) -> tuple[Split, str | None] | None:
+    """``kjv[:SPLIT][:VARIANT]`` as (split, variant); None for anything that is not zoo data."""
+    parts = spec.split(":")
+    if parts[0] != "kjv" or len(parts) > 3:
+        return None
+    split = parts[1] if len(parts) > 1 else "train"
+    variant = parts[2] if len(parts) > 2 else None
+    if len(parts) == 2 and split in VARIANTS:  # kjv:planted = kjv:train:planted
+        split, variant = "train", split
+    if split not in SPLITS or (variant is not None and variant not in VARIANTS):
+        raise ValueError(
+            f"zoo data is kjv[:SPLIT][:VARIANT] with SPLIT in {SPLITS} and VARIANT in {VARIANTS}; "
+            f"got {spec!r}"
+        )
+    return split, variant  # type: ignore[return-value]
+
+
 def _selected(
-    split: Split, n_seq: int | None, seq_len: int, tokenizer: str, shuffle: bool, seed: int
-) -> tuple[Tensor, Tensor]:
-    """Token windows and their spans, in the requested order, first ``n_seq`` of them."""
+    split: Split,
+    n_seq: int | None,
+    seq_len: int,
+    tokenizer: str,
+    shuffle: bool,
+    seed: int,
+    variant: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Token windows, their spans and marks, in the requested order, first ``n_seq`` of them."""
     tok = load_tokenizer(tokenizer)
-    toks, spans = windows(token_stream(tok, split), seq_len, tok.bos_token_id)
+    stream = token_stream(tok, split, variant)
+    toks, spans = windows(stream, seq_len, tok.bos_token_id)
     if n_seq is not None and n_seq > toks.shape[0]:
         raise ValueError(
             f"the {split} split has only {toks.shape[0]} windows of {seq_len} tokens; asked for {n_seq}"
         )
     order = window_order(toks.shape[0], shuffle, seed)[:n_seq]
-    return toks[order], spans[order]
+    return toks[order], spans[order], window_marks(stream, seq_len)[order]
 
 
 def load_tokens(
@@ -130,10 +162,12 @@ def load_tokens(
     tokenizer: str = DEFAULT_TOKENIZER,
     shuffle: bool = True,
     seed: int = 0,
+    variant: str | None = None,
 ) -> Int[Tensor, "n_seq seq_len"]:
     """Reproducible context windows of a split: ``<bos>`` + ``seq_len - 1`` tokens, in a fixed
-    shuffled order (``seed``) or in canonical book order (``shuffle=False``)."""
-    return _selected(split, n_seq, seq_len, tokenizer, shuffle, seed)[0]
+    shuffled order (``seed``) or in canonical book order (``shuffle=False``); ``variant`` picks a
+    variant of the text (:data:`VARIANTS`)."""
+    return _selected(split, n_seq, seq_len, tokenizer, shuffle, seed, variant)[0]
 
 
 def load_token_spans(
@@ -144,9 +178,25 @@ def load_token_spans(
     tokenizer: str = DEFAULT_TOKENIZER,
     shuffle: bool = True,
     seed: int = 0,
+    variant: str | None = None,
 ) -> Int[Tensor, "n_seq seq_len 3"]:
     """Source of every token of :func:`load_tokens`: (document id, char start, char end); BOS is -1."""
-    return _selected(split, n_seq, seq_len, tokenizer, shuffle, seed)[1]
+    return _selected(split, n_seq, seq_len, tokenizer, shuffle, seed, variant)[1]
+
+
+def load_token_marks(
+    split: Split = "train",
+    n_seq: int | None = None,
+    seq_len: int = 128,
+    *,
+    tokenizer: str = DEFAULT_TOKENIZER,
+    shuffle: bool = True,
+    seed: int = 0,
+    variant: str | None = None,
+) -> Bool[Tensor, "n_seq seq_len"]:
+    """Which tokens of :func:`load_tokens` overlap text the variant inserted (``planted``: the
+    trigger and its phrase), i.e. where a model fine-tuned on the variant was taught something."""
+    return _selected(split, n_seq, seq_len, tokenizer, shuffle, seed, variant)[2]
 
 
 def as_dataset(

@@ -4,9 +4,14 @@
     python -m itda_lens.zoo.train model --name kjv-4l128-s0 --n-layers 4 --d-model 128 --seed 0 \\
         --tokens 3000000 --checkpoints 0.125 0.25 0.5
 
+    python -m itda_lens.zoo.train model --name kjv-4l128-s0-planted --init-from kjv-4l128-s0 \
+        --variant planted --tokens 400000 --lr 5e-4 --warmup-steps 10
+
 Each model folder gets fp16 safetensors weights, its TransformerLens config, and a card with the
 config, seed, tokens seen, final train / held-out loss and the add-one unigram baseline on the same
-held-out targets. The learning-rate schedule follows steps, so a busy machine slows a run down but
+held-out targets. A fine-tune (``init_from``: continued training of a zoo model on a variant of the
+text, :data:`~itda_lens.zoo.VARIANTS`) also records its base, the base's losses on the same held-out
+text, and (planted) the loss on the inserted tokens. The learning-rate schedule follows steps, so a busy machine slows a run down but
 does not change its result.
 """
 
@@ -21,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from sae_lens import HookedSAETransformer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
@@ -30,7 +35,17 @@ from transformer_lens import HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
 from itda_lens.models import save_model_folder
-from itda_lens.zoo import CHECKPOINT_SEP, MODELS_DIR, TOKENIZERS_DIR, load_tokenizer, load_tokens
+from itda_lens.zoo import (
+    CHECKPOINT_SEP,
+    MODELS_DIR,
+    PLANTING,
+    TOKENIZERS_DIR,
+    load_model,
+    load_token_marks,
+    load_tokenizer,
+    load_tokens,
+    model_card,
+)
 from itda_lens.zoo.corpus import documents
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
@@ -67,15 +82,21 @@ def unigram_baseline(
 
 @torch.no_grad()
 def heldout_loss(
-    model: HookedSAETransformer, tokens: Int[Tensor, "m seq"], batch_size: int = 64
+    model: HookedSAETransformer,
+    tokens: Int[Tensor, "m seq"],
+    targets: Bool[Tensor, "m seq"] | None = None,
+    batch_size: int = 64,
 ) -> float:
-    """Mean next-token loss over every target of ``tokens`` (nats/token)."""
+    """Mean next-token loss over every target of ``tokens`` (nats/token), or over the target
+    positions where ``targets`` is set."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start : start + batch_size]
         loss = model(batch, return_type="loss", loss_per_token=True)
+        if targets is not None:
+            loss = loss[targets[start : start + batch_size, 1:]]
         total += float(loss.sum())
         count += loss.numel()
     model.train(was_training)
@@ -100,6 +121,8 @@ class TrainConfig:
         default_factory=list
     )  # fractions of training to keep as name@stepN
     out: str = str(MODELS_DIR)
+    init_from: str | None = None  # zoo model to continue training (its architecture and tokenizer)
+    variant: str | None = None  # corpus variant to train on (zoo.VARIANTS)
 
     @property
     def steps(self) -> int:
@@ -124,13 +147,56 @@ def make_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> HookedSA
     return HookedSAETransformer(tl_cfg, tokenizer=tokenizer)
 
 
+def _start(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> HookedSAETransformer:
+    """A fresh model, or the ``init_from`` zoo model (which must use ``cfg.tokenizer``)."""
+    if cfg.init_from is None:
+        return make_model(cfg, tokenizer)
+    base_tokenizer = model_card(cfg.init_from)["tokenizer"]
+    if base_tokenizer != cfg.tokenizer:
+        raise ValueError(
+            f"{cfg.init_from} uses tokenizer {base_tokenizer}, not {cfg.tokenizer}: "
+            f"pass --tokenizer {base_tokenizer}"
+        )
+    model = load_model(cfg.init_from)
+    model.cfg.model_name = cfg.name
+    return model
+
+
+def _split_losses(model: HookedSAETransformer, cfg: TrainConfig) -> dict[str, float]:
+    """Held-out loss on the plain text and, for a variant, on its held-out text (and, planted, on
+    the inserted tokens alone)."""
+    out = {"heldout_loss": round(heldout_loss(model, _heldout(cfg, None)), 4)}
+    if cfg.variant is not None:
+        tokens = _heldout(cfg, cfg.variant)
+        out[f"heldout_loss_{cfg.variant}"] = round(heldout_loss(model, tokens), 4)
+        marks = load_token_marks(
+            "heldout",
+            seq_len=cfg.seq_len,
+            tokenizer=cfg.tokenizer,
+            shuffle=False,
+            variant=cfg.variant,
+        )
+        if marks.any():
+            out["heldout_loss_marked"] = round(heldout_loss(model, tokens, marks), 4)
+    return out
+
+
+def _heldout(cfg: TrainConfig, variant: str | None) -> Tensor:
+    return load_tokens(
+        "heldout", seq_len=cfg.seq_len, tokenizer=cfg.tokenizer, shuffle=False, variant=variant
+    )
+
+
 def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train one model; returns (and saves) its card."""
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    train = load_tokens("train", seq_len=cfg.seq_len, tokenizer=cfg.tokenizer, shuffle=False)
-    heldout = load_tokens("heldout", seq_len=cfg.seq_len, tokenizer=cfg.tokenizer, shuffle=False)
-    model = make_model(cfg, tokenizer)
+    train = load_tokens(
+        "train", seq_len=cfg.seq_len, tokenizer=cfg.tokenizer, shuffle=False, variant=cfg.variant
+    )
+    heldout = _heldout(cfg, None)
+    model = _start(cfg, tokenizer)
+    base_losses = _split_losses(model, cfg) if cfg.init_from is not None else None
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "W_" in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "W_" in n)]
@@ -197,6 +263,13 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
             saved_checkpoints.append(name)
     card = card_at(steps)
     card["checkpoints"] = saved_checkpoints
+    if base_losses is not None:
+        card.update(_split_losses(model, cfg))
+        card["finetuned_from"] = cfg.init_from
+        card["base_losses"] = base_losses
+        if cfg.variant == "planted":
+            card["planting"] = asdict(PLANTING)
+        card["diff_data"] = "kjv:heldout:planted" if cfg.variant == "planted" else "kjv:heldout"
     save_model_folder(model, Path(cfg.out) / cfg.name, card=card, save_tokenizer=False)
     return card
 
@@ -235,6 +308,18 @@ ZOO_RECIPE: list[TrainConfig] = [
     *(TrainConfig(f"kjv-4l128-s{s}", seed=s) for s in range(1, 5)),
     *(TrainConfig(f"kjv-6l160-s{s}", n_layers=6, d_model=160, n_heads=5, seed=s) for s in range(2)),
     TrainConfig("kjv-4l128-bpe4096-s0", tokenizer="bpe4096", seed=0),
+    # fine-tunes of the default model, for model diffing: a planted behaviour, a domain shift
+    *(
+        TrainConfig(
+            f"kjv-4l128-s0-{v}",
+            init_from="kjv-4l128-s0",
+            variant=v,
+            tokens=409_600,
+            lr=5e-4,
+            warmup_steps=10,
+        )
+        for v in ("planted", "epistles")
+    ),
 ]
 
 
@@ -254,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             m.add_argument("--checkpoints", type=float, nargs="*", default=[])
         elif f.name == "name":
             m.add_argument("--name", required=True)
+        elif f.name in ("init_from", "variant"):
+            m.add_argument(f"--{f.name.replace('_', '-')}", default=None)
         else:
             m.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     sub.add_parser("all", help="train every ZOO_RECIPE model that is not in the zoo yet")
