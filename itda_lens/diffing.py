@@ -9,7 +9,10 @@ tested against the other side's dictionary. Per token of any token set, two dire
   with the base dictionary (how far the base's vocabulary is from what the fine-tune computes);
   ``ft_on_base`` is the reverse;
 - ``base_gap`` / ``ft_gap``: the same minus the dictionary's error on its own model's activation
-  at that token, so tokens every dictionary finds hard (rare words) do not rank first.
+  at that token, so tokens every dictionary finds hard (rare words) do not rank first;
+- ``ft_dict_gap`` / ``base_dict_gap``: the base dictionary's error on the fine-tune's activation
+  minus the fine-tune dictionary's error on it (and the reverse): the same activation, two
+  dictionaries, so scoring needs only one model's forward pass.
 
 Only the two models' activations at the hooks are read, so any pair with the same tokenizer and
 activation width works: TransformerLens models and the module-path sources alike.
@@ -37,8 +40,15 @@ from itda_lens.builder import BuildConfig, build_itda
 from itda_lens.saes import ITDA
 from itda_lens.similarity import check_comparable, label_set
 
-Score = Literal["base_on_ft", "ft_on_base", "base_gap", "ft_gap"]
-SCORES: tuple[Score, ...] = ("base_on_ft", "ft_on_base", "base_gap", "ft_gap")
+Score = Literal["base_on_ft", "ft_on_base", "base_gap", "ft_gap", "ft_dict_gap", "base_dict_gap"]
+SCORES: tuple[Score, ...] = (
+    "base_on_ft",
+    "ft_on_base",
+    "base_gap",
+    "ft_gap",
+    "ft_dict_gap",
+    "base_dict_gap",
+)
 #: the score each direction ranks by (the ones benchmarks/diffing.py measured best, gaps)
 DIRECTIONS: dict[str, Score] = {"fine-tune": "base_gap", "base": "ft_gap"}
 
@@ -141,11 +151,15 @@ def itda_scores(
     """Every :data:`SCORES` entry for paired activations of the same tokens."""
     b_on_f = reconstruction_error(d_base, x_ft)
     f_on_b = reconstruction_error(d_ft, x_base)
+    b_on_b = reconstruction_error(d_base, x_base)
+    f_on_f = reconstruction_error(d_ft, x_ft)
     return {
         "base_on_ft": b_on_f,
         "ft_on_base": f_on_b,
-        "base_gap": b_on_f - reconstruction_error(d_base, x_base),
-        "ft_gap": f_on_b - reconstruction_error(d_ft, x_ft),
+        "base_gap": b_on_f - b_on_b,
+        "ft_gap": f_on_b - f_on_f,
+        "ft_dict_gap": b_on_f - f_on_f,
+        "base_dict_gap": f_on_b - b_on_b,
     }
 
 
