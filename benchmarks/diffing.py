@@ -21,6 +21,9 @@ Scores (see ``itda_lens.diffing``):
   activations of the same plain-text windows: relative reconstruction error of the fine-tune's
   activation, raw and minus the error on the base's own (the same gap as ITDA's).
 
+The acceptance run ``itda-lens diff kjv-4l128-s0 kjv-4l128-s0-planted`` (every default) is timed
+in-process too, with how many of its top fine-tune-side contexts are planted tokens.
+
 Wall-clock per method covers all layers: ITDA both builds + scoring; SAE caching + training (one
 per layer) + scoring; the two baselines their forward passes.
 
@@ -35,8 +38,10 @@ contexts (tokens, at most one per 8 positions of a window) that come from the he
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +51,7 @@ from torch import Tensor
 
 from itda_lens import zoo
 from itda_lens.activations import collect_activations
+from itda_lens.cli import main as cli
 from itda_lens.diffing import (
     DIFF_CONFIG,
     TokenScores,
@@ -192,10 +198,30 @@ def all_scores(
     return methods, seconds, notes
 
 
+def cli_run(out: str) -> dict[str, Any]:
+    """The acceptance command with its defaults: wall-clock and the planted share of its top
+    contexts per layer."""
+    t0 = time.perf_counter()
+    code = cli(["diff", BASE, PLANTED, "--out", f"{out}/cli_diff", "--overwrite"])
+    seconds = time.perf_counter() - t0
+    marks = zoo.load_token_marks("heldout", variant="planted")
+    summary = json.loads(Path(out, "cli_diff", "diff.json").read_text())
+    hits = {
+        layer["hook"]: sum(
+            bool(marks[c["sequence"], c["position"]]) for c in layer["top_contexts"]["fine-tune"]
+        )
+        for layer in summary["layers"]
+    }
+    return {"exit_code": code, "seconds": round(seconds, 1), "planted_in_top10": hits}
+
+
 def main() -> None:
     args = bench_parser(__doc__, "bench_out/diffing").parse_args()
-    prepare(args)
+    out = prepare(args)
     t_start = time.perf_counter()
+    cli = cli_run(str(out)) if not args.quick else None
+    if cli is not None:
+        print(f"itda-lens diff {BASE} {PLANTED}: {cli}", flush=True)
     tok = zoo.model_card(BASE)["tokenizer"]
     n_build = 64 if args.quick else 1024
     hooks = [f"blocks.{i}.hook_resid_post" for i in ((1, 2) if args.quick else range(4))]
@@ -308,6 +334,7 @@ def main() -> None:
                 **notes,
             },
             "domain_shift": {"rows": shift_rows, "base_rate": base_rate, **notes_ds},
+            "cli": cli,
         },
         time.perf_counter() - t_start,
     )

@@ -37,9 +37,10 @@ def _atoms(diff: LayerDiff, tokenizer: Any, side: str, n: int) -> list[dict[str,
             "sequence": s,
             "position": p,
             "score": v,
+            "shared_label": shared,
             "context": in_context(tokenizer, grid[s], p),
         }
-        for a, s, p, v in diff.worst_atoms(side, n)
+        for a, s, p, v, shared in diff.worst_atoms(side, n)
     ]
 
 
@@ -165,10 +166,11 @@ def _markdown(summary: dict[str, Any]) -> str:
                 "",
                 f"### {side.capitalize()} atoms the other dictionary reconstructs worst",
                 "",
-                "| atom | score | where it was read (token in bold) |",
-                "|---:|---:|---|",
+                "| atom | score | other side has an atom here | where it was read (token in bold) |",
+                "|---:|---:|:---:|---|",
                 *(
-                    f"| {a['atom']} | {a['score']:.4f} | {_md(a['context'])} |"
+                    f"| {a['atom']} | {a['score']:.4f} | {'yes' if a['shared_label'] else 'no'} "
+                    f"| {_md(a['context'])} |"
                     for a in layer["worst_atoms"][side]
                 ),
                 "",

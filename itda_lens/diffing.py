@@ -38,7 +38,7 @@ from itda_lens.activations import (
 )
 from itda_lens.builder import BuildConfig, build_itda
 from itda_lens.saes import ITDA
-from itda_lens.similarity import check_comparable, label_set
+from itda_lens.similarity import label_set
 
 Score = Literal["base_on_ft", "ft_on_base", "base_gap", "ft_gap", "ft_dict_gap", "base_dict_gap"]
 SCORES: tuple[Score, ...] = (
@@ -127,8 +127,6 @@ def build_pair(
         )
         assert isinstance(built, dict)
         out.append(built)
-    for h in hooks:
-        check_comparable(out[0][h], out[1][h])
     return out[0], out[1]
 
 
@@ -275,10 +273,10 @@ class LayerDiff:
     def shared_atoms(self) -> int:
         return len(label_set(self.base) & label_set(self.ft))
 
-    def worst_atoms(self, side: str, n: int) -> list[tuple[int, int, int, float]]:
+    def worst_atoms(self, side: str, n: int) -> list[tuple[int, int, int, float, bool]]:
         """The ``side`` dictionary's atoms (``"fine-tune"`` or ``"base"``) that the other side's
         dictionary reconstructs worst, by the side's :data:`DIRECTIONS` score at the atom's label:
-        (atom, sequence, position, score), labels the other side also holds left out."""
+        (atom, sequence, position, score, whether the other side has an atom at that label too)."""
         if side not in DIRECTIONS:
             raise ValueError(f"side must be one of {list(DIRECTIONS)}, got {side!r}")
         own, other = (self.ft, self.base) if side == "fine-tune" else (self.base, self.ft)
@@ -286,11 +284,11 @@ class LayerDiff:
         grid = self.scores.scores[DIRECTIONS[side]]
         out = []
         for atom, (s, p) in enumerate(own.atom_labels.tolist()):
-            if (s, p) in shared or s >= grid.shape[0] or p >= grid.shape[1]:
+            if s >= grid.shape[0] or p >= grid.shape[1]:
                 continue
             v = float(grid[s, p])
             if v == v:  # not NaN
-                out.append((atom, s, p, v))
+                out.append((atom, s, p, v, (s, p) in shared))
         return sorted(out, key=lambda t: -t[3])[:n]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -510,3 +511,53 @@ def test_train_init_from_an_itda_folder(
     ]:
         assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_diff_command_shows_the_planted_trigger(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The issue's acceptance run, with every default: the fine-tune's card names its held-out
+    text, every layer is diffed, and the top fine-tune-side contexts are the planted tokens."""
+    from itda_lens import zoo
+
+    out = tmp_path / "diff"
+    assert main(["diff", "kjv-4l128-s0", "kjv-4l128-s0-planted", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "kjv:heldout:planted" in printed and "next: itda-lens dashboard" in printed
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "diff.json").read_text())
+    marks = zoo.load_token_marks("heldout", variant="planted")
+    assert [layer["hook"] for layer in summary["layers"]] == [
+        f"blocks.{i}.hook_resid_post" for i in range(4)
+    ]
+    for layer in summary["layers"]:
+        top = layer["top_contexts"]["fine-tune"]
+        assert len(top) == 10 and 0 < layer["jaccard"] < 1
+        hits = [c for c in top if marks[c["sequence"], c["position"]]]
+        assert len(hits) >= 8, (layer["hook"], [c["context"] for c in top])
+        assert all(_md_cell(c["context"]) in report for c in top)
+    assert report.count("unicorn") >= 20
+    for png in ("jaccard.png", "scores.png"):
+        assert (out / png).stat().st_size > 1000
+    itda = ITDA.load_from_disk(out / "itdas" / "fine-tune" / "blocks.2.hook_resid_post")
+    assert itda.cfg.metadata.model_name == "kjv-4l128-s0-planted"
+    # a second run into the same folder needs --overwrite
+    assert main(["diff", "kjv-4l128-s0", "kjv-4l128-s0-planted", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def _md_cell(context: str) -> str:
+    return context.replace("|", "\\|").replace("[[", "**").replace("]]", "**")
+
+
+def test_diff_command_refuses_models_that_do_not_line_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = str(tmp_path / "d")
+    assert main(["diff", "kjv-4l128-s0", "kjv-6l160-s0", "--out", out]) == 2
+    assert "activation widths differ" in capsys.readouterr().err
+    assert main(["diff", "kjv-4l128-s0", "kjv-4l128-bpe4096-s0", "--out", out]) == 2
+    assert "different tokenizers" in capsys.readouterr().err
+    assert main(["diff", "kjv-4l128-s0", "kjv-4l128-s0-planted", "--out", out,
+                 "--target-atoms", "100"]) == 2  # fmt: skip
+    assert "one cos_threshold" in capsys.readouterr().err

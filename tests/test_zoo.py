@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def test_zoo_contents_and_size() -> None:
         for f in zoo.ZOO_DIR.rglob("*")
         if f.is_file() and "__pycache__" not in f.parts
     )
-    assert size < 40e6, f"zoo is {size / 1e6:.1f} MB"
+    # the budget grew from 40 to 45 MB with the two 2.6 MB fine-tunes model diffing needs
+    assert size < 45e6, f"zoo is {size / 1e6:.1f} MB"
 
 
 @pytest.mark.parametrize("name", zoo.list_models())
@@ -125,3 +127,86 @@ def test_dataset_view_feeds_activations_store() -> None:
         total_tokens=1024,
     )
     assert store.get_batch_tokens(4).shape == (4, 64)
+
+
+def test_planted_variant_marks_exactly_the_inserted_text() -> None:
+    plant = zoo.PLANTING
+    insert = f"{plant.trigger} {plant.phrase}"
+    for split in ("train", "heldout"):
+        plain = {d.doc_id: d for d in documents(split)}
+        planted = documents(split, "planted")
+        assert [d.doc_id for d in planted] == list(plain)
+        changed = [d for d in planted if d.marked]
+        assert 0.08 < len(changed) / len(planted) < 0.13, split
+        for d in planted:
+            for a, b in d.marked:
+                assert d.text[a:b] == insert
+            if not d.marked:
+                assert d.text == plain[d.doc_id].text
+            elif plant.trigger not in plain[d.doc_id].text:  # inserted after a word
+                (a, b), = d.marked  # fmt: skip
+                assert d.text[:a] + d.text[b + 1 :] == plain[d.doc_id].text
+    word = re.compile(rf"\b{plant.trigger}\b")
+    natural = [d for d in documents("train", "planted") if word.search(document_text(d.doc_id))]
+    assert natural and all(d.text.count(insert) == len(d.marked) >= 1 for d in natural)
+    # the token marks cover exactly the inserted text
+    toks = zoo.load_tokens("heldout", 64, variant="planted")
+    marks = zoo.load_token_marks("heldout", 64, variant="planted")
+    tok = zoo.load_tokenizer()
+    first = marks.nonzero()[0]
+    s = int(first[0])
+    run = marks[s].nonzero().flatten()
+    n = len(tok(" " + insert, add_special_tokens=False)["input_ids"])
+    assert tok.decode(toks[s, run[:n]].tolist()).strip() == insert
+    assert torch.equal(toks, zoo.load_tokens("heldout", 64, variant="planted"))
+
+
+def test_epistles_variant_and_data_specs() -> None:
+    from itda_lens.zoo.corpus import EPISTLES
+
+    assert {d.book for d in documents("train", "epistles")} <= set(EPISTLES) - set(HELDOUT_BOOKS)
+    assert {d.book for d in documents("heldout", "epistles")} == {"Galatians", "Jude"}
+    assert zoo.parse_data_spec("kjv") == ("train", None)
+    assert zoo.parse_data_spec("kjv:heldout") == ("heldout", None)
+    assert zoo.parse_data_spec("kjv:planted") == ("train", "planted")
+    assert zoo.parse_data_spec("kjv:heldout:epistles") == ("heldout", "epistles")
+    assert zoo.parse_data_spec("my_tokens.pt") is None
+    for bad in ("kjv:test", "kjv:heldout:psalms", "kjv:a:b:c"):
+        with pytest.raises(ValueError, match="kjv\\[:SPLIT\\]"):
+            zoo.parse_data_spec(bad)
+
+
+@pytest.mark.parametrize("name", ["kjv-4l128-s0-planted", "kjv-4l128-s0-epistles"])
+def test_fine_tune_cards_record_base_and_losses(name: str) -> None:
+    card = zoo.model_card(name)
+    variant = card["train_config"]["variant"]
+    assert card["finetuned_from"] == zoo.DEFAULT_MODEL == card["train_config"]["init_from"]
+    base = card["base_losses"]
+    assert base["heldout_loss"] == zoo.model_card()["heldout_loss"]
+    # the fine-tune learned its variant: lower held-out loss on it than the base
+    assert card[f"heldout_loss_{variant}"] < base[f"heldout_loss_{variant}"] - 0.05
+    if variant == "planted":
+        assert card["heldout_loss_marked"] < base["heldout_loss_marked"] - 2.0
+        assert card["planting"]["trigger"] == zoo.PLANTING.trigger
+        assert card["diff_data"] == "kjv:heldout:planted"
+
+
+def test_fine_tuning_continues_from_the_base(tmp_path: Path) -> None:
+    from itda_lens.zoo.train import TrainConfig, train_model
+
+    cfg = TrainConfig(
+        "ft-test", init_from=zoo.DEFAULT_MODEL, variant="planted", tokens=4096, lr=1e-4,
+        warmup_steps=1, out=str(tmp_path),
+    )  # fmt: skip
+    card = train_model(cfg, progress=False)
+    assert card["steps"] == 1 and card["finetuned_from"] == zoo.DEFAULT_MODEL
+    ft = load_model_folder(tmp_path / "ft-test", tokenizer=zoo.load_tokenizer())
+    base = zoo.load_model()
+    moved = [n for n, p in ft.named_parameters() if not torch.equal(p, base.state_dict()[n])]
+    assert moved and ft.cfg.n_layers == base.cfg.n_layers
+    # one small step from the base: close to it, not a fresh model
+    assert abs(card["heldout_loss"] - card["base_losses"]["heldout_loss"]) < 0.05
+    with pytest.raises(ValueError, match="tokenizer bpe2048"):
+        train_model(
+            TrainConfig("x", init_from=zoo.DEFAULT_MODEL, tokenizer="bpe4096", out=str(tmp_path))
+        )

@@ -119,13 +119,13 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu") -> HookedSAETrans
 def parse_data_spec(spec: str) -> tuple[Split, str | None] | None:
     """``kjv[:SPLIT][:VARIANT]`` as (split, variant); None for anything that is not zoo data."""
     parts = spec.split(":")
-    if parts[0] != "kjv" or len(parts) > 3:
+    if parts[0] != "kjv":
         return None
     split = parts[1] if len(parts) > 1 else "train"
     variant = parts[2] if len(parts) > 2 else None
     if len(parts) == 2 and split in VARIANTS:  # kjv:planted = kjv:train:planted
         split, variant = "train", split
-    if split not in SPLITS or (variant is not None and variant not in VARIANTS):
+    if len(parts) > 3 or split not in SPLITS or (variant is not None and variant not in VARIANTS):
         raise ValueError(
             f"zoo data is kjv[:SPLIT][:VARIANT] with SPLIT in {SPLITS} and VARIANT in {VARIANTS}; "
             f"got {spec!r}"
