@@ -43,7 +43,7 @@ from itda_lens.config import (
 from itda_lens.dashboard import write_dashboard
 from itda_lens.demo import DEMO_CONFIG, default_setup, run_demo
 from itda_lens.diff_report import write_diff_report
-from itda_lens.diffing import DIFF_CONFIG, DIRECTIONS, diff_models
+from itda_lens.diffing import DIFF_CONFIG, DIRECTIONS, diff_dictionaries, diff_models
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import heatmap
 from itda_lens.probing import probe_data
@@ -386,18 +386,24 @@ def _cmd_diff(args: Any) -> int:
     tokens = next(
         token_batches(source, cmd.seqs, context_size=cfg.context_size, tokenizer=tokenizer)
     )
-    print(
-        f"diffing {cmd.base} -> {cmd.ft} at {len(hooks)} hooks on {tokens.numel():,} tokens of {data_name}"
-    )
-    diffs = diff_models(
-        base,
-        ft,
-        tokens,
-        hooks,
-        cfg.replace(device=cfg.device or cmd.device),
-        names=(cmd.base, cmd.ft),
-        dataset_path=data_name,
-    )
+    print(f"diffing {cmd.base} -> {cmd.ft} on {tokens.numel():,} tokens of {data_name}")
+    if cmd.itdas is not None:
+        loaded = [_load_dictionaries(Path(cmd.itdas) / side) for side in ("base", "fine-tune")]
+        keep = [h for h in loaded[0] if h in loaded[1] and (not cmd.hook or h in cmd.hook)]
+        if not keep:
+            raise ValueError(f"{cmd.itdas} holds no dictionary pair at {cmd.hook or 'any hook'}")
+        d_base, d_ft = ({h: d[h] for h in keep} for d in loaded)
+        diffs = diff_dictionaries(base, ft, d_base, d_ft, tokens, batch_size=cfg.batch_size)
+    else:
+        diffs = diff_models(
+            base,
+            ft,
+            tokens,
+            hooks,
+            cfg.replace(device=cfg.device or cmd.device),
+            names=(cmd.base, cmd.ft),
+            dataset_path=data_name,
+        )
     for d in diffs:
         for side, itda in (("base", d.base), ("fine-tune", d.ft)):
             itda.save_model(out / "itdas" / side / d.hook)
@@ -422,7 +428,7 @@ def _cmd_diff(args: Any) -> int:
             f"  {d.hook}: {d.base.cfg.d_sae} / {d.ft.cfg.d_sae} atoms, Jaccard {d.jaccard:.3f}{where}"
         )
     print(f"report written to {report} ({time.perf_counter() - t0:.0f} s)")
-    print(f"next: itda-lens dashboard {out / 'itdas' / 'fine-tune' / hooks[-1]}")
+    print(f"next: itda-lens dashboard {out / 'itdas' / 'fine-tune' / diffs[-1].hook}")
     return 0
 
 

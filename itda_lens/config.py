@@ -304,6 +304,9 @@ class DiffCommand:
     """Sequences of --data to read (fewer if it has fewer)."""
     out: str = "itda_diff"
     """Report folder: report.md, diff.json, plots, and both models' ITDAs under itdas/."""
+    itdas: str | None = None
+    """A previous diff's itdas/ folder: score with its dictionaries instead of building (same
+    --data and --seqs)."""
     top: int = 10
     """Contexts and atoms listed per layer and side."""
     device: str = "cpu"

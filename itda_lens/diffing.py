@@ -37,6 +37,7 @@ from itda_lens.activations import (
     token_batches,
 )
 from itda_lens.builder import BuildConfig, build_itda
+from itda_lens.builder.stream import prefix_digest
 from itda_lens.saes import ITDA
 from itda_lens.similarity import label_set
 
@@ -315,7 +316,35 @@ def diff_models(
     d_base, d_ft = build_pair(
         base, ft, tokens, hooks, cfg, names=names, dataset_path=dataset_path, progress=progress
     )
-    scores = token_scores(
+    return diff_dictionaries(
         base, ft, d_base, d_ft, tokens, batch_size=cfg.batch_size, progress=progress
     )
+
+
+def diff_dictionaries(
+    base: Any,
+    ft: Any,
+    d_base: Mapping[str, ITDA],
+    d_ft: Mapping[str, ITDA],
+    tokens: Int[Tensor, "n_seq seq"],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[LayerDiff]:
+    """:func:`diff_models` with dictionaries built before (e.g. loaded from a previous diff):
+    ``tokens`` must be the stream they were built on, which their metadata fingerprints."""
+    hooks = [h for h in d_base if h in d_ft]
+    for side, dicts in (("base", d_base), ("fine-tune", d_ft)):
+        for h in hooks:
+            stream = dicts[h].cfg.metadata.get("token_stream") or {}
+            if stream.get("n_sequences") != tokens.shape[0] or stream.get(
+                "prefix_sha256"
+            ) != prefix_digest(tokens):
+                raise ValueError(
+                    f"the {side} dictionary at {h} was built on another token stream "
+                    f"({stream.get('n_sequences')} sequences) than the {tokens.shape[0]} given: "
+                    "atom labels would point at the wrong tokens; pass the tokens it was built on"
+                )
+    check_pair(base, ft, hooks)
+    scores = token_scores(base, ft, d_base, d_ft, tokens, batch_size=batch_size, progress=progress)
     return [LayerDiff(h, d_base[h], d_ft[h], scores[h]) for h in hooks]

@@ -561,3 +561,20 @@ def test_diff_command_refuses_models_that_do_not_line_up(
     assert main(["diff", "kjv-4l128-s0", "kjv-4l128-s0-planted", "--out", out,
                  "--target-atoms", "100"]) == 2  # fmt: skip
     assert "one cos_threshold" in capsys.readouterr().err
+
+
+def test_diff_command_reuses_a_previous_diffs_dictionaries(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    args = ["diff", "kjv-4l128-s0", "kjv-4l128-s0-planted", "--hook", HOOK, "--seqs", "24"]
+    assert main([*args, "--out", str(first)]) == 0
+    assert main([*args, "--out", str(second), "--itdas", str(first / "itdas")]) == 0
+    a, b = (json.loads((d / "diff.json").read_text())["layers"] for d in (first, second))
+    assert a == b  # the same dictionaries and tokens give the same report
+    capsys.readouterr()
+    # other tokens than the dictionaries were built on: refused, not silently mislabelled
+    assert (
+        main([*args[:-1], "32", "--out", str(tmp_path / "c"), "--itdas", str(first / "itdas")]) == 2
+    )
+    assert "another token stream" in capsys.readouterr().err

@@ -106,6 +106,11 @@ def _digest(prev: str, t: Tensor) -> str:
     return hashlib.sha256(prev.encode() + hashlib.sha256(data).digest()).hexdigest()
 
 
+def prefix_digest(tokens: Tensor) -> str:
+    """The fingerprint a build records of a token stream's first sequences (``prefix_sha256``)."""
+    return _digest("", tokens[:PREFIX_SEQUENCES])
+
+
 def _cut(updates: dict[str, ActivationBatch], n: int) -> dict[str, ActivationBatch]:
     return {h: b.head(n) for h, b in updates.items()}
 
@@ -255,7 +260,7 @@ def _run_stream(
         )
     if not builders:
         raise ValueError("no activations: the input yielded no batches")
-    state.prefix_sha256 = _digest("", torch.cat(prefix)) if prefix else None
+    state.prefix_sha256 = prefix_digest(torch.cat(prefix)) if prefix else None
     if comm is not None:
         for hook, b in builders.items():
             comm.agree(f"the dictionary at {hook}", dictionary_digest(b))
