@@ -25,7 +25,7 @@ MODEL_HELP = (
     "zoo model (default kjv-4l128-s0), model folder, TransformerLens pretrained name, or "
     "hf:NAME_OR_DIR (a Hugging Face causal LM; --hook takes module paths, e.g. transformer.h.1)"
 )
-DATA_HELP = "kjv (zoo corpus) | kjv:heldout | .pt/.npy token file | save_to_disk folder | hub name"
+DATA_HELP = "kjv (zoo corpus) | kjv:heldout | kjv:SPLIT:VARIANT | .pt/.npy token file | save_to_disk folder | hub name"
 
 
 @dataclass
@@ -40,7 +40,7 @@ class BuildCommand:
     """Zoo model (default kjv-4l128-s0), model folder, TransformerLens pretrained name, or
     hf:NAME_OR_DIR (a Hugging Face causal LM; --hook takes its module paths)."""
     data: str | None = field(default=None, alias=["--dataset"])
-    """kjv (zoo corpus, default) | kjv:heldout | .pt/.npy token file | save_to_disk folder | hub name."""
+    """kjv (zoo corpus, default) | kjv:heldout | kjv:SPLIT:planted|epistles (variants) | .pt/.npy token file | save_to_disk folder | hub name."""
     split: str = "train"
     """Dataset split (hub and save_to_disk data)."""
     resume: bool = False
@@ -58,7 +58,7 @@ class TrainCommand:
     model: str | None = None
     """Zoo model (default kjv-4l128-s0), model folder, or TransformerLens pretrained name."""
     data: str | None = field(default=None, alias=["--dataset"])
-    """kjv (zoo corpus, default) | kjv:heldout | .pt/.npy token file | save_to_disk folder | hub name."""
+    """kjv (zoo corpus, default) | kjv:heldout | kjv:SPLIT:planted|epistles (variants) | .pt/.npy token file | save_to_disk folder | hub name."""
     split: str = "train"
     """Dataset split (hub and save_to_disk data)."""
     context_size: int | None = None
