@@ -372,8 +372,9 @@ def _cmd_diff(args: Any) -> int:
     if cmd.seqs < 1:
         raise ValueError("--seqs must be >= 1")
     t0 = time.perf_counter()
-    base = resolve_model(cmd.base, device=cmd.device)
-    ft = resolve_model(cmd.ft, device=cmd.device)
+    device = cfg.device or "cpu"  # --device: the models and the dictionaries
+    base = resolve_model(cmd.base, device=device)
+    ft = resolve_model(cmd.ft, device=device)
     hooks = cmd.hook
     if not hooks:
         n_layers = getattr(getattr(base, "cfg", None), "n_layers", None)
@@ -400,7 +401,7 @@ def _cmd_diff(args: Any) -> int:
             ft,
             tokens,
             hooks,
-            cfg.replace(device=cfg.device or cmd.device),
+            cfg.replace(device=device),
             names=(cmd.base, cmd.ft),
             dataset_path=data_name,
         )

@@ -309,8 +309,6 @@ class DiffCommand:
     --data and --seqs)."""
     top: int = 10
     """Contexts and atoms listed per layer and side."""
-    device: str = "cpu"
-    """Device for the models and the dictionaries."""
     overwrite: bool = False
     """Replace a non-empty report folder."""
 

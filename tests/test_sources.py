@@ -138,6 +138,33 @@ def test_cli_builds_from_an_hf_folder(hf_dir: Path, tmp_path: Path) -> None:
     assert main(["inspect", str(out), "--top", "3"]) == 0
 
 
+def test_cli_diffs_two_hf_folders(hf_dir: Path, tmp_path: Path) -> None:
+    """Model diffing on module-path sources: a copy of the tiny GPT-2 whose embedding of one token
+    moved differs from it exactly at that token's positions (read before the first block)."""
+    import json
+
+    tok = zoo.load_model().tokenizer
+    changed = tok(" the", add_special_tokens=False)["input_ids"][0]
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir)
+    with torch.no_grad():
+        hf.transformer.wte.weight[changed] += 3 * torch.randn(
+            64, generator=torch.Generator().manual_seed(0)
+        )
+    ft_dir = tmp_path / "ft"
+    hf.save_pretrained(ft_dir)
+    tok.save_pretrained(ft_dir)
+    out = tmp_path / "diff"
+    argv = ["diff", f"hf:{hf_dir}", f"hf:{ft_dir}", "--hook", "transformer.h.0:input"]
+    assert (
+        main([*argv, "--seqs", "16", "--k", "8", "--cos-threshold", "0.9", "--out", str(out)]) == 0
+    )
+    (layer,) = json.loads((out / "diff.json").read_text())["layers"]
+    top = layer["top_contexts"]["fine-tune"]
+    assert len(top) == 10 and all("[[ the]]" in c["context"] for c in top)
+    # without --hook a module-path source has no default layers: it says so
+    assert main(["diff", f"hf:{hf_dir}", f"hf:{ft_dir}", "--out", str(tmp_path / "x")]) == 2
+
+
 @pytest.mark.slow
 def test_torchrun_builds_the_single_process_dictionary(tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
