@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,11 @@ def main() -> None:
     args = bench_parser(__doc__, "bench_out/layer_matching").parse_args()
     out = prepare(args)
     t0 = time.perf_counter()
-    small = [n for n in zoo.list_models() if n.startswith("kjv-4l128-s")][
+    # seeds only: not the fine-tunes of s0 (kjv-4l128-s0-planted, ...)
+    small = [n for n in zoo.list_models() if re.fullmatch(r"kjv-4l128-s\d+", n)][
         : 2 if args.quick else None
     ]
-    large = [n for n in zoo.list_models() if n.startswith("kjv-6l160-s")][
+    large = [n for n in zoo.list_models() if re.fullmatch(r"kjv-6l160-s\d+", n)][
         : 0 if args.quick else None
     ]
     build_windows, act_windows, n_anchors = (32, 16, 50) if args.quick else (1024, 128, 300)

@@ -19,8 +19,9 @@ from itda_lens.zoo.corpus import HELDOUT_BOOKS, document_text, documents
 def test_zoo_contents_and_size() -> None:
     names = zoo.list_models()
     assert zoo.DEFAULT_MODEL in names
-    assert sum(n.startswith("kjv-4l128-s") for n in names) >= 5
-    assert sum(n.startswith("kjv-6l160-s") for n in names) >= 2
+    assert sum(bool(re.fullmatch(r"kjv-4l128-s\d+", n)) for n in names) >= 5
+    assert sum(bool(re.fullmatch(r"kjv-6l160-s\d+", n)) for n in names) >= 2
+    assert {"kjv-4l128-s0-planted", "kjv-4l128-s0-epistles"} <= set(names)
     assert any(zoo.model_card(n)["tokenizer"] != zoo.DEFAULT_TOKENIZER for n in names), (
         "a second tokenizer"
     )
