@@ -14,8 +14,13 @@ NOTEBOOKS = sorted(
 )
 
 
-def test_the_three_tutorials_exist() -> None:
-    assert [p.stem for p in NOTEBOOKS] == ["comparing_models", "quickstart", "splinterp"]
+def test_the_four_tutorials_exist() -> None:
+    assert [p.stem for p in NOTEBOOKS] == [
+        "comparing_models",
+        "model_diffing",
+        "quickstart",
+        "splinterp",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
