@@ -40,7 +40,10 @@ from itda_lens.similarity import (
     span_jaccard,
 )
 
-MEASURES = ("ITDA Jaccard", "linear CKA", "SVCCA", "relative", "linear regression R2")
+#: ITDA at one threshold (sizes differ by layer and model), and cropped to equal size: the first
+#: N atoms of each, N the smallest dictionary (exactly what a max_atoms=N build keeps)
+ITDA_MEASURES = ("ITDA Jaccard", "ITDA Jaccard, equal size")
+MEASURES = (*ITDA_MEASURES, "linear CKA", "SVCCA", "relative", "linear regression R2")
 K, COS = 8, 0.9
 BATCH = 8  # windows per forward pass (the exact rule's dictionaries do not depend on it)
 
@@ -65,7 +68,7 @@ def baseline_matrices(
     acts_a: list[torch.Tensor], acts_b: list[torch.Tensor], anchors: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """All four baseline measures for every layer pair (i of a, j of b)."""
-    mats = {m: torch.zeros(len(acts_a), len(acts_b)) for m in MEASURES[1:]}
+    mats = {m: torch.zeros(len(acts_a), len(acts_b)) for m in MEASURES[len(ITDA_MEASURES) :]}
     for i, j in itertools.product(range(len(acts_a)), range(len(acts_b))):
         x, y = acts_a[i], acts_b[j]
         s = PairStats(anchors_x=x[anchors], anchors_y=y[anchors])
@@ -122,8 +125,13 @@ def main() -> None:
     anchors = torch.randperm(n_tok, generator=torch.Generator().manual_seed(42))[:n_anchors]
     matrices: dict[str, dict[tuple[str, str], torch.Tensor]] = {m: {} for m in MEASURES}
     names = small + large
+    n_equal = min(i.cfg.d_sae for n in names for i in itdas[n])
+    cropped = {n: [i.crop(n_equal) for i in itdas[n]] for n in names}
     for a, b in itertools.product(names, names):
         matrices["ITDA Jaccard"][(a, b)] = similarity_matrix(itdas[a], itdas[b], jaccard)
+        matrices["ITDA Jaccard, equal size"][(a, b)] = similarity_matrix(
+            cropped[a], cropped[b], jaccard
+        )
         for m, mat in baseline_matrices(acts[a], acts[b], anchors).items():
             matrices[m][(a, b)] = mat
     groups = {"same size (4 x 128 seeds)": small, "same size (6 x 160 seeds)": large}
@@ -152,6 +160,7 @@ def main() -> None:
             row["cross size (4 x 128 -> 6 x 160), nearest relative depth"] = f"{hits / total:.2f}"
         rows.append(row)
     accuracy_cols = list(dict.fromkeys(k for r in rows for k in r))
+    print(f"equal size: the first {n_equal} atoms of every dictionary")
     print(table(rows, accuracy_cols))
     atom_cols = list(atom_rows[0])
     print(table(atom_rows, atom_cols))
@@ -244,6 +253,7 @@ def main() -> None:
         tables,
         {
             "accuracy": rows,
+            "equal_size_atoms": n_equal,
             "atoms": atom_rows,
             "model_level_jaccard": model_level,
             "cross_tokenizer": span_result,
