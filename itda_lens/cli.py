@@ -10,6 +10,7 @@ everything runs offline.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -405,9 +406,12 @@ def _cmd_diff(args: Any) -> int:
             names=(cmd.base, cmd.ft),
             dataset_path=data_name,
         )
-    for d in diffs:
-        for side, itda in (("base", d.base), ("fine-tune", d.ft)):
-            itda.save_model(out / "itdas" / side / d.hook)
+    if cmd.itdas is None:
+        # --overwrite: the previous run's dictionaries go only now that the new ones exist
+        shutil.rmtree(out / "itdas", ignore_errors=True)
+        for d in diffs:
+            for side, itda in (("base", d.base), ("fine-tune", d.ft)):
+                itda.save_model(out / "itdas" / side / d.hook)
     report = write_diff_report(
         diffs,
         out,
@@ -429,7 +433,8 @@ def _cmd_diff(args: Any) -> int:
             f"  {d.hook}: {d.base.cfg.d_sae} / {d.ft.cfg.d_sae} atoms, Jaccard {d.jaccard:.3f}{where}"
         )
     print(f"report written to {report} ({time.perf_counter() - t0:.0f} s)")
-    print(f"next: itda-lens dashboard {out / 'itdas' / 'fine-tune' / diffs[-1].hook}")
+    itdas = Path(cmd.itdas) if cmd.itdas is not None else out / "itdas"
+    print(f"next: itda-lens dashboard {itdas / 'fine-tune' / diffs[-1].hook}")
     return 0
 
 

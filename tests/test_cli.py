@@ -578,3 +578,8 @@ def test_diff_command_reuses_a_previous_diffs_dictionaries(
         main([*args[:-1], "32", "--out", str(tmp_path / "c"), "--itdas", str(first / "itdas")]) == 2
     )
     assert "another token stream" in capsys.readouterr().err
+    # --overwrite replaces the previous run's dictionaries (no stale hook folders left behind)
+    other = "blocks.2.hook_resid_post"
+    argv = ["diff", "kjv-4l128-s0", "kjv-4l128-s0-planted", "--hook", other, "--seqs", "24"]
+    assert main([*argv, "--out", str(first), "--overwrite"]) == 0
+    assert sorted(p.name for p in (first / "itdas" / "base").iterdir()) == [other]
