@@ -3,6 +3,9 @@ binary probing tasks (:mod:`itda_lens.probing`)."""
 
 from __future__ import annotations
 
+from itda_lens.zoo.corpus import EPISTLES as LETTERS
+from itda_lens.zoo.corpus import HELDOUT_BOOKS
+
 LAW = ("Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy")
 HISTORY = (
     "Joshua",
@@ -37,28 +40,8 @@ PROPHETS = (
     "Malachi",
 )
 GOSPELS_ACTS = ("Matthew", "Luke", "John", "Acts")
-EPISTLES = (
-    "Romans",
-    "1 Corinthians",
-    "2 Corinthians",
-    "Ephesians",
-    "Philippians",
-    "Colossians",
-    "1 Thessalonians",
-    "2 Thessalonians",
-    "1 Timothy",
-    "2 Timothy",
-    "Titus",
-    "Philemon",
-    "Hebrews",
-    "James",
-    "1 Peter",
-    "2 Peter",
-    "1 John",
-    "2 John",
-    "3 John",
-    "Revelation",
-)
+#: the letters of the training split (Galatians and Jude are held out) and Revelation
+EPISTLES = (*(b for b in LETTERS if b not in HELDOUT_BOOKS), "Revelation")
 OLD = LAW + HISTORY + POETRY + PROPHETS
 #: task name -> (books of class 0, books of class 1)
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
