@@ -48,7 +48,7 @@ from itda_lens.diffing import DIFF_CONFIG, DIRECTIONS, diff_dictionaries, diff_m
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import heatmap
 from itda_lens.probing import probe_data
-from itda_lens.resolve import resolve_model, resolve_tokens
+from itda_lens.resolve import model_card, resolve_model, resolve_tokens
 from itda_lens.saes import ITDA, check_sae_folder
 from itda_lens.similarity import model_jaccard, similarity_matrix
 from itda_lens.warmstart import as_source
@@ -64,6 +64,14 @@ def _parser(sub: Any, name: str, help: str) -> ArgumentParser:
         add_option_string_dash_variants=DashVariant.DASH,
         add_config_path_arg=False,
     )
+
+
+def _output_folder(path: str, overwrite: bool) -> Path:
+    """``path``, refused when it is a non-empty folder and ``overwrite`` is not set."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+    return out
 
 
 def _cmd_build(args: Any) -> int:
@@ -113,9 +121,7 @@ def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = Tru
 
 def _cmd_train(args: Any) -> int:
     cmd: TrainCommand = args.cmd
-    out = Path(cmd.out)
-    if out.exists() and any(out.iterdir()) and not cmd.overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+    out = _output_folder(cmd.out, cmd.overwrite)
     if cmd.max_tokens < 1:
         raise ValueError("--max-tokens must be >= 1")
     trainer = TRAINERS[args.arch]
@@ -356,20 +362,10 @@ def _cmd_similarity(args: Any) -> int:
     return 0
 
 
-def _card_diff_data(spec: str) -> str | None:
-    """The held-out text a zoo fine-tune's card names for diffing it (None for other models)."""
-    if spec in zoo.list_models(include_checkpoints=True):
-        return zoo.model_card(spec).get("diff_data")
-    card = Path(spec) / "card.json"
-    return json.loads(card.read_text()).get("diff_data") if card.is_file() else None
-
-
 def _cmd_diff(args: Any) -> int:
     cmd: DiffCommand = args.cmd
     cfg: BuildConfig = args.build
-    out = Path(cmd.out)
-    if out.exists() and any(out.iterdir()) and not cmd.overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+    out = _output_folder(cmd.out, cmd.overwrite)
     if cmd.seqs < 1:
         raise ValueError("--seqs must be >= 1")
     t0 = time.perf_counter()
@@ -382,7 +378,8 @@ def _cmd_diff(args: Any) -> int:
         if not isinstance(n_layers, int):
             raise ValueError(f"{cmd.base} is not a TransformerLens model: give --hook")
         hooks = [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
-    data = cmd.data or _card_diff_data(cmd.ft) or "kjv:heldout"
+    # a zoo fine-tune's card names the held-out text to diff it on
+    data = cmd.data or model_card(cmd.ft).get("diff_data") or "kjv:heldout"
     source, data_name = resolve_tokens(data, base, split=cmd.split, context_size=cfg.context_size)
     tokenizer = getattr(base, "tokenizer", None)
     tokens = next(

@@ -23,6 +23,14 @@ from itda_lens.models import load_model_folder
 from itda_lens.sources import ModuleSource, load_hf
 
 
+def model_card(spec: str) -> dict[str, Any]:
+    """The card of a zoo model or of a model folder that has one; ``{}`` for any other model."""
+    if spec in zoo.list_models(include_checkpoints=True):
+        return zoo.model_card(spec)
+    card = Path(spec) / "card.json"
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
 def resolve_model(spec: str | None, device: str = "cpu") -> HookedSAETransformer | ModuleSource:
     spec = spec or zoo.DEFAULT_MODEL
     if spec.startswith("hf:"):
@@ -31,11 +39,7 @@ def resolve_model(spec: str | None, device: str = "cpu") -> HookedSAETransformer
         return zoo.load_model(spec, device)
     folder = Path(spec)
     if folder.is_dir():
-        card = (
-            json.loads((folder / "card.json").read_text())
-            if (folder / "card.json").is_file()
-            else {}
-        )
+        card = model_card(spec)
         tokenizer = (
             zoo.load_tokenizer(card["tokenizer"])
             if card.get("tokenizer") in zoo.list_tokenizers()
