@@ -56,7 +56,7 @@ from itda_lens.diffing import (
     DIFF_CONFIG,
     TokenScores,
     build_pair,
-    paired_batches,
+    paired_grids,
     relative_error,
     token_scores,
 )
@@ -92,13 +92,10 @@ def grid_scores(
     base: Any, ft: Any, tokens: Tensor, hooks: list[str], fn: Callable[..., Tensor]
 ) -> dict[str, Tensor]:
     """``fn(hook, x_base, x_ft) -> [n]`` on every non-special token, as [n_seq, seq] grids."""
-    out: dict[str, list[Tensor]] = {h: [] for h in hooks}
-    for batch in paired_batches(base, ft, tokens, hooks):
-        for h in hooks:
-            full = torch.full((batch.keep.numel(),), torch.nan, dtype=torch.float64)
-            full[batch.keep] = fn(h, batch.base[h][batch.keep], batch.ft[h][batch.keep]).double()
-            out[h].append(full.view(batch.tokens.shape))
-    return {h: torch.cat(v) for h, v in out.items()}
+    _, grids = paired_grids(
+        base, ft, tokens, hooks, lambda h, xb, xf: {"s": fn(h, xb, xf)}, progress=False
+    )
+    return {h: grids[h]["s"] for h in hooks}
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ activation width works: TransformerLens models and the module-path sources alike
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -217,6 +217,42 @@ class TokenScores:
         return picked
 
 
+#: ``scorer(hook, x_base, x_ft) -> {name: [n]}``: per-token values from paired activations
+PairScorer = Callable[[str, Tensor, Tensor], Mapping[str, Tensor]]
+
+
+def paired_grids(
+    base: Any,
+    ft: Any,
+    tokens: TokenInput,
+    hooks: Sequence[str],
+    scorer: PairScorer,
+    *,
+    batch_size: int = 32,
+    context_size: int | None = None,
+    progress: bool = True,
+) -> tuple[Int[Tensor, "n_seq seq"], dict[str, dict[str, Float[Tensor, "n_seq seq"]]]]:
+    """``scorer`` on both models' activations of every non-special token, as ``[n_seq, seq]``
+    grids per hook and name (NaN at special tokens), with the token grid they index."""
+    rows: dict[str, dict[str, list[Tensor]]] = {h: {} for h in hooks}
+    seqs: list[Tensor] = []
+    batches = paired_batches(
+        base, ft, tokens, hooks, batch_size=batch_size, context_size=context_size
+    )
+    for batch in tqdm(batches, desc="diff scores", unit="batch", disable=not progress):
+        seqs.append(batch.tokens)
+        keep = batch.keep
+        for h in hooks:
+            for name, v in scorer(h, batch.base[h][keep], batch.ft[h][keep]).items():
+                full = torch.full((keep.numel(),), torch.nan, dtype=torch.float64)
+                full[keep] = v.double().cpu()
+                rows[h].setdefault(name, []).append(full.view(batch.tokens.shape))
+    if not seqs:
+        raise ValueError("no tokens to score")
+    grids = {h: {name: torch.cat(v) for name, v in per.items()} for h, per in rows.items()}
+    return torch.cat(seqs), grids
+
+
 def token_scores(
     base: Any,
     ft: Any,
@@ -234,26 +270,17 @@ def token_scores(
         raise ValueError(
             f"the dictionaries share no hook (base {list(d_base)}, fine-tune {list(d_ft)})"
         )
-    rows: dict[str, dict[Score, list[Tensor]]] = {h: {s: [] for s in SCORES} for h in hooks}
-    seqs: list[Tensor] = []
-    batches = paired_batches(
-        base, ft, tokens, hooks, batch_size=batch_size, context_size=context_size
+    grid, grids = paired_grids(
+        base,
+        ft,
+        tokens,
+        hooks,
+        lambda h, xb, xf: itda_scores(d_base[h], d_ft[h], xb, xf),
+        batch_size=batch_size,
+        context_size=context_size,
+        progress=progress,
     )
-    for batch in tqdm(batches, desc="diff scores", unit="batch", disable=not progress):
-        seqs.append(batch.tokens)
-        keep = batch.keep
-        for h in hooks:
-            got = itda_scores(d_base[h], d_ft[h], batch.base[h][keep], batch.ft[h][keep])
-            for s, v in got.items():
-                full = torch.full((keep.numel(),), torch.nan, dtype=torch.float64)
-                full[keep] = v
-                rows[h][s].append(full.view(batch.tokens.shape))
-    if not seqs:
-        raise ValueError("no tokens to score")
-    grid = torch.cat(seqs)
-    return {
-        h: TokenScores(grid, {s: torch.cat(v) for s, v in per.items()}) for h, per in rows.items()
-    }
+    return {h: TokenScores(grid, grids[h]) for h in hooks}  # type: ignore[arg-type]
 
 
 @dataclass
@@ -316,9 +343,7 @@ def diff_models(
     d_base, d_ft = build_pair(
         base, ft, tokens, hooks, cfg, names=names, dataset_path=dataset_path, progress=progress
     )
-    return diff_dictionaries(
-        base, ft, d_base, d_ft, tokens, batch_size=cfg.batch_size, progress=progress
-    )
+    return _layer_diffs(base, ft, d_base, d_ft, tokens, cfg.batch_size, progress)
 
 
 def diff_dictionaries(
@@ -346,5 +371,18 @@ def diff_dictionaries(
                     "atom labels would point at the wrong tokens; pass the tokens it was built on"
                 )
     check_pair(base, ft, hooks)
+    return _layer_diffs(base, ft, d_base, d_ft, tokens, batch_size, progress)
+
+
+def _layer_diffs(
+    base: Any,
+    ft: Any,
+    d_base: Mapping[str, ITDA],
+    d_ft: Mapping[str, ITDA],
+    tokens: Tensor,
+    batch_size: int,
+    progress: bool,
+) -> list[LayerDiff]:
+    """Score a checked pair of dictionary sets over the stream they were built on."""
     scores = token_scores(base, ft, d_base, d_ft, tokens, batch_size=batch_size, progress=progress)
-    return [LayerDiff(h, d_base[h], d_ft[h], scores[h]) for h in hooks]
+    return [LayerDiff(h, d_base[h], d_ft[h], scores[h]) for h in scores]
