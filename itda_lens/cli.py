@@ -27,6 +27,7 @@ from transformer_lens import HookedRootModule
 from itda_lens import zoo
 from itda_lens.activations import check_hook_names, collect_activations, token_batches
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
+from itda_lens.budget import DEFAULT_FRACTION, ENV_VAR, default_device, set_memory_budget
 from itda_lens.builder import BuildConfig, build_itda
 from itda_lens.builder.checkpoint import keep_build_lock
 from itda_lens.builder.distributed import Comm
@@ -90,7 +91,7 @@ def _cmd_build(args: Any) -> int:
 
 
 def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = True) -> int:
-    model = resolve_model(cmd.model, device=cfg.device or "cpu")
+    model = resolve_model(cmd.model, device=cfg.device or default_device())
     tokens, dataset_path = resolve_tokens(
         cmd.data, model, split=cmd.split, context_size=cfg.context_size
     )
@@ -135,14 +136,15 @@ def _cmd_train(args: Any) -> int:
         warm = {"init": as_source(cmd.init_from), "init_rule": cmd.init_rule}
     elif cmd.init_rule != "auto":
         raise ValueError("--init-rule needs --init-from (an ITDA folder)")
-    model = resolve_model(cmd.model, device=cmd.device)
+    device = cmd.device or default_device()
+    model = resolve_model(cmd.model, device=device)
     check_hook_names(model, [cmd.hook])
     tokens, _ = resolve_tokens(cmd.data, model, split=cmd.split, context_size=cmd.context_size)
     cached = collect_activations(
         model, tokens, cmd.hook, context_size=cmd.context_size, max_tokens=cmd.max_tokens
     )
     print(f"cached {cached.acts.shape[0]:,} activations at {cmd.hook}; training {args.arch}")
-    sae = trainer.fit(cached, args.train, cmd.model or model.cfg.model_name, cmd.device, **warm)
+    sae = trainer.fit(cached, args.train, cmd.model or model.cfg.model_name, device, **warm)
     sae.save_model(out)
     init = sae.cfg.metadata.get("init")
     started = f", started from {init['from']} by {init['rule']!r}" if init else ""
@@ -230,12 +232,13 @@ def _cmd_dashboard(args: Any) -> int:
     cmd = args.cmd
     folder = Path(cmd.dir)
     check_sae_folder(folder)
-    sae = SAE.load_from_disk(folder, device=cmd.device)
+    device = cmd.device or default_device()
+    sae = SAE.load_from_disk(folder, device=device)
     meta = sae.cfg.metadata
     name = cmd.model or meta.model_name
     if name is None:
         raise ValueError(f"{folder} names no model in its metadata; pass --model")
-    model = resolve_model(name, device=cmd.device)
+    model = resolve_model(name, device=device)
     if not isinstance(model, HookedRootModule):
         raise ValueError(
             f"dashboards read hook points of a TransformerLens model; {name!r} is not one"
@@ -369,7 +372,7 @@ def _cmd_diff(args: Any) -> int:
     if cmd.seqs < 1:
         raise ValueError("--seqs must be >= 1")
     t0 = time.perf_counter()
-    device = cfg.device or "cpu"  # --device: the models and the dictionaries
+    device = cfg.device or default_device()  # --device: the models and the dictionaries
     base = resolve_model(cmd.base, device=device)
     ft = resolve_model(cmd.ft, device=device)
     hooks = cmd.hook
@@ -451,6 +454,13 @@ def _cmd_demo(args: Any) -> int:
 def build_parser() -> ArgumentParser:
     """The ``itda-lens`` parser: one subcommand per job, its flags generated from its configs."""
     parser = ArgumentParser(prog="itda-lens", description=__doc__, add_config_path_arg=False)
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="bytes the engine may use for Gram rows and chunk buffers, e.g. 4GiB "
+        f"(default: ${ENV_VAR}, else {DEFAULT_FRACTION * 100:.0f}%% of the device's free memory)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = _parser(sub, "build", "build ITDA dictionaries at one or more hook points")
     p.add_arguments(BuildCommand, dest="cmd")
@@ -493,6 +503,8 @@ COMMANDS: dict[str, Callable[[Any], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.memory_budget is not None:
+            set_memory_budget(args.memory_budget)
         return COMMANDS[args.command](args)
     except USER_ERRORS as err:  # incl. IncompatibleLabels; programming errors still raise
         print(f"itda-lens {args.command}: error: {err}", file=sys.stderr)

@@ -65,8 +65,8 @@ class TrainCommand:
     """Tokens per sequence."""
     max_tokens: int = 262_144
     """Activations to cache and train on."""
-    device: str = "cpu"
-    """Device for the model and the training."""
+    device: str | None = None
+    """Device for the model and the training (default: cuda when present, else cpu)."""
     overwrite: bool = False
     """Replace a non-empty output folder."""
     init_from: str | None = None
@@ -251,8 +251,8 @@ class DashboardCommand:
     """Top-activating contexts kept per latent."""
     batch_size: int = 16
     """Sequences per forward pass."""
-    device: str = "cpu"
-    """Device for the model and the SAE."""
+    device: str | None = None
+    """Device for the model and the SAE (default: cuda when present, else cpu)."""
     overwrite: bool = False
     """Replace a non-empty output folder."""
 

@@ -12,18 +12,21 @@ dense tokens x atoms matrix (ask for one with :meth:`SparseCode.to_dense`):
 
 Slots that carry no atom (OMP stopped early, or a zero input) have value 0 and index 0.
 
-Work is done in chunks of tokens sized by a memory budget, so at most one chunk's tokens x atoms
-buffers exist at a time. With a Gram matrix ``G = atoms @ atoms.T`` (built automatically while it
-fits 1 GiB and pays for itself) MP runs in correlation space: one matmul per token, then ``k`` row
-updates ``c -= v * G[j]`` (n·d + k·n work per token instead of the reference's k·n·d); on CPU a
-fused numba kernel (:mod:`itda_lens._kernels`) does each step in two cache-resident passes. Past
-the budget it updates residuals (k chunked matmuls). This module knows only torch (and numpy/numba
-for the CPU kernel).
+How it is fast at any size: one matmul gives each token's correlations with every atom; each step
+then updates them with the picked atom's Gram row (n work instead of n·d). The rows are int16
+(:class:`~itda_lens.gram.GramRows`): all of them when the Gram matrix fits the memory budget
+(:mod:`itda_lens.budget`), else a cache of the most used rows, computed on demand in one GEMM for
+the atoms a chunk picks. Rows only *propose*: every token also keeps its residual, and each step
+checks the atoms whose approximate correlation is within the rows' error bound of the best by an
+exact dot product, so the picks and coefficients are the literal algorithm's up to floating-point
+rounding (exact ties aside), however coarse or incomplete the rows. On CPU a numba kernel
+(:mod:`itda_lens._kernels`) runs each token's ``k`` steps in cache; elsewhere (GPUs) the same
+algorithm runs step by step on torch ops over the whole chunk. This module knows only torch (and
+numpy/numba for the CPU kernel).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -32,46 +35,52 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-try:  # the fused CPU kernel; without numba the same algorithm runs on torch ops
+from itda_lens.budget import memory_budget
+from itda_lens.gram import GramRows
+
+try:  # the CPU kernels; without numba the same algorithm runs on torch ops
     from itda_lens import _kernels
 except ImportError:  # pragma: no cover
     _kernels = None  # type: ignore[assignment]
 
 __all__ = [
-    "GRAM_MAX_BYTES",
     "UNIT_NORM_TOL",
+    "Backend",
     "OMPTrace",
+    "PursuitStats",
     "SparseCode",
     "check_atoms",
     "check_k",
+    "chunk_tokens",
     "compute_dtype",
     "decode",
-    "gram_max_atoms",
     "matching_pursuit",
     "mp_values",
     "omp_values",
     "orthogonal_matching_pursuit",
+    "plan_rows",
     "pursue",
     "reference_matching_pursuit",
 ]
 
-#: Working-memory budget for one chunk of tokens (bytes): small enough that a chunk's [T, n]
-#: buffers stay in cache across the k steps, which is what makes the Gram path fast on CPUs.
-CHUNK_BYTES = 8 * 2**20
-#: Chunk budget for paths that gain from big chunks (fused kernel, residual updates, GPUs, OMP).
-LARGE_CHUNK_BYTES = 128 * 2**20
-#: Fewest tokens per chunk, so that per-step dispatch overhead stays small for huge dictionaries.
-MIN_CHUNK = 16
-#: Chunks of at most this many tokens run the fused kernel on one thread.
+#: Chunk buffers (a chunk's [T, n] correlations and work rows) may take this share of the budget,
+#: and at most these many bytes (CPU; GPUs take the larger bound).
+CHUNK_SHARE = 0.25
+CHUNK_BYTES = {"cpu": 256 * 2**20, "other": 2 * 2**30}
+#: Fewest / most tokens per chunk.
+MIN_CHUNK, MAX_CHUNK = 16, 16384
+#: Chunks of at most this many tokens run the CPU kernel on one thread.
 SERIAL_TOKENS = 32
-#: Largest Gram matrix built automatically (bytes); 1 GiB is 16,384 fp32 atoms.
-GRAM_MAX_BYTES = 2**30
+#: Candidates checked exactly per step before correlations are refreshed from the residual
+#: (CPU kernel), and candidates the torch path takes per step (top-m of |c|).
+MAX_CANDIDATES = 64
+TORCH_CANDIDATES = 8
 #: Allowed |norm - 1| of an atom: loose enough for half-precision rounding, tight enough to catch
 #: dictionaries that were never normalised.
 UNIT_NORM_TOL = 1e-2
 
-
-GramArg = Tensor | None | Literal["auto"]
+Backend = Literal["auto", "kernel", "torch"]
+GramArg = Tensor | GramRows | None | Literal["auto"]
 
 
 class OMPTrace(NamedTuple):
@@ -99,6 +108,23 @@ class SparseCode(NamedTuple):
         return out.scatter_add_(-1, self.indices, self.values)
 
 
+class PursuitStats:
+    """Counters a caller may pass to see how the pursuit went (for benchmarks and tests)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.steps = 0
+        self.candidates = 0  # atoms checked exactly
+        self.refreshes = 0  # steps whose correlations were recomputed from the residual
+        self.rounds = 0  # kernel calls (stalled tokens resume in the next)
+        self.rows_computed = 0  # Gram rows computed on demand
+        self.chunk = 0  # tokens per chunk
+        self.full_gram = False
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return dict(vars(self))
+
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Accumulation dtype: the promoted input dtype, but never below float32."""
     dtype = dtypes[0]
@@ -112,13 +138,6 @@ def check_k(k: object, name: str = "k") -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
     return k
-
-
-def gram_max_atoms(dtype: torch.dtype, budget: int | None = None) -> int:
-    """Most atoms whose ``n x n`` Gram matrix in ``dtype`` fits the budget (default
-    ``GRAM_MAX_BYTES``, read at call time)."""
-    budget = GRAM_MAX_BYTES if budget is None else budget
-    return math.isqrt(budget * 8 // torch.finfo(dtype).bits)
 
 
 def check_atoms(atoms: Tensor, *, unit: bool = True) -> None:
@@ -164,142 +183,237 @@ def _check_inputs(x: Tensor, atoms: Tensor, k: int, gram: GramArg) -> None:
         raise ValueError("x contains NaN or Inf activations")
     if isinstance(gram, Tensor) and gram.shape != (atoms.shape[0], atoms.shape[0]):
         raise ValueError(f"gram must have shape {(atoms.shape[0],) * 2}, got {tuple(gram.shape)}")
-    if gram is not None and not isinstance(gram, Tensor) and gram != "auto":
-        raise ValueError(f"gram must be a tensor, None or 'auto', got {gram!r}")
+    if isinstance(gram, GramRows) and gram.n != atoms.shape[0]:
+        raise ValueError(f"gram holds rows of {gram.n} atoms, but there are {atoms.shape[0]}")
+    if (
+        gram is not None
+        and not isinstance(gram, Tensor | GramRows)
+        and not (isinstance(gram, str) and gram == "auto")
+    ):
+        raise ValueError(f"gram must be a tensor, GramRows, None or 'auto', got {gram!r}")
 
 
-def _resolve_gram(
-    gram: GramArg, atoms: Tensor, n_tokens: int, k: int, dtype: torch.dtype
-) -> Tensor | None:
-    """A given Gram matrix; for 'auto', build one when it fits the budget and pays for itself.
+def _chunk_bytes(device: torch.device, budget: int) -> int:
+    cap = CHUNK_BYTES["cpu" if device.type == "cpu" else "other"]
+    return max(2**16, min(cap, int(budget * CHUNK_SHARE)))
 
-    Past the budget (n > 16,384 fp32 atoms at 1 GiB) pursuit updates the residual instead: k
-    chunked matmuls, no n x n matrix and no dense codes.
-    """
+
+def plan_rows(
+    atoms: Float[Tensor, "n d"], n_tokens: int, k: int, budget: int | float | str | None = None
+) -> GramRows:
+    """The Gram rows pursuit of ``n_tokens`` tokens over ``atoms`` should use: every row when the
+    int16 Gram fits the budget (less the chunk buffers) and pays for itself (``n_tokens * k >= n``:
+    building it costs n²·d, each token saves about k·n·d), else a cache filled on demand."""
+    total = memory_budget(atoms.device, budget)
+    rows_budget = total - _chunk_bytes(atoms.device, total)
+    n = atoms.shape[0]
+    fits = n <= GramRows.max_full_atoms(rows_budget)
+    pays = n_tokens * k >= n
+    if fits and pays:
+        return GramRows.for_atoms(atoms, rows_budget)
+    cache = GramRows.for_atoms(atoms, min(rows_budget, GramRows.row_bytes(n) * (n - 1)), fill=False)
+    return cache
+
+
+def _resolve_rows(
+    gram: GramArg, atoms: Tensor, n_tokens: int, k: int, budget: int | float | str | None
+) -> GramRows | None:
+    if isinstance(gram, GramRows):
+        return gram
     if isinstance(gram, Tensor):
-        return gram.to(dtype)
+        return GramRows.from_gram(gram.to(atoms.dtype), atoms.shape[1])
     if gram is None:
         return None
-    n = atoms.shape[0]
-    fits = n <= gram_max_atoms(dtype)
-    pays = n_tokens * k >= n  # n²·d to build it vs. the (k-1)·n·d per token it saves
-    return atoms @ atoms.T if fits and pays else None
+    return plan_rows(atoms, n_tokens, k, budget)
 
 
-def _chunk_size(kind: str, k: int, atoms: Tensor, gram: Tensor | None, probe: Tensor) -> int:
-    """Tokens per chunk from a working-set budget that depends on the path.
-
-    On CPU the torch Gram path wants its [T, n] buffers (correlations, |correlations|, gathered
-    Gram rows) to stay in cache across the k steps; the fused kernel and the residual path (which
-    re-reads every atom each step) want large chunks; OMP also holds k gathered rows per token.
-    """
-    n, item = atoms.shape[0], atoms.element_size()
-    if kind == "omp":
-        per_token, budget = (k + 4) * n * item, LARGE_CHUNK_BYTES
-    elif _fused_ok(probe, gram) or gram is None:
-        per_token, budget = 2 * n * item, LARGE_CHUNK_BYTES
-    else:
-        per_token = 3 * n * item
-        budget = CHUNK_BYTES if atoms.device.type == "cpu" else LARGE_CHUNK_BYTES
-    return max(MIN_CHUNK, budget // per_token)
-
-
-def _mp_chunk(x: Tensor, atoms: Tensor, k: int, gram: Tensor | None) -> tuple[Tensor, Tensor]:
-    """MP on one chunk [T, d] in compute dtype; Gram path updates correlations, else the residual.
-
-    The [T, n] work buffers are allocated once per chunk and reused by every step.
-    """
-    rows = torch.arange(x.shape[0], device=x.device)
-    idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
-    val = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
-    corr = x @ atoms.T
-    mag = torch.empty_like(corr)
-    if _fused_ok(corr, gram):
-        return _mp_fused(corr, gram, k)  # type: ignore[arg-type]
-    if gram is not None:
-        picked = torch.empty_like(corr)
-        for t in range(k):
-            j = torch.abs(corr, out=mag).argmax(dim=1)
-            v = corr[rows, j]
-            idx[:, t], val[:, t] = j, v
-            g = torch.index_select(gram, 0, j, out=picked)
-            corr.addcmul_(g, v.unsqueeze(1), value=-1.0)
-    else:
-        resid = x.clone()
-        for t in range(k):
-            if t:
-                torch.matmul(resid, atoms.T, out=corr)
-            j = torch.abs(corr, out=mag).argmax(dim=1)
-            v = corr[rows, j]
-            idx[:, t], val[:, t] = j, v
-            resid.addcmul_(atoms.index_select(0, j), v.unsqueeze(1), value=-1.0)
-    return idx, val
-
-
-def _fused_ok(corr: Tensor, gram: Tensor | None) -> bool:
-    """The numba kernel runs on CPU fp32/fp64 with a full Gram matrix whose rows are contiguous."""
-    return (
+def _use_kernel(backend: Backend, x: Tensor, rows: GramRows | None, kind: str) -> bool:
+    ok = (
         _kernels is not None
-        and isinstance(gram, Tensor)
-        and corr.device.type == "cpu"
-        and corr.dtype in (torch.float32, torch.float64)
-        and gram.dtype == corr.dtype
-        and gram.stride(1) == 1
+        and kind == "mp"
+        and rows is not None
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and (rows.quantized or rows.q.dtype == x.dtype)
     )
+    if backend == "kernel" and not ok:
+        raise ValueError(
+            "backend='kernel' needs numba, MP, CPU float32/float64 and Gram rows (gram not None)"
+        )
+    return ok and backend != "torch"
 
 
-def _mp_fused(corr: Tensor, gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    n = gram.shape[0]
-    c = corr.contiguous().numpy()
-    bits = c.view(np.int32 if c.dtype == np.float32 else np.int64)
-    mask = bits.dtype.type(np.iinfo(bits.dtype).max)  # clears the sign bit: |c| order
-    flat = gram.as_strided((gram.stride(0) * (n - 1) + n,), (1,), gram.storage_offset()).numpy()
-    idx = np.empty((c.shape[0], k), dtype=np.int64)
-    val = np.empty((c.shape[0], k), dtype=c.dtype)
-    kernel = _kernels.mp_gram if c.shape[0] > SERIAL_TOKENS else _kernels.mp_gram_serial
-    kernel(c, bits, flat, gram.stride(0), k, mask, idx, val)
+def chunk_tokens(kind: str, k: int, n: int, item: int, device: torch.device, budget: int) -> int:
+    """Tokens per chunk from the chunk share of the budget: the kernel holds [T, n] correlations;
+    the torch MP path about three [T, n] buffers; OMP also k gathered rows per token."""
+    per_token = {"kernel": n * item, "mp": 3 * n * item, "omp": (k + 4) * n * item}[kind]
+    return int(min(MAX_CHUNK, max(MIN_CHUNK, _chunk_bytes(device, budget) // per_token)))
+
+
+def _fresh_bound(x: Tensor, eps: float) -> Tensor:
+    """Error bound of correlations computed by one dot product per atom: 2 (d + 2) eps |x|."""
+    return x.norm(dim=1) * (2 * (x.shape[1] + 2) * eps)
+
+
+def _mp_kernel(
+    x: Tensor, atoms: Tensor, k: int, rows: GramRows, stats: PursuitStats
+) -> tuple[Tensor, Tensor]:
+    """MP on one chunk [T, d] by the CPU kernel; stalled tokens resume once the rows they wait
+    for are computed (one GEMM per round)."""
+    T, d = x.shape
+    n = atoms.shape[0]
+    corr = (x @ atoms.T).contiguous()
+    c = corr.numpy()
+    itype = np.int32 if c.dtype == np.float32 else np.int64
+    bits = c.view(itype)
+    mask = itype(np.iinfo(itype).max)
+    step = np.zeros(T, dtype=np.int64)
+    idx = np.zeros((T, k), dtype=np.int64)
+    val = np.zeros((T, k), dtype=c.dtype)
+    resid = np.empty((T, d), dtype=c.dtype)
+    bounds = np.zeros(T, dtype=c.dtype)
+    need = np.full(T, -1, dtype=np.int64)
+    bmax = np.empty((T, (n + _kernels.BLOCK - 1) // _kernels.BLOCK), dtype=itype)
+    scr = np.zeros((T, 1), dtype=c.dtype)
+    counts = np.zeros((T, 2), dtype=np.int64)
+    eps = float(torch.finfo(x.dtype).eps)
+    todo = np.arange(T, dtype=np.int64)
+    a = atoms.numpy()
+    xs = x.numpy()
+    while todo.size:
+        stats.rounds += 1
+        _kernels.mp_rows(
+            xs, c, bits, mask, a, rows.q.numpy(), rows.slot.numpy(), c.dtype.type(rows.scale),
+            c.dtype.type(rows.error), c.dtype.type(eps), k, MAX_CANDIDATES, todo, step, idx,
+            val, resid, bounds, need, bmax, scr, scr.view(itype), counts,
+        )  # fmt: skip
+        todo = np.flatnonzero(need >= 0)
+        if todo.size:
+            got = rows.ensure(torch.from_numpy(need[todo]), atoms)
+            if got.numel() == 0:  # pragma: no cover - ensure always makes room for one
+                raise RuntimeError("Gram row cache has no room for a single row")
+            todo = todo[np.isin(need[todo], got.numpy())]
+    rows.count(torch.from_numpy(idx))
+    stats.candidates += int(counts[:, 0].sum())
+    stats.refreshes += int(counts[:, 1].sum())
     return torch.from_numpy(idx), torch.from_numpy(val)
 
 
+def _exact_picks(
+    corr: Tensor, r: Tensor, atoms: Tensor, bound: Tensor, stats: PursuitStats
+) -> tuple[Tensor, Tensor]:
+    """The torch path's step: among the atoms whose approximate |correlation| is within
+    ``2 * bound`` of the best, the largest exact ``|<r, a>|`` (first index on ties). Tokens with
+    more candidates than the top-m covers get exact correlations for every atom instead."""
+    n = corr.shape[1]
+    m = min(TORCH_CANDIDATES, n)
+    top = corr.abs().topk(m, dim=1)
+    thr = top.values[:, 0] - 2 * bound
+    cand = top.indices
+    live = top.values >= thr.unsqueeze(1)
+    exact = torch.bmm(atoms[cand], r.unsqueeze(2)).squeeze(2)
+    score = torch.where(live, exact.abs(), -1.0)
+    best = score.max(dim=1, keepdim=True).values
+    pos = torch.where(score == best, cand, n).argmin(dim=1, keepdim=True)
+    j = cand.gather(1, pos).squeeze(1)
+    v = exact.gather(1, pos).squeeze(1)
+    wide = ((thr <= 0) | live[:, -1]) & (m < n)
+    stats.candidates += int(live.sum())
+    if bool(wide.any()):
+        w = wide.nonzero().flatten()
+        stats.refreshes += w.numel()
+        full = r[w] @ atoms.T
+        corr[w] = full
+        jw = full.abs().argmax(dim=1)
+        j[w], v[w] = jw, full.gather(1, jw.unsqueeze(1)).squeeze(1)
+        bound[w] = _fresh_bound(r[w], torch.finfo(r.dtype).eps)
+    return j, v
+
+
+def _mp_torch(
+    x: Tensor, atoms: Tensor, k: int, rows: GramRows | None, stats: PursuitStats
+) -> tuple[Tensor, Tensor]:
+    """MP on one chunk [T, d] step by step on torch ops (the GPU path); without rows it is the
+    literal algorithm (correlations recomputed from the residual every step)."""
+    T = x.shape[0]
+    eps = torch.finfo(x.dtype).eps
+    idx = torch.empty(T, k, dtype=torch.long, device=x.device)
+    val = torch.empty(T, k, dtype=x.dtype, device=x.device)
+    r = x.clone()
+    corr = x @ atoms.T
+    nx = x.norm(dim=1)
+    bound = _fresh_bound(x, eps)
+    for s in range(k):
+        if s and rows is not None:
+            j_prev, v_prev = idx[:, s - 1], val[:, s - 1]
+            corr.addcmul_(rows.rows_of(j_prev, atoms, x.dtype), v_prev.unsqueeze(1), value=-1.0)
+        elif s:
+            torch.matmul(r, atoms.T, out=corr)
+        if rows is None:
+            j = corr.abs().argmax(dim=1)
+            v = corr.gather(1, j.unsqueeze(1)).squeeze(1)
+        else:
+            j, v = _exact_picks(corr, r, atoms, bound, stats)
+            bound += v.abs() * (rows.error + 2 * eps) + 2 * eps * nx
+        idx[:, s], val[:, s] = j, v
+        r.addcmul_(atoms[j], v.unsqueeze(1), value=-1.0)
+    if rows is not None:
+        rows.count(idx)
+    return idx, val
+
+
 def _omp_chunk(
-    x: Tensor, atoms: Tensor, k: int, gram: Tensor | None, trace: OMPTrace | None = None
+    x: Tensor,
+    atoms: Tensor,
+    k: int,
+    rows: GramRows | None,
+    stats: PursuitStats,
+    trace: OMPTrace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Batched OMP (Cholesky of the support Gram, grown one row per step) on one chunk [T, d].
 
-    With ``trace``, also records for each step the |correlation| of the pick with the residual
-    (``inf`` after an early stop) and the coefficients that made that residual (see OMPTrace).
+    Correlations with the residual are ``c0 - G[:, S] gamma`` from the Gram rows of the support
+    (or recomputed from the residual without rows); picks are checked exactly like MP's. With
+    ``trace``, also records for each step the |correlation| of the pick with the residual (``inf``
+    after an early stop) and the coefficients that made that residual (see OMPTrace).
     """
     T, n = x.shape[0], atoms.shape[0]
     dev, dt = x.device, x.dtype
     eps = torch.finfo(dt).eps
-    rows = torch.arange(T, device=dev)
+    rows_t = torch.arange(T, device=dev)
     c0 = x @ atoms.T
     alpha = c0.clone()
     idx = torch.zeros(T, k, dtype=torch.long, device=dev)
     live = torch.zeros(T, k, dtype=torch.bool, device=dev)
     chol = torch.zeros(T, k, k, dtype=dt, device=dev)
-    g_rows = torch.zeros(T, k, n, dtype=dt, device=dev)
+    g_rows = torch.zeros(T, k, n, dtype=dt, device=dev) if rows is not None else None
     active = torch.ones(T, dtype=torch.bool, device=dev)
     scale = (x * x).sum(dim=1)
     gamma = torch.zeros(T, 1, dtype=dt, device=dev)
+    r = x.clone()
+    bound = _fresh_bound(x, eps)
     for t in range(k):
-        j = alpha.abs().argmax(dim=1)
-        a = alpha[rows, j]
-        g = gram.index_select(0, j) if gram is not None else atoms.index_select(0, j) @ atoms.T
+        if rows is None:
+            j = alpha.abs().argmax(dim=1)
+            a = alpha[rows_t, j]
+        else:
+            j, a = _exact_picks(alpha, r, atoms, bound, stats)
+        sel = atoms[idx[:, :t]]  # [T, t, d]
         # sklearn stops when the pick is already in the support or its correlation vanishes;
         # we scale the "vanishes" test by |x|^2 so that small-norm inputs are not cut off.
         stop = (a * a) <= eps * scale
+        gjj = (atoms[j] * atoms[j]).sum(dim=1)
         if t > 0:
             stop |= (idx[:, :t] == j.unsqueeze(1)).any(dim=1) & live[:, t - 1]
-            b = g.gather(1, idx[:, :t]) * live[:, :t]
+            b = torch.bmm(sel, atoms[j].unsqueeze(2)).squeeze(2) * live[:, :t]
             w = torch.linalg.solve_triangular(
                 chol[:, :t, :t], b.unsqueeze(-1), upper=False
             ).squeeze(-1)
-            lkk = g[rows, j] - (w * w).sum(dim=1)
+            lkk = gjj - (w * w).sum(dim=1)
             stop |= lkk <= eps
         else:
             w = None
-            lkk = g[rows, j]
+            lkk = gjj
         if trace is not None:  # the residual before this step: x - atoms[idx[:, :t]] @ gamma
             entering = live[:, t - 1] if t else torch.ones_like(active)
             trace.peaks[:, t] = torch.where(entering, a.abs(), torch.inf)
@@ -311,21 +425,44 @@ def _omp_chunk(
         if w is not None:
             chol[:, t, :t] = w * active.unsqueeze(1)
         chol[:, t, t] = torch.where(active, lkk.clamp_min(eps).sqrt(), 1.0)
-        g_rows[:, t] = g * active.unsqueeze(1)
         rhs = c0.gather(1, idx[:, : t + 1]) * live[:, : t + 1]
         gamma = torch.cholesky_solve(rhs.unsqueeze(-1), chol[:, : t + 1, : t + 1]).squeeze(-1)
         if t + 1 < k:
-            alpha = c0 - torch.bmm(gamma.unsqueeze(1), g_rows[:, : t + 1]).squeeze(1)
+            sup = atoms[idx[:, : t + 1]] * live[:, : t + 1].unsqueeze(2)
+            r = x - torch.bmm(gamma.unsqueeze(1), sup).squeeze(1)
+            if rows is None:
+                torch.matmul(r, atoms.T, out=alpha)
+            else:
+                assert g_rows is not None
+                g_rows[:, t] = rows.rows_of(j, atoms, dt) * active.unsqueeze(1)
+                alpha = c0 - torch.bmm(gamma.unsqueeze(1), g_rows[:, : t + 1]).squeeze(1)
+                # |alpha - exact| <= c0's rounding + |gamma| . (row error + bmm rounding)
+                bound = _fresh_bound(x, eps) + gamma.abs().sum(dim=1) * (rows.error + (t + 3) * eps)
+    if rows is not None:
+        rows.count(idx[live])
     return idx, gamma * live
 
 
 def _pursue(
-    kind: str, x: Tensor, atoms: Tensor, k: int, gram: GramArg, chunk_size: int | None
+    kind: str,
+    x: Tensor,
+    atoms: Tensor,
+    k: int,
+    gram: GramArg,
+    chunk_size: int | None,
+    budget: int | float | str | None,
+    backend: Backend,
+    stats: PursuitStats | None,
 ) -> SparseCode:
     _check_inputs(x, atoms, k, gram)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return pursue(kind, x, atoms, k, gram=gram, chunk_size=chunk_size)[0]
+    if backend not in ("auto", "kernel", "torch"):
+        raise ValueError(f"backend must be 'auto', 'kernel' or 'torch', got {backend!r}")
+    return pursue(
+        kind, x, atoms, k, gram=gram, chunk_size=chunk_size, budget=budget, backend=backend,
+        stats=stats,
+    )[0]  # fmt: skip
 
 
 def pursue(
@@ -337,6 +474,9 @@ def pursue(
     gram: GramArg = "auto",
     chunk_size: int | None = None,
     trace: bool = False,
+    budget: int | float | str | None = None,
+    backend: Backend = "auto",
+    stats: PursuitStats | None = None,
 ) -> tuple[SparseCode, OMPTrace | None]:
     """MP or OMP without input validation, for callers that own their atoms (the builder).
 
@@ -346,7 +486,16 @@ def pursue(
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     a = atoms.to(dt)
-    g = _resolve_gram(gram, a, flat.shape[0], k, dt)
+    stats = stats if stats is not None else PursuitStats()
+    total = memory_budget(x.device, budget)
+    rows = _resolve_rows(gram, a, flat.shape[0], k, total)
+    if rows is not None and not rows.quantized and rows.q.dtype != dt:
+        rows = GramRows.from_gram(rows.q.to(dt), a.shape[1])
+    kernel = _use_kernel(backend, flat[:0].to(dt), rows, kind)
+    path = "kernel" if kernel else kind
+    size = chunk_size or chunk_tokens(path, k, a.shape[0], a.element_size(), x.device, total)
+    stats.chunk, stats.full_gram = size, rows is not None and rows.full
+    computed0 = rows.computed if rows is not None else 0
     idx = torch.empty(flat.shape[0], k, dtype=torch.long, device=x.device)
     val = torch.empty(flat.shape[0], k, dtype=x.dtype, device=x.device)
     tr = None
@@ -360,19 +509,48 @@ def pursue(
             torch.zeros(flat.shape[0], k, k, dtype=dt, device=x.device),
         )
     with torch.no_grad():
-        size = chunk_size or _chunk_size(kind, k, a, g, flat[:0].to(dt))
         for start in range(0, flat.shape[0], size):
             sl = slice(start, start + size)
-            if kind == "mp":
-                i, v = _mp_chunk(flat[sl].to(dt), a, k, g)
+            xs = flat[sl].to(dt)
+            if kernel:
+                assert rows is not None
+                threads = 1 if xs.shape[0] <= SERIAL_TOKENS else None
+                with _numba_threads(threads):
+                    i, v = _mp_kernel(xs, a, k, rows, stats)
+            elif kind == "mp":
+                i, v = _mp_torch(xs, a, k, rows, stats)
             else:
                 part = None if tr is None else OMPTrace(tr.peaks[sl], tr.coefs[sl])
-                i, v = _omp_chunk(flat[sl].to(dt), a, k, g, part)
+                i, v = _omp_chunk(xs, a, k, rows, stats, part)
             idx[sl], val[sl] = i, v.to(x.dtype)
+    stats.tokens += flat.shape[0]
+    stats.steps += flat.shape[0] * k
+    if rows is not None:
+        stats.rows_computed = max(stats.rows_computed, rows.computed - computed0)
     code = SparseCode(idx.reshape(*lead, k), val.reshape(*lead, k))
     if tr is not None:
         tr = OMPTrace(tr.peaks.reshape(*lead, k), tr.coefs.reshape(*lead, k, k))
     return code, tr
+
+
+class _numba_threads:
+    """Run a block with ``n`` numba threads (None: unchanged)."""
+
+    def __init__(self, n: int | None):
+        self.n, self.before = n, None
+
+    def __enter__(self) -> None:
+        if self.n is not None and _kernels is not None:
+            import numba
+
+            self.before = numba.get_num_threads()
+            numba.set_num_threads(min(self.n, self.before))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before is not None:
+            import numba
+
+            numba.set_num_threads(self.before)
 
 
 def matching_pursuit(
@@ -382,14 +560,19 @@ def matching_pursuit(
     *,
     gram: GramArg = "auto",
     chunk_size: int | None = None,
+    budget: int | float | str | None = None,
+    backend: Backend = "auto",
+    stats: PursuitStats | None = None,
 ) -> SparseCode:
     """Signed matching pursuit with exactly ``k`` iterations (ITDA's encoder).
 
-    ``atoms`` must have unit-norm rows. ``gram`` may be a precomputed ``atoms @ atoms.T``, ``None``
-    (residual updates, no n x n matrix) or ``"auto"`` (build one when it fits and pays off).
+    ``atoms`` must have unit-norm rows. ``gram`` may be ``"auto"`` (int16 Gram rows planned from
+    the memory ``budget``: all of them, or a cache), a :class:`~itda_lens.gram.GramRows` to reuse
+    across calls, a precomputed float ``atoms @ atoms.T``, or ``None`` (the literal algorithm: k
+    matmuls, no rows). ``backend="torch"`` runs the step-by-step torch path (what GPUs run) on CPU.
     Returns ``(indices, values)`` of shape ``[*batch, k]``, slots in selection order.
     """
-    return _pursue("mp", x, atoms, k, gram, chunk_size)
+    return _pursue("mp", x, atoms, k, gram, chunk_size, budget, backend, stats)
 
 
 def orthogonal_matching_pursuit(
@@ -399,6 +582,8 @@ def orthogonal_matching_pursuit(
     *,
     gram: GramArg = "auto",
     chunk_size: int | None = None,
+    budget: int | float | str | None = None,
+    stats: PursuitStats | None = None,
 ) -> SparseCode:
     """Orthogonal matching pursuit with at most ``k`` atoms (least-squares refit each step).
 
@@ -406,7 +591,7 @@ def orthogonal_matching_pursuit(
     supports in the same order and the same coefficients, including its early stop when the next
     atom is already in the support or linearly dependent on it. Unused slots have value 0.
     """
-    return _pursue("omp", x, atoms, k, gram, chunk_size)
+    return _pursue("omp", x, atoms, k, gram, chunk_size, budget, "auto", stats)
 
 
 def decode(code: SparseCode, atoms: Float[Tensor, "n d"]) -> Float[Tensor, "*batch d"]:

@@ -1,4 +1,4 @@
-"""The growing atom store: capacity growth, incremental Gram, exact replay."""
+"""The growing atom store: capacity growth, its Gram rows (full, then a cache), restore."""
 
 from __future__ import annotations
 
@@ -27,29 +27,50 @@ def test_add_normalises_grows_and_keeps_order() -> None:
     assert store.labels[:, 0].tolist() == [0] * 3 + [1] + [2] * 7 + [3] * 5
 
 
-@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-6), (torch.float64, 1e-14)])
-def test_incremental_gram_equals_full_gram(dtype: torch.dtype, atol: float) -> None:
-    # blocks of <= KERNEL_GRAM_BLOCK atoms take the numba kernel, the 100-atom block a matmul
+def held_rows(store: AtomStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """(atoms whose rows are held, their dequantized rows)."""
+    rows = store.rows
+    ids = (rows.slot[: len(store)] >= 0).nonzero().flatten()
+    return ids, rows.dequantized(ids, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_rows_grow_with_the_atoms_within_their_error(dtype: torch.dtype) -> None:
     store = AtomStore(8, capacity=4, dtype=dtype)
     add_blocks(store, [5, 9, 1, 100, 30])
-    torch.testing.assert_close(store.gram, store.atoms @ store.atoms.T, atol=atol, rtol=0)
+    ids, rows = held_rows(store)
+    assert store.rows.full and ids.tolist() == list(range(145))
+    exact = (store.atoms @ store.atoms.T).double()
+    assert (rows - exact).abs().max() <= store.rows.error
+    assert store.rows.error < 1e-4
 
 
-def test_gram_is_dropped_past_its_budget() -> None:
-    store = AtomStore(4, gram_max_bytes=10 * 10 * 4)
-    add_blocks(store, [6])
-    assert store.gram is not None
-    add_blocks(store, [6], seed=1)
-    assert store.gram is None and len(store) == 12
+def test_gram_rows_become_a_cache_past_the_budget() -> None:
+    budget = 2 * 40 * 40  # the full int16 Gram of 40 atoms
+    store = AtomStore(4, capacity=8, budget=max(budget, 16 * 2**20))
+    assert store.max_full_atoms > 1000
+    small = AtomStore(4, capacity=8)
+    small.budget = budget  # below the process minimum, to keep the test small
+    add_blocks(small, [30])
+    assert small.rows.full
+    add_blocks(small, [30], seed=1)
+    assert not small.rows.full and len(small) == 60
+    assert small.rows.q.numel() * 2 <= budget
+    ids, rows = held_rows(small)
+    exact = (small.atoms[ids] @ small.atoms.T).double()
+    assert (rows - exact).abs().max() <= small.rows.error
 
 
-def test_restore_replays_a_bit_identical_gram() -> None:
+def test_restore_recomputes_the_rows() -> None:
     store = AtomStore(16, capacity=3)
     add_blocks(store, [4, 11, 1, 20])
     back = AtomStore.restore(
         store.atoms.clone(), store.labels.clone(), store.token_ids.clone(), list(store.blocks)
     )
-    assert torch.equal(back.atoms, store.atoms) and torch.equal(back.gram, store.gram)
+    assert torch.equal(back.atoms, store.atoms) and back.blocks == store.blocks
+    assert back.rows.full
+    _, rows = held_rows(back)
+    assert (rows - held_rows(store)[1]).abs().max() <= 1 / 32767
     with pytest.raises(ValueError, match="blocks sum"):
         AtomStore.restore(store.atoms, store.labels, store.token_ids, [1])
 

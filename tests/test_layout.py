@@ -15,6 +15,8 @@ LAYERS = {
     "pursuit": 0,
     "_kernels": 0,
     "dictionary": 0,
+    "gram": 0,
+    "budget": 0,
     "saes": 1,
     "activations": 2,
     "builder": 3,
@@ -101,7 +103,7 @@ def test_imports_only_run_downward_without_cycles() -> None:
 
 
 def test_engine_knows_neither_sae_lens_nor_transformer_lens() -> None:
-    for name in ("pursuit", "_kernels", "dictionary"):
+    for name in ("pursuit", "_kernels", "dictionary", "gram", "budget"):
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         roots = {
             (n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)

@@ -12,8 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import orthogonal_mp_gram
 
+from itda_lens.gram import GramRows
 from itda_lens.pursuit import (
+    PursuitStats,
     SparseCode,
+    chunk_tokens,
     decode,
     matching_pursuit,
     mp_values,
@@ -229,3 +232,100 @@ def test_sparse_code_is_a_named_tuple() -> None:
     assert isinstance(code, SparseCode)
     indices, values = code
     assert indices is code.indices and values is code.values
+
+
+def literal_picks(
+    x: torch.Tensor, atoms: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Algorithm 2 with its picks kept: (indices, values, final residual) per token."""
+    r = x.clone()
+    rows = torch.arange(x.shape[0])
+    idx, val = [], []
+    for _ in range(k):
+        c = r @ atoms.T
+        j = c.abs().argmax(dim=1)
+        v = c[rows, j]
+        idx.append(j)
+        val.append(v)
+        r = r - v[:, None] * atoms[j]
+    return torch.stack(idx, 1), torch.stack(val, 1), r
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("capacity", [1, 9, None], ids=["1-row", "9-rows", "full"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mp_at_any_budget_is_the_literal_algorithm(
+    backend: str, capacity: int | None, dtype: torch.dtype
+) -> None:
+    """Past the budget the rows are a cache of 1 or 9 of 400 rows: the same supports as the
+    literal algorithm (fp64: every token; fp32: up to near-ties) and the same residuals."""
+    atoms, x = unit_atoms(400, 32, dtype=dtype), inputs(60, 32, dtype=dtype)
+    rows = GramRows.for_atoms(atoms, 2 * 400 * capacity) if capacity else "auto"
+    stats = PursuitStats()
+    code = matching_pursuit(x, atoms, 30, gram=rows, backend=backend, stats=stats)  # type: ignore[arg-type]
+    idx, val, resid = literal_picks(x, atoms, 30)
+    same = (code.indices == idx).all(dim=1)
+    if dtype == torch.float64:
+        assert bool(same.all())
+        torch.testing.assert_close(code.values, val, atol=1e-10, rtol=0)
+    else:
+        assert same.float().mean() >= 0.9
+    ours = x - decode(code, atoms)
+    err = ((ours - resid).norm(dim=1) / x.norm(dim=1))[same]
+    assert err.max() < (1e-12 if dtype == torch.float64 else 1e-5)
+    assert stats.full_gram == (capacity is None)
+    if capacity is not None:
+        assert stats.rows_computed > 0
+
+
+@pytest.mark.parametrize("capacity", [1, 9])
+def test_omp_past_the_budget_matches_sklearn(capacity: int) -> None:
+    atoms, x = unit_atoms(200, 32), inputs(40, 32)
+    rows = GramRows.for_atoms(atoms, 2 * 200 * capacity)
+    code = orthogonal_matching_pursuit(x, atoms, 20, gram=rows, chunk_size=9)
+    np.testing.assert_allclose(code.to_dense(200).numpy(), sklearn_omp(x, atoms, 20), atol=1e-10)
+    assert rows.computed > 0
+
+
+def test_kernel_and_torch_paths_pick_the_same_atoms() -> None:
+    atoms, x = unit_atoms(3000, 48, dtype=torch.float32), inputs(300, 48, dtype=torch.float32)
+    rows = GramRows.for_atoms(atoms, 2 * 3000 * 3000)
+    kernel = matching_pursuit(x, atoms, 40, gram=rows, backend="kernel")
+    torch_path = matching_pursuit(x, atoms, 40, gram=rows, backend="torch")
+    assert (kernel.indices == torch_path.indices).all(dim=1).float().mean() >= 0.97
+    torch.testing.assert_close(
+        decode(kernel, atoms), decode(torch_path, atoms), atol=1e-3, rtol=1e-3
+    )
+
+
+def test_gpu_path_with_gpu_sizing_runs_on_cpu() -> None:
+    """What a CUDA device runs: the torch path, chunked as a GPU's budget plans it."""
+    atoms, x = unit_atoms(500, 24), inputs(2000, 24)
+    budget = 64 * 2**20
+    cpu = chunk_tokens("mp", 16, 500, 8, torch.device("cpu"), budget)
+    gpu = chunk_tokens("mp", 16, 500, 8, torch.device("cuda"), 2**33)
+    assert gpu > cpu and chunk_tokens("kernel", 16, 500, 8, torch.device("cpu"), budget) > cpu
+    stats = PursuitStats()
+    code = matching_pursuit(x, atoms, 16, backend="torch", chunk_size=min(gpu, 700), stats=stats)
+    idx, _, _ = literal_picks(x, atoms, 16)
+    assert torch.equal(code.indices, idx) and stats.rounds == 0 and stats.chunk == 700
+
+
+def test_kernel_backend_refuses_what_it_cannot_run() -> None:
+    atoms, x = unit_atoms(20, 8), inputs(3, 8)
+    with pytest.raises(ValueError, match="backend='kernel'"):
+        matching_pursuit(x, atoms, 3, gram=None, backend="kernel")
+    with pytest.raises(ValueError, match="backend must be"):
+        matching_pursuit(x, atoms, 3, backend="gpu")  # type: ignore[arg-type]
+
+
+def test_zero_and_tiny_residuals_refresh_instead_of_looping() -> None:
+    """Exact reconstructions leave a zero residual: every atom ties at 0 and is a candidate."""
+    atoms = unit_atoms(50, 8)
+    x = torch.cat([torch.zeros(2, 8, dtype=torch.float64), 2 * atoms[:3]])
+    stats = PursuitStats()
+    code = matching_pursuit(x, atoms, 12, stats=stats)
+    torch.testing.assert_close(
+        code.to_dense(50), reference_matching_pursuit(x, atoms, 12), atol=1e-12, rtol=0
+    )
+    assert stats.refreshes > 0

@@ -62,7 +62,7 @@ class BuildConfig:
     decision_dtype: Literal["float64", "float32"] = "float64"
     """dtype the add rule computes in; float64 makes verdicts reproducible across batch sizes."""
     device: str | None = None
-    """Where the dictionary work runs (default: the model's device)."""
+    """Where the dictionary work runs (default: cuda when present, else the model's / activations' device)."""
     checkpoint_every: int = 50
     """Batches between checkpoints (when the build has a checkpoint folder)."""
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from itda_lens import pursuit
+from itda_lens import _kernels, pursuit
 from itda_lens.builder.config import BuildConfig
 from itda_lens.dictionary import AtomStore
 from itda_lens.pursuit import decode, pursue
@@ -54,6 +54,8 @@ KERNEL_SUB_BATCH = (64, 4096)
 #: How far above the threshold the kernel's early rejection must see ``cos`` (by decision dtype):
 #: far above the rounding of its |r|^2 bookkeeping, so no token the full pursuit accepts is rejected.
 EARLY_MARGIN = {torch.float64: 1e-6, torch.float32: 1e-3}
+#: Candidates the batch rule compares with each other in one block.
+DISTINCT_BLOCK = 2048
 #: Growth-curve points kept in the metadata (geometric in the atom count, plus the end).
 GROWTH_POINTS = 256
 
@@ -96,6 +98,9 @@ class ITDABuilder:
     d_in: int
     cfg: BuildConfig = field(default_factory=BuildConfig)
     device: str | torch.device = "cpu"
+    #: "auto": the CPU kernel where it runs (MP on CPU), else the torch path; "torch": always the
+    #: torch path (what a GPU runs), e.g. to exercise it on CPU. Both give the same dictionary.
+    backend: Literal["auto", "torch"] = "auto"
     store: AtomStore = field(init=False)
     tokens_seen: int = 0
     tokens_scored: int = 0
@@ -105,6 +110,9 @@ class ITDABuilder:
     added_at: list[int] = field(default_factory=list)
     stop_reason: str | None = None
     _sub: int = MIN_SUB_BATCH
+    #: torch-path steps run one after another (scorings and resolutions; each is a few kernel
+    #: launches on a GPU): what a GPU build costs beyond its arithmetic (diagnostic, not saved)
+    steps: int = 0
 
     def __post_init__(self) -> None:
         self.store = AtomStore(self.d_in, device=self.device, dtype=self.cfg.torch_decision_dtype)
@@ -183,13 +191,11 @@ class ITDABuilder:
     def _exact(
         self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch, end: int
     ) -> None:
-        if self.cfg.encoder == "mp" and self.store.kernel_ok:
-            rest = self._exact_kernel(x, rows, pos, batch)
-            if rest is None:
-                if not self.full:
-                    self._finish_batch(end)
-                return
-            rows = rest  # past the Gram budget: the torch path reads the rest
+        if self.cfg.encoder == "mp" and self.store.kernel_ok and self.backend == "auto":
+            self._exact_kernel(x, rows, pos, batch)
+            if not self.full:
+                self._finish_batch(end)
+            return
         i = 0  # index into rows
         while i < len(rows) and not self.full:
             cutoff = self._cutoff()
@@ -215,62 +221,64 @@ class ITDABuilder:
             i = stop
         self._finish_batch(end)
 
-    def _exact_kernel(
-        self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch
-    ) -> Tensor | None:
-        """The exact rule in the CPU kernel, sub-batch by sub-batch. Returns the rows left for
-        the torch path once the dictionary outgrows its Gram budget, or None when done (read to
-        the end, the cutoff, or full; ``tokens_seen`` is then set unless the batch continues)."""
-        store, i = self.store, 0
+    def _exact_kernel(self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch) -> None:
+        """The exact rule in the CPU kernel, sub-batch by sub-batch, to the end of ``rows``, the
+        cutoff, or full (``tokens_seen`` is then set). Past the Gram budget the rows are a cache:
+        each sub-batch's rows are fetched first by encoding it, and a row still missing stops the
+        kernel, is computed, and the kernel resumes at that token."""
+        store, i, k = self.store, 0, self.cfg.k
+        eps = float(torch.finfo(store.dtype).eps)
+        p = self.cfg.patience_tokens
+        limit = self.cfg.max_atoms
+        d = x.shape[1]
         while i < len(rows):
             n0 = len(store)
-            room = store.max_gram_atoms - n0
-            if room <= 0:
-                return rows[i:]
             lo, hi = KERNEL_SUB_BATCH
             size = max(lo, min(hi, KERNEL_CORR_BYTES // (max(n0, 1) * x.element_size())))
-            sub = rows[i : i + min(size, room)]
+            sub = rows[i : i + size]
             xs = x[sub].contiguous()
             store.reserve(n0 + len(sub))
             atoms, gram = store.buffers()
-            if gram is None:  # pragma: no cover - reserve() keeps it while room > 0
-                return rows[i:]
-            corr0 = xs @ store.atoms.T
-            work = np.empty(gram.shape[0], dtype=xs.numpy().dtype)
-            bits = work.view(np.int64 if work.dtype == np.float64 else np.int32)
+            if n0 and not gram.full:  # fetch the rows this sub-batch will pick, in few GEMMs
+                pursue("mp", xs, store.atoms, k, gram=gram, backend="kernel")
+            corr0 = (xs @ store.atoms.T).contiguous()
+            cap = atoms.shape[0]
+            dt = xs.numpy().dtype
+            itype = np.int64 if dt == np.float64 else np.int32
+            c = np.empty(cap, dtype=dt)
+            scr = np.zeros(1, dtype=dt)
             accepted = np.empty(len(sub), dtype=np.int64)
-            cutoff = self._cutoff()
-            p = self.cfg.patience_tokens
-            limit = self.cfg.max_atoms
-            added, read = pursuit._kernels.exact_mp(
-                xs.numpy(),
-                corr0.contiguous().numpy(),
-                atoms.numpy(),
-                gram.numpy(),
-                n0,
-                self.cfg.k,
-                self.cfg.cos_threshold,
-                self.cfg.cos_threshold + EARLY_MARGIN[store.dtype],
-                pos[sub].numpy(),
-                np.int64(min(cutoff, 2**62)),
-                -1 if p is None else p,
-                -1 if limit is None else limit - n0,
-                work,
-                bits,
-                bits.dtype.type(np.iinfo(bits.dtype).max),
-                accepted,
-            )
-            new = sub[torch.from_numpy(accepted[:added])]
-            store.commit(batch.labels[new], batch.token_ids[new])
-            self.added_at.extend(pos[new].tolist())
-            self.tokens_scored += read
+            work = (
+                c, c.view(itype), itype(np.iinfo(itype).max), np.empty(cap, dtype=dt),
+                np.empty(d, dtype=dt), np.empty(k, dtype=np.int64), np.empty(k, dtype=dt),
+                np.empty((cap + _kernels.BLOCK - 1) // _kernels.BLOCK, dtype=itype), scr,
+                scr.view(itype), np.zeros(2, dtype=np.int64), gram.uses.numpy(), accepted,
+            )  # fmt: skip
+            start, n, step, bound = 0, n0, 0, 0.0
+            while True:
+                cutoff = self._cutoff()
+                added, start, _, need, step, bound = _kernels.exact_mp(
+                    xs.numpy(), corr0.numpy(), n0, n, atoms.numpy(), gram.q.numpy(),
+                    gram.slot.numpy(), gram.owner.numpy(), gram.error, eps, k,
+                    pursuit.MAX_CANDIDATES, self.cfg.cos_threshold,
+                    self.cfg.cos_threshold + EARLY_MARGIN[store.dtype], pos[sub].numpy(),
+                    np.int64(min(cutoff, 2**62)), -1 if p is None else p,
+                    -1 if limit is None else limit - n0, start, step, bound, *work,
+                )  # fmt: skip
+                new = sub[torch.from_numpy(accepted[n - n0 : added])]
+                store.commit(batch.labels[new], batch.token_ids[new])
+                self.added_at.extend(pos[new].tolist())
+                n = n0 + added
+                if need < 0:
+                    break
+                gram.ensure(torch.tensor([need]), store.atoms)
+            self.tokens_scored += start
             if self.full:
-                self._read_until(int(pos[new[-1]]))
-                return None
-            if read < len(sub):  # the next row lies past the cutoff
-                return None
+                self._read_until(int(pos[sub[accepted[added - 1]]]))
+                return
+            if start < len(sub):  # the next row lies past the cutoff
+                return
             i += len(sub)
-        return None
 
     def _resolve(
         self, x: Tensor, sub: Tensor, pos: Tensor, batch: ActivationBatch
@@ -279,10 +287,12 @@ class ITDABuilder:
         xs = x[sub]
         T = xs.shape[0]
         paths = self._score(xs)
+        self.steps += 1
         valid = torch.full((T,), len(self.store) > 0, dtype=torch.bool)
         tol = xs.norm(dim=1) * self.tolerance_factor
         added, i = 0, 0
         while i < T:
+            self.steps += 1
             todo = (~valid[i:] | paths.accept[i:]).nonzero()
             if todo.numel() == 0:
                 break
@@ -316,8 +326,10 @@ class ITDABuilder:
                 xs.new_zeros(T, k, k) if omp else None,
                 torch.ones(T, dtype=torch.bool),
             )
-        atoms, gram = self.store.atoms, self.store.gram
-        code, trace = pursue(self.cfg.encoder, xs, atoms, k, gram=gram, trace=omp)
+        atoms = self.store.atoms
+        code, trace = pursue(
+            self.cfg.encoder, xs, atoms, k, gram=self.store.rows, trace=omp, backend=self.backend
+        )
         cos = F.cosine_similarity(xs, decode(code, atoms), dim=1, eps=1e-30)
         return _Paths(
             code.indices,
@@ -362,6 +374,7 @@ class ITDABuilder:
         xs = x[rows]
         self.tokens_scored += xs.shape[0]
         cand = self._score(xs).accept.nonzero().flatten()
+        self.steps += 1 + math.ceil(len(cand) / DISTINCT_BLOCK)
         limit = math.inf if self.cfg.max_atoms is None else self.cfg.max_atoms - len(self.store)
         sel = cand[_greedy_distinct(F.normalize(xs[cand], dim=1), self.cfg.cos_threshold, limit)]
         if sel.numel():
@@ -441,7 +454,7 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def _greedy_distinct(
-    units: Float[Tensor, "c d"], threshold: float, limit: float, block: int = 2048
+    units: Float[Tensor, "c d"], threshold: float, limit: float, block: int = DISTINCT_BLOCK
 ) -> Int[Tensor, " s"]:
     """Indices of candidates kept in order, skipping any with |cos| >= threshold to one kept before."""
     kept: list[int] = []

@@ -33,6 +33,7 @@ from itda_lens.activations import (
     read_batch,
     token_batches,
 )
+from itda_lens.budget import default_device
 from itda_lens.builder.checkpoint import Checkpointer, locked
 from itda_lens.builder.config import BuildConfig
 from itda_lens.builder.distributed import (
@@ -383,7 +384,7 @@ def build_itda(
     )
     tokenizer = getattr(model, "tokenizer", None)
     model_device = getattr(getattr(model, "cfg", None), "device", None) or "cpu"
-    device = cfg.device if cfg.device is not None else model_device
+    device = cfg.device if cfg.device is not None else default_device(model_device)
 
     def to_updates(toks: Tensor, offset: int) -> tuple[dict[str, ActivationBatch], int, float]:
         hb = read_batch(model, toks, hooks, offset=offset, skip_token_ids=excluded.tolist())
@@ -528,7 +529,7 @@ def build_itda_from_activations(
         stream,
         cfg,
         fingerprint,
-        device=cfg.device,
+        device=cfg.device or (default_device() if torch.cuda.is_available() else None),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         progress=progress,

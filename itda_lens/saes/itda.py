@@ -37,17 +37,18 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from typing_extensions import override
 
+from itda_lens.gram import GramRows
 from itda_lens.pursuit import (
     UNIT_NORM_TOL,
     SparseCode,
     check_atoms,
     check_k,
     decode,
-    gram_max_atoms,
     matching_pursuit,
     mp_values,
     omp_values,
     orthogonal_matching_pursuit,
+    plan_rows,
 )
 from itda_lens.saes._io import atomic_write, check_sae_folder
 
@@ -117,7 +118,7 @@ class ITDA(SAE[ITDAConfig]):
 
     def __init__(self, cfg: ITDAConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        self._gram_cache: tuple[tuple[Any, ...], Tensor] | None = None
+        self._gram_cache: tuple[tuple[Any, ...], GramRows] | None = None
 
     @override
     def initialize_weights(self) -> None:
@@ -151,13 +152,13 @@ class ITDA(SAE[ITDAConfig]):
 
     # --- encoding -------------------------------------------------------------------------
 
-    def _gram(self) -> Tensor | None:
-        """Cached ``W_dec @ W_dec.T`` (fp32 or wider) when it fits the budget (else None: pursuit
-        updates residuals instead); rebuilt whenever W_dec changes."""
+    def _gram(self) -> GramRows | None:
+        """The Gram rows pursuit uses for these atoms (every row when they fit the memory budget,
+        else a cache that keeps the most used rows across calls); rebuilt whenever W_dec changes."""
         w = self.W_dec
-        dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        if w.shape[0] > gram_max_atoms(dt) or w.device.type == "meta":
+        if w.device.type == "meta":
             return None
+        dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         # `.data` edits (as sae_lens's folds do) bypass the version counter, so the key also
         # carries an O(n·d) content fingerprint; any single changed entry changes it.
         probe_in = torch.linspace(1.0, 2.0, w.shape[1], dtype=torch.float64, device=w.device)
@@ -166,7 +167,7 @@ class ITDA(SAE[ITDAConfig]):
         key = (w.data_ptr(), w._version, w.device, dt, w.shape, fingerprint)
         if self._gram_cache is None or self._gram_cache[0] != key:
             a = w.detach().to(dt)
-            self._gram_cache = (key, a @ a.T)
+            self._gram_cache = (key, plan_rows(a, w.shape[0], self.cfg.k))
         return self._gram_cache[1]
 
     @override

@@ -11,8 +11,8 @@ from itda_lens import (
     BuildConfig,
     ITDABuilder,
     build_itda_from_activations,
-    pursuit,
 )
+from itda_lens.budget import set_memory_budget
 from itda_lens.dictionary import AtomStore
 from itda_lens.pursuit import reference_matching_pursuit
 from tests.builder.helpers import (
@@ -100,12 +100,26 @@ def test_kernel_and_torch_paths_agree(
     torch.testing.assert_close(fast.store.atoms, slow.store.atoms, atol=1e-15, rtol=0)
 
 
-def test_kernel_hands_over_to_torch_past_the_gram_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("budget", [None, 8192], ids=["full", "cache"])
+def test_dictionary_does_not_depend_on_the_memory_budget_or_path(
+    path: str, budget: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 KiB holds the full Gram of 64 atoms, then a cache of a few rows: the build goes past it
+    on both paths and gives the sequential rule's dictionary."""
+    if path == "torch":
+        _torch_path(monkeypatch)
     acts = anisotropic(900, 24)
-    monkeypatch.setattr(pursuit, "GRAM_MAX_BYTES", 40 * 40 * 8)  # 40 float64 atoms
-    itda = build_itda_from_activations(chunks(acts, 300), k=6, cos_threshold=0.95, progress=False)
-    assert itda.atom_labels[:, 0].tolist() == sequential_transcription(acts, 6, 0.95, "mp")
-    assert itda.cfg.d_sae > 60, "the build should go past the budget"
+    set_memory_budget(budget)
+    try:
+        b = ITDABuilder(24, BuildConfig(k=6, cos_threshold=0.95))
+        for part in chunks(acts, 300):
+            b.update(batch(part))
+    finally:
+        set_memory_budget(None)
+    assert b.added_at == sequential_transcription(acts, 6, 0.95, "mp")
+    assert len(b.store) > 100, "the build should go past the budget"
+    assert b.store.rows.full == (budget is None)
 
 
 def test_every_atom_was_poorly_reconstructed_when_added() -> None:

@@ -282,16 +282,22 @@ def test_gram_cache_follows_in_place_edits(itda: ITDA, acts: torch.Tensor) -> No
     torch.testing.assert_close(after, before[..., perm], atol=1e-4, rtol=1e-4)
 
 
-def test_large_dictionaries_skip_the_gram(
-    itda: ITDA, acts: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+def test_dictionaries_past_the_memory_budget_encode_the_same(
+    itda: ITDA, acts: torch.Tensor
 ) -> None:
-    import itda_lens.pursuit as pursuit
+    from itda_lens.budget import set_memory_budget
 
     full = itda.encode(acts)
+    assert itda._gram() is not None and itda._gram().full  # type: ignore[union-attr]
     copy = itda.crop(itda.cfg.d_sae)
-    monkeypatch.setattr(pursuit, "GRAM_MAX_BYTES", 1000)  # pretend the n x n Gram does not fit
-    assert copy._gram() is None
-    torch.testing.assert_close(copy.encode(acts), full, atol=1e-5, rtol=1e-5)
+    set_memory_budget(4096)  # a few rows of this dictionary: a cache filled on demand
+    try:
+        rows = copy._gram()
+        assert rows is not None and not rows.full
+        torch.testing.assert_close(copy.encode(acts), full, atol=1e-5, rtol=1e-5)
+        assert rows.computed > 0
+    finally:
+        set_memory_budget(None)
 
 
 def test_crop_keeps_first_atoms(itda: ITDA) -> None:
