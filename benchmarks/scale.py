@@ -158,13 +158,15 @@ def build_row(
     }
 
 
-def gpu_path_row(n: int, d: int, device: str, segment: int) -> dict[str, Any]:
+def gpu_path_row(n: int, d: int, device: str, segment: int, fill_seconds: float) -> dict[str, Any]:
     """Steps and torch ops per 1,000 tokens of the exact rule's torch path and the batch rule,
-    on a segment read after the kernel filled the dictionary to about half of ``n``."""
+    on a segment read after the kernel filled the dictionary to half of ``n`` (or read as much
+    of the stream as the build rows do, or ran out of ``fill_seconds``)."""
     cfg = BuildConfig(k=K, cos_threshold=BUILD_COS, max_atoms=n)
     b = ITDABuilder(d, cfg, device=device)
-    i = 0
-    while len(b.store) < n // 2:
+    i, deadline = 0, time.perf_counter() + fill_seconds
+    # half full, or as far as the build rows read, or the time cap
+    while len(b.store) < n // 2 and i * 4096 < 4 * n and time.perf_counter() < deadline:
         b.update(batch_of(synthetic(4096, d, 1000 + i, device)))
         i += 1
     seg = synthetic(segment, d, 5000, device)
@@ -253,7 +255,8 @@ def main() -> None:
 
     gpu: list[dict] = []
     for n in sizes:
-        gpu.append({"atoms": n, **gpu_path_row(n, dims[0], dev, 256 if args.quick else 2048)})
+        seg = 256 if args.quick else 2048
+        gpu.append({"atoms": n, **gpu_path_row(n, dims[0], dev, seg, min(cap, 300.0))})
         print(gpu[-1], flush=True)
 
     def fmt_enc(r: dict) -> dict:

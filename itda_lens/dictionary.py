@@ -178,5 +178,5 @@ class AtomStore:
         if rows.capacity_rows >= n:
             ids = torch.arange(n, device=store.device)
             rows.slot[:n], rows.owner[:n] = ids, ids
-            rows.fill(ids, store.atoms)
+            rows.fill_all(store.atoms)
         return store

@@ -108,7 +108,7 @@ class GramRows:
             out.slot[:] = torch.arange(n, device=out.device)
             out.owner[:] = out.slot
             if fill:
-                out.fill(torch.arange(n, device=out.device), atoms)
+                out.fill_all(atoms)
         return out
 
     # --- state ------------------------------------------------------------------------------
@@ -226,6 +226,17 @@ class GramRows:
                 self.q[first : first + len(slots), :n] = q  # a run of slots: a plain copy
             else:
                 self.q[slots, :n] = q
+
+    def fill_all(self, atoms: Float[Tensor, "n d"]) -> None:
+        """Every row of a full plan (``slot[i] == i``), from the upper triangle of the Gram matrix
+        (half the GEMM work), each block mirrored into its columns."""
+        n = self.n
+        block = max(1, FILL_BLOCK_BYTES // max(1, n * atoms.element_size()))
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            q = quantize_(atoms[lo:hi] @ atoms[lo:n].T)
+            self.q[lo:hi, lo:n] = q
+            self.q[hi:n, lo:hi] = q[:, hi - lo :].T
 
     def reserve(self, cols: int, rows: int | None = None) -> None:
         """Room for ``cols`` atoms and ``rows`` row slots (default: unchanged)."""
