@@ -33,14 +33,14 @@ BATCH_SIZES = [1, 4, 32, 128]  # sequences of 128 tokens per forward pass
 def run(model: Any, tokens: torch.Tensor, hooks: list[str], cfg: BuildConfig) -> dict:
     m = measure(lambda: build_itda(model, tokens, hooks, cfg, progress=False))
     itdas: dict[str, ITDA] = m.result
-    metas = [it.cfg.metadata.itda_builder for it in itdas.values()]
-    fwd = metas[0]["forward_seconds"]
-    dictionary = sum(meta["dictionary_seconds"] for meta in metas)
-    n_tok = metas[0]["tokens_seen"]
-    searches = [meta.get("threshold_search") for meta in metas]
+    records = [it.require_build_record() for it in itdas.values()]
+    fwd = records[0].forward_seconds
+    dictionary = sum(r.dictionary_seconds for r in records)
+    n_tok = records[0].tokens_seen
+    searches = [r.search for r in records]
     return {
         "rule": cfg.add_rule,
-        "search_s": sum(s["seconds"] for s in searches) if all(searches) else None,
+        "search_s": sum(s.seconds for s in searches if s) if all(searches) else None,
         "tokens": n_tok,
         "atoms": "+".join(str(it.cfg.d_sae) for it in itdas.values()),
         "wall_s": m.seconds,
@@ -116,7 +116,7 @@ def main() -> None:
         for bs in sizes:
             it = build_itda(
                 model, tokens, hook, cfg.replace(batch_size=bs, add_rule=rule), progress=False
-            )
+            )[hook]
             labels.append(it.atom_labels)
             first = int((it.atom_labels[:, 0] < bs).sum())
             by_batch.append(

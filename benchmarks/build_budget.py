@@ -108,31 +108,35 @@ def main() -> None:
 
     def add_row(row: dict[str, Any]) -> None:
         rows.append(row)
-        brief = {key: v for key, v in row.items() if key not in ("L0", "method", "budget", "meta")}
+        brief = {
+            key: v for key, v in row.items() if key not in ("L0", "method", "budget", "record")
+        }
         print(f"  L0={row['L0']} {row['method']} {row['budget']}: {brief}", flush=True)
 
     def build(k: int, budget: int, **kw: Any) -> tuple[ITDA, float]:
         start = time.perf_counter()
         itda = build_itda(
             model, train, HOOK, k=k, max_tokens=budget, progress=False, model_name=MODEL, **kw
-        )
+        )[HOOK]
         return itda, time.perf_counter() - start
 
     def itda_row(k: int, method: str, budget: int, itda: ITDA, seconds: float) -> dict[str, Any]:
-        meta = itda.cfg.metadata.itda_builder
-        read = meta["tokens_seen"]
-        stop = meta["stop_reason"] or ("token budget" if read >= budget else "end of data")
+        record = itda.require_build_record()
+        read = record.tokens_seen
+        stop = record.stop_reason or ("token budget" if read >= budget else "end of data")
         return {
             "L0": k,
             "method": method,
             "budget": kilo(budget),
             "tokens": read,
             "atoms": itda.cfg.d_sae,
-            "threshold": meta["cos_threshold"],
+            "threshold": record.cos_threshold,
             "stop": stop,
             **score(itda),
             "wall_s": seconds,
-            "meta": {key: v for key, v in meta.items() if key != "excluded_token_ids"},
+            "record": {
+                key: v for key, v in record.to_dict().items() if key != "excluded_token_ids"
+            },
         }
 
     # warm-up: compile the pursuit kernel outside the timings
@@ -171,9 +175,9 @@ def main() -> None:
             add_row(itda_row(k, COS_METHOD, budget, itda, seconds))
             last = itda
         assert last is not None
-        read = last.cfg.metadata.itda_builder["tokens_seen"]
+        read = last.require_build_record().tokens_seen
         positions = atom_positions(last, context)
-        growth[f"L0={k}"] = last.cfg.metadata.itda_builder["growth"]
+        growth[f"L0={k}"] = last.require_build_record().growth
         itda, seconds = build(k, budgets[-1], cos_threshold=COS, patience_tokens=patience)
         measured = itda_row(
             k, f"{COS_METHOD}, patience {kilo(patience)}", budgets[-1], itda, seconds
@@ -224,7 +228,7 @@ def main() -> None:
             row = itda_row(k, sized_method, budget, itda, seconds)
             # the sample is the whole budget, so the build must read exactly it and end with the
             # atom count the search found on it (else the build streamed other tokens)
-            search = row["meta"]["threshold_search"]
+            search = row["record"]["search"]
             row["built on its sample"] = (
                 row["tokens"] == min(budget, train.numel())
                 and row["atoms"] == search["atoms_on_sample"]

@@ -42,7 +42,7 @@ def screenshots(model: object, out: Path, word: str) -> list[str]:
     from playwright.sync_api import sync_playwright
 
     train = zoo.load_tokens("train", 256)
-    itda = build_itda(model, train, HOOK, k=K, cos_threshold=0.85, progress=False)
+    itda = build_itda(model, train, HOOK, k=K, cos_threshold=0.85, progress=False)[HOOK]
     site = out / "greedy"
     write_dashboard(
         itda,

@@ -50,19 +50,19 @@ def rank_main(rank: int, world: int, store: str, out: str, windows: int) -> None
     model = zoo.load_model()
     tokens = zoo.load_tokens("train", windows)
     t0 = time.perf_counter()
-    itda = build_itda(model, tokens, HOOK, progress=False, **SETTINGS)
+    itda = build_itda(model, tokens, HOOK, progress=False, **SETTINGS)[HOOK]
     wall = time.perf_counter() - t0
     if rank == 0:
-        meta = itda.cfg.metadata.itda_builder
+        record = itda.require_build_record()
         result = {
             "wall_s": wall,
-            "tokens": meta["tokens_seen"],
+            "tokens": record.tokens_seen,
             "atoms": itda.cfg.d_sae,
-            "forward_s": meta["forward_seconds"],
-            "dictionary_s": meta["dictionary_seconds"],
-            "wire_bytes": meta["wire_bytes"],
-            "batches": meta["batches"],
-            "activation_bytes": meta["tokens_seen"] * model.cfg.d_model * 4,
+            "forward_s": record.forward_seconds,
+            "dictionary_s": record.dictionary_seconds,
+            "wire_bytes": record.wire_bytes,
+            "batches": record.batches,
+            "activation_bytes": record.tokens_seen * model.cfg.d_model * 4,
             "labels": itda.atom_labels.tolist(),
         }
         Path(out).write_text(json.dumps(result))

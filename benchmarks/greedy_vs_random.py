@@ -84,7 +84,7 @@ def run_model(
                 "width": f"{mult:g}x",
                 "target": n,
                 "greedy atoms": m,
-                "threshold": g.cfg.metadata.itda_builder["cos_threshold"],
+                "threshold": g.require_build_record().cos_threshold,
                 "greedy FVU": mp_fvu(g, held),
                 "refined FVU": mp_fvu(refined, held),
                 "refined atoms": refined.cfg.d_sae,

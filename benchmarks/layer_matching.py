@@ -276,7 +276,7 @@ def atom_counts(name: str, itdas: list[Any], tokens: torch.Tensor) -> dict[str, 
     total = [it.cfg.d_sae for it in itdas]
     return {
         "model": name,
-        "tokens read": f"{itdas[0].cfg.metadata.itda_builder['tokens_seen']:,}",
+        "tokens read": f"{itdas[0].require_build_record().tokens_seen:,}",
         "atoms per layer": " / ".join(map(str, total)),
         "from the first batch": " / ".join(map(str, first)),
         "share from the first batch": f"{sum(first) / sum(total):.1%}",

@@ -147,8 +147,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             note = "the SAE width (no ITDA); "
         else:
             saes["ITDA"] = (itda, time.perf_counter() - t0)
-            builder = itda.cfg.metadata.itda_builder
-            notes["ITDA"] = {"threshold": builder["cos_threshold"], "note": ""}
+            notes["ITDA"] = {"threshold": itda.require_build_record().cos_threshold, "note": ""}
             m = itda.cfg.d_sae
             note = ""
         # the control: m of N *other* activations (the end of the permutation, disjoint from sub)

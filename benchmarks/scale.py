@@ -95,7 +95,7 @@ def encode_row(
     n, d = atoms.shape
     itda = ITDA.from_atoms(atoms, K, device=device)
     plan = measure(lambda: itda.encode_sparse(x[:64]))  # the first call plans the Gram rows
-    rows = itda._gram()
+    rows = itda.gram_rows()
     stats = PursuitStats()
     enc = measure(lambda: matching_pursuit(x, itda.W_dec.detach(), K, gram=rows, stats=stats))
     lit = measure(lambda: reference_matching_pursuit(x[:n_literal], atoms, K))
@@ -144,16 +144,16 @@ def build_row(
             progress=False,
         )
     )
-    meta = m.result.cfg.metadata.itda_builder
+    record = m.result.require_build_record()
     return {
         "d": d,
         "max_atoms": n,
         "cos": cos,
         "atoms": m.result.cfg.d_sae,
-        "tokens_read": meta["tokens_seen"],
-        "stop": meta["stop_reason"] or ("time cap" if meta["tokens_seen"] < total else "end"),
+        "tokens_read": record.tokens_seen,
+        "stop": record.stop_reason or ("time cap" if record.tokens_seen < total else "end"),
         "wall_s": m.seconds,
-        "build_tok_s": meta["tokens_seen"] / m.seconds,
+        "build_tok_s": record.tokens_seen / m.seconds,
         "peak_extra_bytes": m.peak_extra_bytes,
     }
 

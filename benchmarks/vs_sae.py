@@ -142,14 +142,14 @@ def run_model(
                     progress=False,
                     model_name=name,
                     dataset_path="kjv:train",
-                )
-                meta = built.cfg.metadata.itda_builder
+                )[hook]
+                record = built.require_build_record()
                 # wall-clock = the forward over the build windows + everything the build did
                 seconds = time.perf_counter() - t0 + per_token_forward * build_tokens.numel()
-                saes[label] = (built, seconds, meta["tokens_seen"])
+                saes[label] = (built, seconds, record.tokens_seen)
                 print(
                     f"  L0={k} width={width}: {label} {built.cfg.d_sae} atoms "
-                    f"(threshold {meta['cos_threshold']:.4f}) in {time.perf_counter() - t0:.1f}s",
+                    f"(threshold {record.cos_threshold:.4f}) in {time.perf_counter() - t0:.1f}s",
                     flush=True,
                 )
             itda, _, itda_tokens = saes["ITDA (MP)"]

@@ -105,16 +105,16 @@ def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = Tru
         model_name=cmd.model or model.cfg.model_name,
         dataset_path=dataset_path,
     )
-    itdas = {cmd.hook[0]: result} if isinstance(result, ITDA) else result
+    itdas = result
     if not save:
         return 0
     folders = {hook: out if len(itdas) == 1 else out / hook for hook in itdas}
     for hook, itda in itdas.items():
         itda.save_model(folders[hook])
-        meta = itda.cfg.metadata.itda_builder
+        rec = itda.require_build_record()
         print(
             f"saved ITDA at {hook}: {itda.cfg.d_sae} atoms (k={itda.cfg.k}, threshold "
-            f"{meta['cos_threshold']:.4f}, {meta['tokens_seen']:,} tokens read) -> {folders[hook]}"
+            f"{rec.cos_threshold:.4f}, {rec.tokens_seen:,} tokens read) -> {folders[hook]}"
         )
     print(f"next: itda-lens inspect {folders[cmd.hook[0]]}")
     return 0
@@ -153,6 +153,14 @@ def _cmd_train(args: Any) -> int:
     return 0
 
 
+def _build_summary(itda: ITDA) -> dict[str, Any]:
+    """The build record without its growth curve (None for a dictionary that was not built)."""
+    record = itda.build_record
+    if record is None:
+        return {}
+    return {k: v for k, v in record.to_dict().items() if k != "growth"}
+
+
 def _summary(itda: ITDA, folder: str) -> dict[str, Any]:
     meta = itda.cfg.metadata
     return {
@@ -165,7 +173,7 @@ def _summary(itda: ITDA, folder: str) -> dict[str, Any]:
         "model_name": meta.model_name,
         "context_size": meta.context_size,
         "dataset_path": meta.dataset_path,
-        "builder": {k: v for k, v in (meta.get("itda_builder") or {}).items() if k != "growth"},
+        "builder": _build_summary(itda),
     }
 
 

@@ -55,7 +55,7 @@ def default_setup(
 def _growth_plot(itdas: dict[str, ITDA], path: Path) -> None:
     series = {}
     for hook, itda in itdas.items():
-        growth = itda.cfg.metadata.itda_builder["growth"]
+        growth = itda.require_build_record().growth
         series[hook] = ([0] + [g[0] for g in growth], [0] + [g[1] for g in growth])
     line_plot(
         series, path, xlabel="tokens read", ylabel="atoms", title="Dictionary growth", step=True
@@ -155,15 +155,12 @@ def run_demo(
     }
     t0 = time.perf_counter()
     itdas = build_itda(setup.model, setup.train_tokens, hooks, cfg.replace(refine="none"), **common)
-    assert isinstance(itdas, dict)
     build_seconds = time.perf_counter() - t0
     refined: dict[str, ITDA] = {}
     if cfg.target_atoms is not None:
-        built = build_itda(
+        refined = build_itda(
             setup.model, setup.train_tokens, hooks, cfg.replace(refine="energy"), **common
         )
-        assert isinstance(built, dict)
-        refined = built
     results: dict[str, Any] = {
         "model": setup.model_name,
         "dataset": setup.dataset_name,
@@ -182,7 +179,7 @@ def run_demo(
         )
         layer = {
             "n_atoms": itda.cfg.d_sae,
-            "cos_threshold": itda.cfg.metadata.itda_builder["cos_threshold"],
+            "cos_threshold": itda.require_build_record().cos_threshold,
             "eval_seconds": round(time.perf_counter() - t1, 2),
             **{key: metrics.get(key) for key in METRICS},
             "random_control": {
@@ -279,14 +276,14 @@ def _write_report(
     ]
     lines += ["", "![dictionary growth](growth.png) ![reconstruction vs L0](recon_vs_l0.png)", ""]
     for hook, itda in itdas.items():
-        meta = itda.cfg.metadata.itda_builder
-        growth = meta["growth"]
+        record = itda.require_build_record()
+        growth = record.growth
         half = next(g[0] for g in growth if 2 * g[1] >= itda.cfg.d_sae)
         last = max((g[0] for g in growth if g[1] == itda.cfg.d_sae), default=0)
         last = min(g[0] for g in growth if g[1] == itda.cfg.d_sae) if last else 0
         lines.append(
             f"- {hook}: half of the {itda.cfg.d_sae} atoms were in place after {half:,} tokens, "
-            f"the last one came at token {last:,} of {meta['tokens_seen']:,}."
+            f"the last one came at token {last:,} of {record.tokens_seen:,}."
         )
     lines.append("")
     curve = results["recon_vs_l0"]

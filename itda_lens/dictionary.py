@@ -17,7 +17,7 @@ from torch import Tensor
 
 from itda_lens.budget import memory_budget
 from itda_lens.gram import GramRows
-from itda_lens.pursuit import _kernels
+from itda_lens.pursuit import kernels
 
 
 class AtomStore:
@@ -73,7 +73,7 @@ class AtomStore:
     def kernel_ok(self) -> bool:
         """Whether numba kernels can work on the buffers in place (CPU, float32/float64)."""
         return (
-            _kernels is not None
+            kernels is not None
             and self.device.type == "cpu"
             and self.dtype in (torch.float32, torch.float64)
         )
@@ -108,7 +108,7 @@ class AtomStore:
 
     def commit(self, labels: Int[Tensor, "b 2"], token_ids: Int[Tensor, " b"]) -> None:
         """Register ``b`` atoms a kernel wrote in place after the last one (unit rows, their Gram
-        entries written as :func:`itda_lens._kernels.exact_mp` does), one block each."""
+        entries written as :func:`itda_lens.kernels.exact_mp` does), one block each."""
         b = labels.shape[0]
         start, end = self.n, self.n + b
         if end > self._atoms.shape[0] or end > self.rows.capacity_cols:

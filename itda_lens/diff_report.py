@@ -81,7 +81,7 @@ def write_diff_report(
     out.mkdir(parents=True, exist_ok=True)
     layers = [layer_summary(d, tokenizer, top) for d in diffs]
     cfg = diffs[0].base.cfg
-    build = cfg.metadata.get("build_config") or {}
+    record = diffs[0].base.require_build_record()
     n_tokens = int((~diffs[0].scores.scores["base_gap"].isnan()).sum())
     summary = {
         "base": base_name,
@@ -89,7 +89,7 @@ def write_diff_report(
         "data": data_name,
         "tokens_scored": n_tokens,
         "k": cfg.k,
-        "cos_threshold": build.get("cos_threshold"),
+        "cos_threshold": record.cos_threshold,
         "seconds": seconds,
         "layers": layers,
     }

@@ -126,7 +126,6 @@ def build_pair(
             model_name=name,
             dataset_path=dataset_path,
         )
-        assert isinstance(built, dict)
         out.append(built)
     return out[0], out[1]
 
@@ -361,13 +360,17 @@ def diff_dictionaries(
     hooks = [h for h in d_base if h in d_ft]
     for side, dicts in (("base", d_base), ("fine-tune", d_ft)):
         for h in hooks:
-            stream = dicts[h].cfg.metadata.get("token_stream") or {}
-            if stream.get("n_sequences") != tokens.shape[0] or stream.get(
-                "prefix_sha256"
-            ) != prefix_digest(tokens):
+            record = dicts[h].build_record
+            stream = None if record is None else record.stream
+            n_seq = None if stream is None else stream.n_sequences
+            if (
+                n_seq != tokens.shape[0]
+                or stream is None
+                or stream.prefix_sha256 != prefix_digest(tokens)
+            ):
                 raise ValueError(
                     f"the {side} dictionary at {h} was built on another token stream "
-                    f"({stream.get('n_sequences')} sequences) than the {tokens.shape[0]} given: "
+                    f"({n_seq} sequences) than the {tokens.shape[0]} given: "
                     "atom labels would point at the wrong tokens; pass the tokens it was built on"
                 )
     check_pair(base, ft, hooks)

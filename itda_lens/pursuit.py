@@ -20,7 +20,7 @@ the atoms a chunk picks. Rows only *propose*: every token also keeps its residua
 checks the atoms whose approximate correlation is within the rows' error bound of the best by an
 exact dot product, so the picks and coefficients are the literal algorithm's up to floating-point
 rounding (exact ties aside), however coarse or incomplete the rows. On CPU a numba kernel
-(:mod:`itda_lens._kernels`) runs each token's ``k`` steps in cache; elsewhere (GPUs) the same
+(:mod:`itda_lens.kernels`) runs each token's ``k`` steps in cache; elsewhere (GPUs) the same
 algorithm runs step by step on torch ops over the whole chunk. This module knows only torch (and
 numpy/numba for the CPU kernel).
 """
@@ -39,9 +39,9 @@ from itda_lens.budget import memory_budget
 from itda_lens.gram import GramRows
 
 try:  # the CPU kernels; without numba the same algorithm runs on torch ops
-    from itda_lens import _kernels
+    from itda_lens import kernels
 except ImportError:  # pragma: no cover
-    _kernels = None  # type: ignore[assignment]
+    kernels = None  # type: ignore[assignment]
 
 __all__ = [
     "UNIT_NORM_TOL",
@@ -229,7 +229,7 @@ def _resolve_rows(
 
 def _use_kernel(backend: Backend, x: Tensor, rows: GramRows | None, kind: str) -> bool:
     ok = (
-        _kernels is not None
+        kernels is not None
         and kind == "mp"
         and rows is not None
         and x.device.type == "cpu"
@@ -273,7 +273,7 @@ def _mp_kernel(
     resid = np.empty((T, d), dtype=c.dtype)
     bounds = np.zeros(T, dtype=c.dtype)
     need = np.full(T, -1, dtype=np.int64)
-    bmax = np.empty((T, (n + _kernels.BLOCK - 1) // _kernels.BLOCK), dtype=itype)
+    bmax = np.empty((T, (n + kernels.BLOCK - 1) // kernels.BLOCK), dtype=itype)
     scr = np.zeros((T, 1), dtype=c.dtype)
     counts = np.zeros((T, 2), dtype=np.int64)
     eps = float(torch.finfo(x.dtype).eps)
@@ -282,7 +282,7 @@ def _mp_kernel(
     xs = x.numpy()
     while todo.size:
         stats.rounds += 1
-        _kernels.mp_rows(
+        kernels.mp_rows(
             xs, c, bits, mask, a, rows.q.numpy(), rows.slot.numpy(), c.dtype.type(rows.scale),
             c.dtype.type(rows.error), c.dtype.type(eps), k, MAX_CANDIDATES, todo, step, idx,
             val, resid, bounds, need, bmax, scr, scr.view(itype), counts,
@@ -540,7 +540,7 @@ class _numba_threads:
         self.n, self.before = n, None
 
     def __enter__(self) -> None:
-        if self.n is not None and _kernels is not None:
+        if self.n is not None and kernels is not None:
             import numba
 
             self.before = numba.get_num_threads()

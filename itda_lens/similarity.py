@@ -3,8 +3,8 @@
 ITDA similarity (Leask et al., eq. 8) is the Jaccard index of two dictionaries' atom labels — the
 ``(sequence, position)`` each atom was read at. Labels only mean the same thing when both builders
 read the same token stream, so every ITDA records a fingerprint of its stream (tokenizer, context
-size, a hash of its first sequences) and comparing incompatible ones raises
-:class:`IncompatibleLabels`. Across tokenizers, labels are anchored to the source text instead:
+size, a hash of its first sequences) in its build record, and comparing incompatible ones
+raises :class:`IncompatibleLabels`. Across tokenizers, labels are anchored to the source text instead:
 (document, character at which the atom's token ends) — :func:`span_labels`.
 
 Baselines compare activations of the same tokens, accumulated over batches so memory does not grow
@@ -31,19 +31,30 @@ class IncompatibleLabels(ValueError):
     """Two dictionaries' labels index different token streams; their overlap would be meaningless."""
 
 
-def stream_key(itda: ITDA) -> tuple[object, ...]:
-    """What must agree for labels to be comparable: tokenizer, context size, first sequences."""
-    s = itda.cfg.metadata.get("token_stream") or {}
-    return (s.get("tokenizer"), s.get("context_size"), s.get("prefix_sha256"))
+def stream_key(itda: ITDA) -> tuple[object, ...] | None:
+    """What must agree for labels to be comparable (context size, first sequences' tokens), from
+    the ITDA's build record; None when it records no token stream."""
+    record = itda.build_record
+    return None if record is None else record.stream.label_key
 
 
 def check_comparable(a: ITDA, b: ITDA) -> None:
-    ka, kb = stream_key(a), stream_key(b)
-    if None in ka or None in kb:
-        raise IncompatibleLabels(
-            "an ITDA lacks its token-stream fingerprint (built outside build_itda?); "
-            "labels cannot be compared safely"
-        )
+    """Raise :class:`IncompatibleLabels` unless both ITDAs' labels index the same token stream."""
+    for side, itda in (("first", a), ("second", b)):
+        if stream_key(itda) is None:
+            raise IncompatibleLabels(
+                f"the {side} ITDA ({itda.cfg.metadata.hook_name or 'no hook'}) records no token "
+                "stream: it was built from activations without tokens= or made by "
+                "ITDA.from_atoms, so its labels cannot be matched to another dictionary's. "
+                "Build it with build_itda, or pass build_itda_from_activations(..., tokens=) the "
+                "token ids the activations were read from"
+            )
+    ra, rb = a.build_record, b.build_record
+    assert ra is not None and rb is not None
+    ka = (ra.stream.tokenizer, *ra.stream.label_key)  # type: ignore[misc]
+    kb = (rb.stream.tokenizer, *rb.stream.label_key)  # type: ignore[misc]
+    if None in (ka[0], kb[0]):  # a tokenizer name is compared only when both record one
+        ka, kb = (None, *ka[1:]), (None, *kb[1:])
     if ka != kb:
         fields = ("tokenizer", "context_size", "first sequences")
         diff = [f"{f}: {x!r} vs {y!r}" for f, x, y in zip(fields, ka, kb, strict=True) if x != y]

@@ -107,7 +107,7 @@ def token_build(
                 checkpoint_every=1,
                 progress=False,
                 **build_kw,
-            )
+            )[HOOK]
             if out is not None:
                 itda.save_model(out)
         return itda.cfg.d_sae

@@ -165,7 +165,7 @@ def test_real_model_path_offline(tmp_path: Path, capsys: pytest.CaptureFixture) 
         )
         itda = ITDA.load_from_disk(out)
         assert itda.cfg.metadata.context_size == 64 and itda.cfg.metadata.dataset_path == str(data)
-        assert itda.cfg.metadata.itda_builder["tokens_seen"] >= 4096
+        assert itda.require_build_record().tokens_seen >= 4096
     capsys.readouterr()
     assert (
         main(
@@ -444,8 +444,8 @@ def test_patience_flag_stops_a_build_early(tmp_path: Path) -> None:
     out = tmp_path / "p"
     args = ["build", "--hook", "blocks.1.hook_resid_post", "--k", "8", "--out", str(out)]
     assert main([*args, "--max-tokens", "20000", "--patience-tokens", "300"]) == 0
-    meta = ITDA.load_from_disk(out).cfg.metadata.itda_builder
-    assert meta["stop_reason"] == "converged" and meta["tokens_seen"] < 20000
+    record = ITDA.load_from_disk(out).require_build_record()
+    assert record.stop_reason == "converged" and record.tokens_seen < 20000
 
 
 def test_cli_works_without_scikit_learn(tmp_path: Path) -> None:

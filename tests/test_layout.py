@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "itda_lens"
 #: module (dotted, relative to itda_lens) or package prefix -> layer (higher imports lower)
 LAYERS = {
     "pursuit": 0,
-    "_kernels": 0,
+    "kernels": 0,
     "dictionary": 0,
     "gram": 0,
     "budget": 0,
@@ -103,7 +103,7 @@ def test_imports_only_run_downward_without_cycles() -> None:
 
 
 def test_engine_knows_neither_sae_lens_nor_transformer_lens() -> None:
-    for name in ("pursuit", "_kernels", "dictionary", "gram", "budget"):
+    for name in ("pursuit", "kernels", "dictionary", "gram", "budget"):
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         roots = {
             (n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
@@ -151,3 +151,47 @@ def test_readme_guarantees_name_tests_that_exist() -> None:
             assert re.search(rf"def {re.escape(name)}\b", file.read_text()), f"{current}::{name}"
             refs += 1
     assert refs >= 10
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A module's underscore names are its own: nothing imports ``_name`` from another module or
+    reaches into an imported itda_lens module's ``_attr``, and an underscore module
+    (``saes/_io.py``) is imported only from inside its own package."""
+    mods = modules()
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text())
+        is_pkg = path.name == "__init__.py"
+        package = "itda_lens." + mod if is_pkg else "itda_lens." + mod.rpartition(".")[0]
+        package = package.rstrip(".")
+        imported_modules: set[str] = set()
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.ImportFrom) and (node.module or "").startswith("itda_lens")
+            ):
+                continue
+            assert node.module is not None
+            for alias in node.names:
+                assert not _private(alias.name), (
+                    f"itda_lens.{mod} imports {alias.name} from {node.module}"
+                )
+                if f"{node.module}.{alias.name}".removeprefix("itda_lens.") in mods:
+                    imported_modules.add(alias.asname or alias.name)
+            parts = node.module.split(".")
+            for i, part in enumerate(parts):
+                if _private(part):
+                    owner = ".".join(parts[:i])
+                    assert package == owner, (
+                        f"itda_lens.{mod} imports the private module {node.module} of {owner}"
+                    )
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in imported_modules
+                and _private(node.attr)
+            ):
+                pytest.fail(f"itda_lens.{mod} reaches into {node.value.id}.{node.attr}")

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from itda_lens import ITDA, build_itda_from_activations
 from itda_lens.pursuit import decode, matching_pursuit, orthogonal_matching_pursuit
+from itda_lens.saes import BUILD_RECORD_KEY, BuildRecord, StreamRecord
 from itda_lens.similarity import jaccard
 from tests.builder.helpers import chunks, sequential_transcription
 
@@ -132,12 +133,17 @@ def test_add_rule_invariant_and_batch_size_invariance(
 
 
 def _with_labels(labels: list[tuple[int, int]]) -> ITDA:
-    stream = {"tokenizer": "t", "context_size": 8, "prefix_sha256": "x"}
+    stream = StreamRecord("s", 64, n_sequences=8, context_size=8, tokenizer="t", prefix_sha256="x")
+    record = BuildRecord(
+        hook_name=None, config={}, cos_threshold=0.9, n_atoms=len(labels), tokens_seen=64,
+        tokens_scored=64, batches=1, stop_reason=None, growth=[], dictionary_seconds=0.0,
+        forward_seconds=0.0, stream=stream,
+    )  # fmt: skip
     return ITDA.from_atoms(
         torch.randn(max(1, len(labels)), 4),
         2,
         labels=torch.tensor(labels or [(0, 0)], dtype=torch.long),
-        metadata={"token_stream": stream},
+        metadata={BUILD_RECORD_KEY: record.to_dict()},
     )
 
 

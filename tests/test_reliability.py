@@ -145,7 +145,7 @@ def _batches(tokens: torch.Tensor) -> Iterator[torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(zoo_model: HookedSAETransformer, zoo_tokens: torch.Tensor) -> ITDA:
     """The uninterrupted build."""
-    return build_itda(zoo_model, _batches(zoo_tokens), HOOK, progress=False, **BUILD_KW)
+    return build_itda(zoo_model, _batches(zoo_tokens), HOOK, progress=False, **BUILD_KW)[HOOK]
 
 
 def _checkpoint_state(folder: Path) -> dict[str, Any]:
@@ -160,10 +160,9 @@ def _assert_same_dictionary(a: ITDA, b: ITDA) -> None:
     )
     assert torch.equal(a.atom_labels, b.atom_labels)
     assert torch.equal(a.atom_token_ids, b.atom_token_ids)
-    ma, mb = a.cfg.metadata, b.cfg.metadata
-    if "itda_builder" in ma.to_dict():
-        assert ma.itda_builder["tokens_seen"] == mb.itda_builder["tokens_seen"]
-        assert ma.token_stream["sha256"] == mb.token_stream["sha256"]
+    ra, rb = a.build_record, b.build_record
+    if ra is not None:
+        assert rb is not None and ra.tokens_seen == rb.tokens_seen and ra.stream == rb.stream
 
 
 # --- A1: a build killed at a random point resumes to the uninterrupted dictionary --------------
@@ -196,7 +195,7 @@ def test_build_killed_at_a_random_point_resumes_to_the_same_dictionary(
         checkpoint_every=1,
         progress=False,
         **BUILD_KW,
-    )
+    )[HOOK]
     _assert_same_dictionary(resumed, reference)
 
 
@@ -221,7 +220,7 @@ def test_build_killed_inside_a_checkpoint_write_resumes_to_the_same_dictionary(
         resume=True,
         progress=False,
         **BUILD_KW,
-    )
+    )[HOOK]
     _assert_same_dictionary(resumed, reference)
     assert temporaries(tmp_path / CHECKPOINT_FILE) == []  # removed by the resumed build
 
@@ -312,10 +311,10 @@ def test_second_build_into_a_locked_folder_fails_at_once(
     err = capsys.readouterr().err
     assert "another build is using the checkpoint folder" in err and holder in err
     attempts: list[Callable[[], Any]] = [
-        lambda: build_itda(zoo_model, zoo_tokens, HOOK, checkpoint_dir=folder, **BUILD_KW),
+        lambda: build_itda(zoo_model, zoo_tokens, HOOK, checkpoint_dir=folder, **BUILD_KW)[HOOK],
         lambda: build_itda(
             zoo_model, zoo_tokens, HOOK, checkpoint_dir=folder, resume=True, **BUILD_KW
-        ),
+        )[HOOK],
         lambda: build_itda_from_activations([torch.randn(8, 4)], checkpoint_dir=folder),
     ]
     for attempt in attempts:
@@ -339,7 +338,7 @@ def test_second_build_into_a_locked_folder_fails_at_once(
         resume=True,
         progress=False,
         **BUILD_KW,
-    )
+    )[HOOK]
     assert finished.cfg.d_sae == done[1]  # free again once the first build is done
 
 

@@ -163,11 +163,11 @@ def test_incompatible_labels_raise(two_builds, model) -> None:
     a, _, hooks = two_builds
     other = build_itda(
         model, make_tokens(32, seed=5), hooks[1], k=4, cos_threshold=0.85, progress=False
-    )
+    )[hooks[1]]
     with pytest.raises(IncompatibleLabels, match="first sequences"):
         jaccard(a[hooks[1]], other)
     bare = ITDA.from_atoms(torch.randn(4, 32), k=2)
-    with pytest.raises(IncompatibleLabels, match="fingerprint"):
+    with pytest.raises(IncompatibleLabels, match="records no token stream"):
         jaccard(bare, bare)
 
 

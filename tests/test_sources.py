@@ -77,14 +77,14 @@ def same_dictionary(a: ITDA, b: ITDA) -> None:
 def test_hf_module_path_and_tl_hook_give_the_same_dictionary(hf_dir: Path) -> None:
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     source = ModuleSource(hf, zoo.load_model().tokenizer)
-    from_hf = build_itda(source, tokens(), "transformer.h.1", **SETTINGS)
-    from_tl = build_itda(tl_over(hf_dir, hf), tokens(), "blocks.1.hook_resid_post", **SETTINGS)
-    assert isinstance(from_hf, ITDA) and isinstance(from_tl, ITDA)
+    from_hf = build_itda(source, tokens(), "transformer.h.1", **SETTINGS)["transformer.h.1"]
+    from_tl = build_itda(tl_over(hf_dir, hf), tokens(), "blocks.1.hook_resid_post", **SETTINGS)[
+        "blocks.1.hook_resid_post"
+    ]
     assert from_hf.cfg.d_sae > 20
     same_dictionary(from_hf, from_tl)
     # a module's input is the previous module's output
     both = build_itda(source, tokens(), ["transformer.h.1:input", "transformer.h.0"], **SETTINGS)
-    assert isinstance(both, dict)
     same_dictionary(both["transformer.h.1:input"], both["transformer.h.0"])
 
 
@@ -96,11 +96,14 @@ def test_transformer_bridge_builds_and_attaches(hf_dir: Path) -> None:
         )
 
     # TL hook names on the bridge; the same dictionary as the HF module it aliases
-    itda = build_itda(boot(TransformerBridge), tokens(), "blocks.1.hook_resid_post", **SETTINGS)
-    assert isinstance(itda, ITDA)
+    itda = build_itda(boot(TransformerBridge), tokens(), "blocks.1.hook_resid_post", **SETTINGS)[
+        "blocks.1.hook_resid_post"
+    ]
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     source = ModuleSource(hf, zoo.load_model().tokenizer)
-    same_dictionary(itda, build_itda(source, tokens(), "transformer.h.1", **SETTINGS))
+    same_dictionary(
+        itda, build_itda(source, tokens(), "transformer.h.1", **SETTINGS)["transformer.h.1"]
+    )
     # attached with sae_lens's SAETransformerBridge (which resolves the alias itself)
     bridge = boot(SAETransformerBridge)
     x = tokens()[:2]
@@ -115,7 +118,7 @@ def test_transformer_bridge_builds_and_attaches(hf_dir: Path) -> None:
 def test_unknown_module_path_names_close_matches(hf_dir: Path) -> None:
     source = load_hf(hf_dir)
     with pytest.raises(ValueError, match=r"transformer\.h\.1"):
-        build_itda(source, tokens(), "transformer.h1", **SETTINGS)
+        build_itda(source, tokens(), "transformer.h1", **SETTINGS)["transformer.h1"]
     with pytest.raises(ValueError, match="cannot load Hugging Face model"):
         load_hf(hf_dir / "missing")
 

@@ -31,13 +31,11 @@ from torch import Tensor
 from itda_lens.builder.config import BuildConfig
 from itda_lens.builder.distributed import Comm
 from itda_lens.builder.rule import ITDABuilder
-from itda_lens.dictionary import AtomStore
-from itda_lens.saes import atomic_write
-from itda_lens.saes._io import temporaries
+from itda_lens.saes import atomic_write, temporaries
 
 CHECKPOINT_FILE = "itda_checkpoint.safetensors"
 LOCK_FILE = "itda_build.lock"
-VERSION = 2
+VERSION = 3  # 3: builder state_dict fields (the Gram rows are recomputed on restore)
 
 
 class CheckpointLockedError(FileExistsError):
@@ -132,10 +130,9 @@ def _take(folder: Path, probe: bool = False) -> IO[str] | None:
     return f
 
 
-def locked(folder: str | Path | None) -> AbstractContextManager[Any]:
+def locked(folder: str | Path | None, comm: Comm | None = None) -> AbstractContextManager[Any]:
     """:func:`build_lock` on ``folder``, or nothing when there is no checkpoint folder (or on
-    the ranks other than 0 of a data-parallel build: rank 0 writes for all)."""
-    comm = Comm.current()
+    the ranks other than 0 of a data-parallel build ``comm``: rank 0 writes for all)."""
     if folder is None or (comm is not None and comm.rank != 0):
         return nullcontext()
     return build_lock(folder)
@@ -195,23 +192,16 @@ class Checkpointer:
         tensors: dict[str, Tensor] = {}
         hooks = {}
         for i, (hook, b) in enumerate(builders.items()):
-            tensors[f"{i}.atoms"] = b.store.atoms.contiguous().cpu()
-            tensors[f"{i}.labels"] = b.store.labels.contiguous().cpu()
-            tensors[f"{i}.token_ids"] = b.store.token_ids.contiguous().cpu()
-            hooks[hook] = {
-                "index": i,
-                "d_in": b.d_in,
-                "blocks": b.store.blocks,
-                "tokens_seen": b.tokens_seen,
-                "tokens_scored": b.tokens_scored,
-                "n_batches": b.n_batches,
-                "added_at": b.added_at,
-                "stop_reason": b.stop_reason,
-                "sub": b._sub,
-                "seconds": b.seconds,
-            }
+            state = b.state_dict()
+            for name in _TENSORS:
+                tensors[f"{i}.{name}"] = state[name]
+            hooks[hook] = {"index": i, **state["fields"]}
         meta = {"state": json.dumps({**progress, "version": VERSION, "hooks": hooks})}
         atomic_write(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+#: the tensors of a builder's state_dict (the rest is its JSON fields)
+_TENSORS = ("atoms", "labels", "token_ids")
 
 
 def _restore(
@@ -219,23 +209,5 @@ def _restore(
 ) -> ITDABuilder:
     b = ITDABuilder(h["d_in"], cfg, device=device)
     i = h["index"]
-    b.store = AtomStore.restore(
-        tensors[f"{i}.atoms"],
-        tensors[f"{i}.labels"],
-        tensors[f"{i}.token_ids"],
-        h["blocks"],
-        device=device,
-        dtype=cfg.torch_decision_dtype,
-    )
-    b.tokens_seen, b.tokens_scored, b.n_batches = (
-        h["tokens_seen"],
-        h["tokens_scored"],
-        h["n_batches"],
-    )
-    b.added_at, b.stop_reason, b._sub, b.seconds = (
-        h["added_at"],
-        h["stop_reason"],
-        h["sub"],
-        h["seconds"],
-    )
+    b.load_state_dict({**{n: tensors[f"{i}.{n}"] for n in _TENSORS}, "fields": h})
     return b

@@ -76,32 +76,6 @@ def shard(n: int, world: int, rank: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    """A builder's state at a batch start, to resolve the batch again from it."""
-
-    n_atoms: int
-    n_blocks: int
-    n_added: int
-    fields: tuple[int, int, int, str | None, int, float]
-
-    @classmethod
-    def of(cls, b: ITDABuilder) -> _Snapshot:
-        return cls(
-            len(b.store),
-            len(b.store.blocks),
-            len(b.added_at),
-            (b.tokens_seen, b.tokens_scored, b.n_batches, b.stop_reason, b._sub, b.seconds),
-        )
-
-    def restore(self, b: ITDABuilder) -> None:
-        b.store.truncate(self.n_atoms, self.n_blocks)
-        del b.added_at[self.n_added :]
-        (b.tokens_seen, b.tokens_scored, b.n_batches, b.stop_reason, b._sub, b.seconds) = (
-            self.fields
-        )
-
-
 def wire_bytes(obj: Any) -> int:
     """Bytes ``obj`` takes pickled (what an object all-gather sends per rank)."""
     return len(pickle.dumps(obj))
@@ -121,10 +95,10 @@ def distributed_read(
     pos = torch.arange(start + offset, start + offset + n)
     x = batch.acts.to(b.store.device, b.store.dtype)
     rows = (batch.eligible.to(x.device) & (x.norm(dim=1) > 0)).cpu().nonzero().flatten()
-    paths = b._score(x[rows])  # against the dictionary at the batch start
+    paths = b.score(x[rows])  # against the dictionary at the batch start
     included = paths.accept.clone()
     tol = x[rows].norm(dim=1) * b.tolerance_factor
-    snap = _Snapshot.of(b)
+    snap = b.snapshot()
     sent, gathered, new = 0, [], included.clone()
     while True:
         # only rows not sent before; activations in their own dtype (converted like any batch)
@@ -133,7 +107,7 @@ def distributed_read(
         payload += (pos[mine],)
         sent += wire_bytes(payload)
         gathered += comm.gather(payload)
-        snap.restore(b)
+        b.rollback(snap)
         where = torch.cat([p[3] for p in gathered])
         order = torch.argsort(where)  # global stream order
         xs, labels, tids = (torch.cat([p[i] for p in gathered])[order] for i in range(3))
@@ -146,7 +120,7 @@ def distributed_read(
         ):
             test = (~included & ~suspects & (pos[rows] > at)).nonzero().flatten()
             if test.numel():
-                hit = b._enters(x[rows[test]], paths, test, tol[test], atom=atom)
+                hit = b.enters(x[rows[test]], paths, test, tol[test], atom=atom)
                 suspects[test[hit]] = True
         if not any(comm.gather(bool(suspects.any()))):
             return len(b.store) - snap.n_atoms, sent

@@ -8,7 +8,7 @@ the dictionary at its start in one pass; a verdict can change only if an atom ad
 sub-batch would enter the token's pursuit path, which is tested exactly from the new atom's Gram row
 and the path's coefficients (``|<r_t, a_new>| > |<r_t, a_pick>|`` at some step t); only those
 tokens are pursued again, in order. On CPU with MP, a compiled kernel
-(:func:`itda_lens._kernels.exact_mp`) instead walks the sub-batch one token at a time from one
+(:func:`itda_lens.kernels.exact_mp`) instead walks the sub-batch one token at a time from one
 matmul against the atoms at its start (no token is pursued twice, no per-atom Python overhead);
 both paths give the same atoms. Verdicts are computed in ``decision_dtype`` (float64 by default)
 so that rounding, which differs between batch shapes, cannot flip one.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from itda_lens import _kernels, pursuit
+from itda_lens import pursuit
 from itda_lens.builder.config import BuildConfig
 from itda_lens.dictionary import AtomStore
-from itda_lens.pursuit import decode, pursue
-from itda_lens.saes import ITDA
+from itda_lens.pursuit import decode, kernels, pursue
+from itda_lens.saes import ITDA, BuildRecord, SearchRecord, StreamRecord
 
 #: Sub-batch sizes of the exact rule (tokens scored in one pass): small while most tokens become
 #: atoms (each new atom sends later tokens back to the pursuit), large once few do.
@@ -74,7 +74,7 @@ class ActivationBatch(NamedTuple):
 
 
 @dataclass
-class _Paths:
+class Paths:
     """Pursuit paths of a sub-batch: picks, values, the |correlation| at each pick and (OMP) the
     residual's coefficients before each step; ``accept`` is the verdict they give."""
 
@@ -84,7 +84,7 @@ class _Paths:
     coefs: Tensor | None
     accept: Tensor
 
-    def put(self, rows: Tensor, other: _Paths) -> None:
+    def put(self, rows: Tensor, other: Paths) -> None:
         for name in ("idx", "val", "peaks", "accept"):
             getattr(self, name)[rows] = getattr(other, name)
         if self.coefs is not None and other.coefs is not None:
@@ -251,13 +251,13 @@ class ITDABuilder:
             work = (
                 c, c.view(itype), itype(np.iinfo(itype).max), np.empty(cap, dtype=dt),
                 np.empty(d, dtype=dt), np.empty(k, dtype=np.int64), np.empty(k, dtype=dt),
-                np.empty((cap + _kernels.BLOCK - 1) // _kernels.BLOCK, dtype=itype), scr,
+                np.empty((cap + kernels.BLOCK - 1) // kernels.BLOCK, dtype=itype), scr,
                 scr.view(itype), np.zeros(2, dtype=np.int64), gram.uses.numpy(), accepted,
             )  # fmt: skip
             start, n, step, bound = 0, n0, 0, 0.0
             while True:
                 cutoff = self._cutoff()
-                added, start, _, need, step, bound = _kernels.exact_mp(
+                added, start, _, need, step, bound = kernels.exact_mp(
                     xs.numpy(), corr0.numpy(), n0, n, atoms.numpy(), gram.q.numpy(),
                     gram.slot.numpy(), gram.owner.numpy(), gram.error, eps, k,
                     pursuit.MAX_CANDIDATES, self.cfg.cos_threshold,
@@ -286,7 +286,7 @@ class ITDABuilder:
         """Judge the rows ``sub`` of ``x`` in order; returns (atoms added, last row judged)."""
         xs = x[sub]
         T = xs.shape[0]
-        paths = self._score(xs)
+        paths = self.score(xs)
         self.steps += 1
         valid = torch.full((T,), len(self.store) > 0, dtype=torch.bool)
         tol = xs.norm(dim=1) * self.tolerance_factor
@@ -299,7 +299,7 @@ class ITDABuilder:
             j = i + int(todo[0])
             if not bool(valid[j]):  # an atom added since it was scored enters its path: re-pursue
                 again = j + (~valid[j:]).nonzero().flatten()
-                paths.put(again, self._score(xs[again]))
+                paths.put(again, self.score(xs[again]))
                 valid[again] = True
                 if not bool(paths.accept[j]):
                     i = j + 1
@@ -310,16 +310,16 @@ class ITDABuilder:
                 return added, int(sub[j])
             later = j + 1 + valid[j + 1 :].nonzero().flatten()
             if later.numel():
-                valid[later[self._enters(xs[later], paths, later, tol[later])]] = False
+                valid[later[self.enters(xs[later], paths, later, tol[later])]] = False
             i = j + 1
         return added, int(sub[-1])
 
-    def _score(self, xs: Tensor) -> _Paths:
+    def score(self, xs: Tensor) -> Paths:
         """Pursue ``xs`` over the current dictionary (an empty one accepts everything)."""
         T, k = xs.shape[0], self.cfg.k
         omp = self.cfg.encoder == "omp"
         if len(self.store) == 0:
-            return _Paths(
+            return Paths(
                 torch.zeros(T, k, dtype=torch.long, device=xs.device),
                 xs.new_zeros(T, k),
                 xs.new_full((T, k), -math.inf),
@@ -331,7 +331,7 @@ class ITDABuilder:
             self.cfg.encoder, xs, atoms, k, gram=self.store.rows, trace=omp, backend=self.backend
         )
         cos = F.cosine_similarity(xs, decode(code, atoms), dim=1, eps=1e-30)
-        return _Paths(
+        return Paths(
             code.indices,
             code.values,
             trace.peaks if trace is not None else code.values.abs(),
@@ -345,9 +345,7 @@ class ITDABuilder:
         the rounding of the decision dtype, so that a re-pursuit is never missed."""
         return math.sqrt(torch.finfo(self.store.dtype).eps) * 4
 
-    def _enters(
-        self, xs: Tensor, paths: _Paths, rows: Tensor, tol: Tensor, atom: int = -1
-    ) -> Tensor:
+    def enters(self, xs: Tensor, paths: Paths, rows: Tensor, tol: Tensor, atom: int = -1) -> Tensor:
         """Which of these tokens' paths the atom (default: the newest) would enter
         (conservatively, within ``tol``)."""
         atom = atom % len(self.store)
@@ -373,7 +371,7 @@ class ITDABuilder:
             rows = rows[pos[rows] <= cutoff]
         xs = x[rows]
         self.tokens_scored += xs.shape[0]
-        cand = self._score(xs).accept.nonzero().flatten()
+        cand = self.score(xs).accept.nonzero().flatten()
         self.steps += 1 + math.ceil(len(cand) / DISTINCT_BLOCK)
         limit = math.inf if self.cfg.max_atoms is None else self.cfg.max_atoms - len(self.store)
         sel = cand[_greedy_distinct(F.normalize(xs[cand], dim=1), self.cfg.cos_threshold, limit)]
@@ -416,28 +414,104 @@ class ITDABuilder:
             points.append([self.tokens_seen, n])
         return points
 
-    def summary(self) -> dict[str, Any]:
+    def record(
+        self,
+        *,
+        hook_name: str | None,
+        config: BuildConfig,
+        stream: StreamRecord,
+        forward_seconds: float,
+        world_size: int = 1,
+        wire_bytes: int = 0,
+        excluded_token_ids: Sequence[int] = (),
+        search: SearchRecord | None = None,
+    ) -> BuildRecord:
+        """The typed record of this build (``config``: the settings as given; the threshold this
+        builder used may have been searched)."""
+        return BuildRecord(
+            hook_name=hook_name,
+            config=config.to_dict(),
+            cos_threshold=self.cfg.cos_threshold,
+            n_atoms=len(self.store),
+            tokens_seen=self.tokens_seen,
+            tokens_scored=self.tokens_scored,
+            batches=self.n_batches,
+            stop_reason=self.stop_reason,
+            growth=self.growth(),
+            dictionary_seconds=round(self.seconds, 3),
+            forward_seconds=round(forward_seconds, 3),
+            stream=stream,
+            world_size=world_size,
+            wire_bytes=wire_bytes,
+            excluded_token_ids=list(excluded_token_ids),
+            search=search,
+        )
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this build exactly: the atoms, labels and token ids
+        (tensors, on CPU) and the progress fields (JSON-able, under ``"fields"``)."""
         return {
-            **{
-                key: getattr(self.cfg, key)
-                for key in (
-                    "k",
-                    "cos_threshold",
-                    "max_atoms",
-                    "encoder",
-                    "add_rule",
-                    "decision_dtype",
-                    "patience_tokens",
-                )
+            "atoms": self.store.atoms.detach().cpu().contiguous(),
+            "labels": self.store.labels.cpu().contiguous(),
+            "token_ids": self.store.token_ids.cpu().contiguous(),
+            "fields": {
+                "d_in": self.d_in,
+                "blocks": list(self.store.blocks),
+                **{name: getattr(self, name) for name in _PROGRESS},
+                "added_at": list(self.added_at),
             },
-            "n_atoms": len(self.store),
-            "tokens_seen": self.tokens_seen,
-            "tokens_scored": self.tokens_scored,
-            "batches": self.n_batches,
-            "stop_reason": self.stop_reason,
-            "growth": self.growth(),
-            "dictionary_seconds": round(self.seconds, 3),
         }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (atoms restored in the decision dtype; the Gram rows
+        are recomputed, which never changes a verdict)."""
+        f = state["fields"]
+        if f["d_in"] != self.d_in:
+            raise ValueError(
+                f"d_in mismatch: the state holds {f['d_in']}-d atoms, this builder {self.d_in}"
+            )
+        self.store = AtomStore.restore(
+            state["atoms"],
+            state["labels"],
+            state["token_ids"],
+            list(f["blocks"]),
+            device=self.store.device,
+            dtype=self.store.dtype,
+        )
+        for name in _PROGRESS:
+            setattr(self, name, f[name])
+        self.added_at = list(f["added_at"])
+
+    def snapshot(self) -> BuilderSnapshot:
+        """A cheap mark to :meth:`rollback` to (atoms are only ever appended)."""
+        return BuilderSnapshot(
+            len(self.store),
+            len(self.store.blocks),
+            len(self.added_at),
+            tuple(getattr(self, name) for name in _PROGRESS),
+        )
+
+    def rollback(self, snap: BuilderSnapshot) -> None:
+        """Forget everything read since ``snap``."""
+        self.store.truncate(snap.n_atoms, snap.n_blocks)
+        del self.added_at[snap.n_added :]
+        for name, value in zip(_PROGRESS, snap.progress, strict=True):
+            setattr(self, name, value)
+
+
+#: the builder's progress fields besides its atoms (what checkpoints and snapshots carry)
+_PROGRESS = ("tokens_seen", "tokens_scored", "n_batches", "stop_reason", "_sub", "seconds")
+
+
+class BuilderSnapshot(NamedTuple):
+    """Where a builder was (see :meth:`ITDABuilder.snapshot`)."""
+
+    n_atoms: int
+    n_blocks: int
+    n_added: int
+    progress: tuple[Any, ...]
 
 
 @contextmanager

@@ -1,17 +1,19 @@
 """The streaming build: read batches in stream order, feed every hook's :class:`ITDABuilder`,
 checkpoint, resume, and stop on a token budget or when every dictionary is full or converged.
 
-``build_itda`` reads token batches through a TransformerLens model; ``build_itda_from_activations``
-reads activations the caller already has. Both run the same loop (:func:`run_stream`), whose state
-between batches is the typed :class:`BuildProgress`. A resumed build replays the checkpointed
-dictionaries bit for bit and checks that the batches it skips are the ones the checkpoint read.
-A build holds its checkpoint folder's lock from start to end: a second build into the same folder
-fails at once with :class:`~itda_lens.builder.checkpoint.CheckpointLockedError`.
+``build_itda`` reads token batches through a TransformerLens model and returns ``{hook: ITDA}``;
+``build_itda_from_activations`` reads activations the caller already has and returns one ITDA. Both
+run the same loop (:func:`run_stream`), whose state between batches is the typed
+:class:`BuildProgress`, and both write the same typed :class:`~itda_lens.saes.BuildRecord` into each
+ITDA's metadata. A resumed build restores the checkpointed builders through their state API and
+checks that the batches it skips are the ones the checkpoint read. The build functions hold their
+checkpoint folder's lock from their first line to their last: a second build into the same folder
+fails at once with :class:`~itda_lens.builder.checkpoint.CheckpointLockedError`. A data-parallel
+build passes its process group (:class:`~itda_lens.builder.distributed.Comm`) down explicitly.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import math
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,27 +48,13 @@ from itda_lens.builder.distributed import (
 from itda_lens.builder.refine import prune_by_energy
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 from itda_lens.builder.target import ThresholdSearch, find_threshold
-from itda_lens.saes import ITDA
+from itda_lens.saes import BUILD_RECORD_KEY, ITDA, SearchRecord, StreamRecord
 
 #: Sequences whose hash identifies a token stream (``token_stream.prefix_sha256``), for similarity.
 PREFIX_SEQUENCES = 16
 
 #: (raw batch, sequences before it) -> ({hook: ActivationBatch}, sequences in it, forward seconds)
 ToUpdates = Callable[[Any, int], tuple[dict[str, ActivationBatch], int, float]]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _holding_checkpoint_lock(build: F) -> F:
-    """Run ``build`` holding the lock of its ``checkpoint_dir=`` (if any) from its first line, so
-    that a second build into that folder fails before reading anything."""
-
-    @functools.wraps(build)
-    def locked_build(*args: Any, **kwargs: Any) -> Any:
-        with locked(kwargs.get("checkpoint_dir")):
-            return build(*args, **kwargs)
-
-    return locked_build  # type: ignore[return-value]
 
 
 @dataclass
@@ -126,66 +114,27 @@ def run_stream(
     resume: bool,
     progress: bool,
     thresholds: dict[str, float] | None = None,
+    comm: Comm | None = None,
 ) -> tuple[dict[str, ITDABuilder], BuildProgress]:
     """Feed the stream to one builder per hook until it ends, the token budget is spent, or every
-    builder is full or converged. ``thresholds`` overrides ``cos_threshold`` per hook."""
-    with locked(checkpoint_dir):  # re-entrant: build_itda already holds it
-        return _run_stream(
-            stream, cfg, fingerprint, device, checkpoint_dir, resume, progress, thresholds
-        )
-
-
-def _run_stream(
-    stream: Stream,
-    cfg: BuildConfig,
-    fingerprint: dict[str, Any],
-    device: Any,
-    checkpoint_dir: str | Path | None,
-    resume: bool,
-    progress: bool,
-    thresholds: dict[str, float] | None,
-) -> tuple[dict[str, ITDABuilder], BuildProgress]:
+    builder is full or converged. ``thresholds`` overrides ``cos_threshold`` per hook; ``comm``
+    makes it a data-parallel build. The caller holds the checkpoint folder's lock."""
     thresholds = thresholds or {}
-    comm = Comm.current()
     if comm is not None and cfg.batch_size % comm.world:
         raise ValueError(
             f"batch_size={cfg.batch_size} does not divide among {comm.world} ranks: every rank "
             "reads an equal shard of each batch; use a multiple of the world size"
         )
     ckpt = Checkpointer(checkpoint_dir if comm is None or comm.rank == 0 else None)
-    state = BuildProgress(fingerprint, thresholds=dict(thresholds))
-    builders: dict[str, ITDABuilder] = {}
 
     def hook_cfg(hook: str) -> BuildConfig:
         return cfg.replace(cos_threshold=thresholds[hook]) if hook in thresholds else cfg
 
-    if comm is None:
-        saved = ckpt.load(resume, cfg, device or "cpu")
-    else:  # rank 0 reads the checkpoint, every rank resumes from it (or fails with its error)
-        saved, error = None, None
-        if comm.rank == 0:
-            try:
-                saved = ckpt.load(resume, cfg, device or "cpu")
-            except (ValueError, OSError) as err:
-                error = err
-        comm.agree("the build settings and model", fingerprint)
-        saved, error = comm.broadcast((saved, error))
-        if error is not None:
-            raise error
-    if saved is not None:
-        fields_, builders = saved
-        if fields_["fingerprint"] != fingerprint:
-            diff = {
-                k: (fields_["fingerprint"].get(k), v)
-                for k, v in fingerprint.items()
-                if fields_["fingerprint"].get(k) != v
-            }
-            raise ValueError(
-                f"the checkpoint in {checkpoint_dir} was written with other settings (saved, now): {diff}"
-            )
-        state = BuildProgress(**fields_)
-        for hook, b in builders.items():
-            b.cfg = hook_cfg(hook)
+    state, builders = _start(ckpt, resume, cfg, fingerprint, device, comm)
+    state.thresholds = state.thresholds or dict(thresholds)
+    for hook, b in builders.items():
+        b.cfg = hook_cfg(hook)
+    read = _reader(comm)
     skip, target_sha, running_sha = state.batches, state.stream_sha256, ""
     show = progress and (comm is None or comm.rank == 0)
     bar = tqdm(total=stream.total, desc="ITDA build", unit="batch", disable=not show, initial=skip)
@@ -196,7 +145,7 @@ def _run_stream(
             if stream.first_tokens is not None and sum(map(len, prefix)) < PREFIX_SEQUENCES:
                 prefix.append(raw[: PREFIX_SEQUENCES - sum(map(len, prefix))])
             running_sha = _digest(running_sha, stream.key(raw))
-            if i < skip:
+            if i < skip:  # read by the checkpointed build: only check it is the same input
                 if i == skip - 1 and running_sha != target_sha:
                     raise ValueError(
                         "resume: the input differs from the one the checkpoint was built from"
@@ -207,40 +156,19 @@ def _run_stream(
             if i == 0 and stream.first_tokens is not None:
                 state.first_column = stream.first_tokens(raw)
                 state.context_size = int(raw.shape[1])
-            n_seq = stream.size(raw)
-            lo, hi = (0, n_seq) if comm is None else shard(n_seq, comm.world, comm.rank)
-            if hi > lo:
-                updates, _, fwd = stream.to_updates(stream.rows(raw, lo, hi), state.sequences + lo)
-            elif builders:  # a short last batch leaves this rank's shard empty
-                updates, fwd = {h: empty_like(b, device) for h, b in builders.items()}, 0.0
-            else:
-                raise ValueError(f"the first batch has {n_seq} rows, fewer than {comm.world} ranks")
-            state.forward_seconds += fwd
-            local = next(iter(updates.values())).acts.shape[0]
-            counts = [local] if comm is None else comm.gather(local)
-            offset, n_rows = sum(counts[: comm.rank if comm else 0]), sum(counts)
-            n_tok = n_rows
-            if cfg.max_tokens is not None and state.tokens + n_tok > cfg.max_tokens:
-                n_tok = cfg.max_tokens - state.tokens
-                n_seq = math.ceil(n_seq * n_tok / n_rows)
-                updates = _cut(updates, max(0, min(local, n_tok - offset)))
+            updates, n_seq, n_tok, offset = _batch_updates(stream, raw, state, cfg, builders, comm)
             for hook, batch in updates.items():
                 if hook not in builders:
                     builders[hook] = ITDABuilder(
                         batch.acts.shape[1], hook_cfg(hook), device=device or batch.acts.device
                     )
-                if comm is None:
-                    builders[hook].update(batch)
-                else:
-                    state.wire_bytes += distributed_read(
-                        builders[hook], batch, comm, offset, n_tok
-                    )[1]
+                state.wire_bytes += read(builders[hook], batch, offset, n_tok)
             state.sequences += n_seq
             state.tokens += n_tok
             state.batches = i + 1
             state.stream_sha256 = running_sha
             seen_now += n_tok
-            done = all(b.stopped for b in builders.values()) or (
+            state.finished = all(b.stopped for b in builders.values()) or (
                 cfg.max_tokens is not None and state.tokens >= cfg.max_tokens
             )
             bar.update(1)
@@ -248,10 +176,9 @@ def _run_stream(
                 atoms=",".join(str(len(b.store)) for b in builders.values()),
                 tok_s=f"{seen_now / max(time.perf_counter() - t0, 1e-9):.0f}",
             )
-            state.finished = done
-            if done or state.batches % cfg.checkpoint_every == 0:
+            if state.finished or state.batches % cfg.checkpoint_every == 0:
                 ckpt.save(asdict(state), builders)
-            if done:
+            if state.finished:
                 break
     finally:
         bar.close()
@@ -270,6 +197,95 @@ def _run_stream(
         state.finished = True
         ckpt.save(asdict(state), builders)
     return builders, state
+
+
+Reader = Callable[[ITDABuilder, ActivationBatch, int, int], int]
+
+
+def _reader(comm: Comm | None) -> Reader:
+    """How a builder reads its rows of a batch: alone, or as one rank of ``comm`` (``offset``:
+    where this rank's rows start in the global batch of ``total`` rows). Returns bytes sent."""
+
+    def alone(b: ITDABuilder, batch: ActivationBatch, offset: int, total: int) -> int:
+        b.update(batch)
+        return 0
+
+    def one_rank(b: ITDABuilder, batch: ActivationBatch, offset: int, total: int) -> int:
+        assert comm is not None
+        return distributed_read(b, batch, comm, offset, total)[1]
+
+    return alone if comm is None else one_rank
+
+
+def _start(
+    ckpt: Checkpointer,
+    resume: bool,
+    cfg: BuildConfig,
+    fingerprint: dict[str, Any],
+    device: Any,
+    comm: Comm | None,
+) -> tuple[BuildProgress, dict[str, ITDABuilder]]:
+    """A fresh progress record, or the checkpointed one with its builders (a data-parallel build:
+    rank 0 reads the checkpoint and every rank resumes from it, or fails with its error)."""
+    if comm is None:
+        saved = ckpt.load(resume, cfg, device or "cpu")
+    else:
+        saved, error = None, None
+        if comm.rank == 0:
+            try:
+                saved = ckpt.load(resume, cfg, device or "cpu")
+            except (ValueError, OSError) as err:
+                error = err
+        comm.agree("the build settings and model", fingerprint)
+        saved, error = comm.broadcast((saved, error))
+        if error is not None:
+            raise error
+    if saved is None:
+        return BuildProgress(fingerprint), {}
+    fields_, builders = saved
+    if fields_["fingerprint"] != fingerprint:
+        diff = {
+            k: (fields_["fingerprint"].get(k), v)
+            for k, v in fingerprint.items()
+            if fields_["fingerprint"].get(k) != v
+        }
+        raise ValueError(
+            f"the checkpoint in {ckpt.path.parent if ckpt.path else None} was written with other "
+            f"settings (saved, now): {diff}"
+        )
+    return BuildProgress(**fields_), builders
+
+
+def _batch_updates(
+    stream: Stream,
+    raw: Any,
+    state: BuildProgress,
+    cfg: BuildConfig,
+    builders: dict[str, ITDABuilder],
+    comm: Comm | None,
+) -> tuple[dict[str, ActivationBatch], int, int, int]:
+    """This process's rows of one raw batch as builder updates, cut at ``max_tokens``: (updates,
+    sequences, tokens of the global batch, offset of this rank's rows in it)."""
+    n_seq = stream.size(raw)
+    lo, hi = (0, n_seq) if comm is None else shard(n_seq, comm.world, comm.rank)
+    if hi > lo:
+        updates, _, fwd = stream.to_updates(stream.rows(raw, lo, hi), state.sequences + lo)
+    elif builders:  # a short last batch leaves this rank's shard empty
+        device = next(iter(builders.values())).store.device
+        updates, fwd = {h: empty_like(b, device) for h, b in builders.items()}, 0.0
+    else:
+        assert comm is not None
+        raise ValueError(f"the first batch has {n_seq} rows, fewer than {comm.world} ranks")
+    state.forward_seconds += fwd
+    local = next(iter(updates.values())).acts.shape[0]
+    counts = [local] if comm is None else comm.gather(local)
+    offset, n_rows = sum(counts[: comm.rank if comm else 0]), sum(counts)
+    n_tok = n_rows
+    if cfg.max_tokens is not None and state.tokens + n_tok > cfg.max_tokens:
+        n_tok = cfg.max_tokens - state.tokens
+        n_seq = math.ceil(n_seq * n_tok / n_rows)
+        updates = _cut(updates, max(0, min(local, n_tok - offset)))
+    return updates, n_seq, n_tok, offset
 
 
 def _model_fingerprint(model: torch.nn.Module) -> str:
@@ -329,21 +345,18 @@ class _Sizing:
     def thresholds(self) -> dict[str, float]:
         return {h: s.threshold for h, s in self.searches.items()}
 
-    def metadata(self, hook: str) -> dict[str, Any]:
+    def record(self, hook: str) -> SearchRecord | None:
         search = self.searches.get(hook)
         if search is None:
-            return {}
-        return {
-            "target_atoms": self.cfg.target_atoms,
-            "threshold_search": {
-                "threshold": search.threshold,
-                "target": search.target,
-                "sample_tokens": search.sample_rows,
-                "atoms_on_sample": search.atoms,
-                "steps": [list(p) for p in search.history],
-                "seconds": round(search.seconds, 3),
-            },
-        }
+            return None
+        return SearchRecord(
+            threshold=search.threshold,
+            target=search.target,
+            sample_tokens=search.sample_rows,
+            atoms_on_sample=search.atoms,
+            steps=[list(p) for p in search.history],
+            seconds=round(search.seconds, 3),
+        )
 
     def finish(self, hook: str, itda: ITDA) -> ITDA:
         """The built ITDA, pruned to ``target_atoms`` when refining (and wider than that)."""
@@ -353,7 +366,6 @@ class _Sizing:
         return prune_by_energy(itda, self.samples[hook], target)
 
 
-@_holding_checkpoint_lock
 def build_itda(
     model: HookedRootModule,
     tokens: TokenInput,
@@ -366,28 +378,46 @@ def build_itda(
     model_name: str | None = None,
     dataset_path: str | None = None,
     **overrides: Any,
-) -> ITDA | dict[str, ITDA]:
-    """Build ITDA dictionaries at one or more hook points of a TransformerLens model.
+) -> dict[str, ITDA]:
+    """Build ITDA dictionaries at one or more hook points of a TransformerLens model; returns
+    ``{hook: ITDA}`` (one entry per hook, also for a single hook name).
 
     ``cfg`` holds every build setting (:class:`BuildConfig`); keyword arguments override its
     fields (``build_itda(model, tokens, hook, k=16, cos_threshold=0.9)``). ``tokens``: a LongTensor
     [n_seq, seq_len], an iterable of such batches, or a HF ``datasets`` dataset with a
     ``tokens``/``input_ids`` column (rows cut to ``context_size``) or a ``text`` column (packed into
     BOS-separated windows as sae_lens's ActivationsStore does). All hooks share one forward pass that
-    stops after the deepest one. Returns one ITDA, or ``{hook: ITDA}`` for a list of hooks.
+    stops after the deepest one. Each ITDA carries its :class:`~itda_lens.saes.BuildRecord`.
     """
-    cfg = _config(cfg, overrides)
+    comm = Comm.current()
+    with locked(checkpoint_dir, comm):
+        return _build_itda(
+            model, tokens, hook_name, _config(cfg, overrides), comm, checkpoint_dir, resume,
+            progress, model_name, dataset_path,
+        )  # fmt: skip
+
+
+def _build_itda(
+    model: HookedRootModule,
+    tokens: TokenInput,
+    hook_name: str | Sequence[str],
+    cfg: BuildConfig,
+    comm: Comm | None,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    model_name: str | None,
+    dataset_path: str | None,
+) -> dict[str, ITDA]:
     hooks = [hook_name] if isinstance(hook_name, str) else list(hook_name)
     check_hook_names(model, hooks)
-    excluded = torch.tensor(
-        excluded_token_ids(model, "auto" if cfg.exclude_special_tokens else None), dtype=torch.long
-    )
+    excluded = excluded_token_ids(model, "auto" if cfg.exclude_special_tokens else None)
     tokenizer = getattr(model, "tokenizer", None)
     model_device = getattr(getattr(model, "cfg", None), "device", None) or "cpu"
     device = cfg.device if cfg.device is not None else default_device(model_device)
 
     def to_updates(toks: Tensor, offset: int) -> tuple[dict[str, ActivationBatch], int, float]:
-        hb = read_batch(model, toks, hooks, offset=offset, skip_token_ids=excluded.tolist())
+        hb = read_batch(model, toks, hooks, offset=offset, skip_token_ids=excluded)
         updates = {
             h: ActivationBatch(a, hb.labels, hb.token_ids, hb.keep) for h, a in hb.acts.items()
         }
@@ -410,7 +440,7 @@ def build_itda(
         **cfg.to_dict(),
         "checkpoint_every": None,  # how often is not what
         "hooks": hooks,
-        "excluded_token_ids": excluded.tolist(),
+        "excluded_token_ids": excluded,
         "model": _model_fingerprint(model),
     }
     stream = Stream(
@@ -429,57 +459,72 @@ def build_itda(
         resume=resume,
         progress=progress,
         thresholds=sizing.thresholds,
+        comm=comm,
     )
-    comm = Comm.current()
-    world = 1 if comm is None else comm.world
     bos = getattr(tokenizer, "bos_token_id", None)
     first = state.first_column
-    seq_len = state.context_size
+    record = StreamRecord(
+        sha256=state.stream_sha256,
+        n_rows=state.tokens,
+        n_sequences=state.sequences,
+        context_size=state.context_size,
+        tokenizer=getattr(tokenizer, "name_or_path", None),
+        prefix_sha256=state.prefix_sha256,
+        prefix_sequences=PREFIX_SEQUENCES,
+    )
     common = {
         "model_name": model_name or getattr(getattr(model, "cfg", None), "model_name", None),
-        "context_size": seq_len,
+        "context_size": state.context_size,
         "prepend_bos": bool(first) and bos is not None and all(t == bos for t in first),
         "dataset_path": dataset_path,
     }
-    stream_meta = {
-        "sha256": state.stream_sha256,
-        "n_sequences": state.sequences,
-        "context_size": seq_len,
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "prefix_sha256": state.prefix_sha256,
-        "prefix_sequences": PREFIX_SEQUENCES,
-    }
-    out = {
-        h: sizing.finish(
-            h,
-            b.to_itda(
-                hook_name=h,
-                **common,
-                metadata={
-                    "itda_builder": {
-                        **b.summary(),
-                        **sizing.metadata(h),
-                        "forward_seconds": round(state.forward_seconds, 3),
-                        "world_size": world,
-                        "wire_bytes": state.wire_bytes,
-                        "batch_size": cfg.batch_size,
-                        "excluded_token_ids": excluded.tolist(),
-                    },
-                    "build_config": cfg.to_dict(),
-                    "token_stream": stream_meta,
-                },
-            ),
-        )
+    return {
+        h: _finish(h, b, cfg, sizing, record, state, comm, excluded, common)
         for h, b in builders.items()
     }
-    return out[hooks[0]] if isinstance(hook_name, str) else out
 
 
-@_holding_checkpoint_lock
+def _finish(
+    hook: str,
+    b: ITDABuilder,
+    cfg: BuildConfig,
+    sizing: _Sizing,
+    stream: StreamRecord,
+    state: BuildProgress,
+    comm: Comm | None,
+    excluded: Sequence[int],
+    from_atoms: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+) -> ITDA:
+    """A builder's ITDA with its build record (refined to ``target_atoms`` if asked)."""
+    record = b.record(
+        hook_name=None if hook == ACTIVATIONS else hook,
+        config=cfg,
+        stream=stream,
+        forward_seconds=state.forward_seconds,
+        world_size=1 if comm is None else comm.world,
+        wire_bytes=state.wire_bytes,
+        excluded_token_ids=excluded,
+        search=sizing.record(hook),
+    )
+    itda = b.to_itda(
+        hook_name=record.hook_name,
+        **from_atoms,
+        metadata={BUILD_RECORD_KEY: record.to_dict(), **(metadata or {})},
+    )
+    return sizing.finish(hook, itda)
+
+
+#: the one "hook" of a build from activations
+ACTIVATIONS = "activations"
+
+
 def build_itda_from_activations(
     batches: Iterable[Tensor | tuple[Tensor, ...]],
     cfg: BuildConfig | None = None,
     *,
+    tokens: Tensor | None = None,
+    tokenizer: str | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -491,9 +536,36 @@ def build_itda_from_activations(
     Each item is ``acts [n, d]``, or ``(acts, labels [n, 2])``, or ``(acts, labels, token_ids [n])``.
     Without labels an activation is labelled ``(its row in the stream, -1)``. With
     ``target_atoms`` the threshold is searched on the first ``target_sample_tokens`` rows (all of
-    them if fewer), which are buffered.
+    them if fewer), which are buffered. ``tokens`` (the token ids [n_seq, seq] the activations
+    were read from, labels then being (sequence, position) in them) lets the build record
+    fingerprint the token stream as ``build_itda`` does, so its labels can be compared with other
+    dictionaries' (similarity, diffing); ``tokenizer`` names it in the record.
     """
-    cfg = _config(cfg, overrides)
+    comm = Comm.current()
+    with locked(checkpoint_dir, comm):
+        return _build_from_activations(
+            batches, _config(cfg, overrides), tokens, tokenizer, comm, checkpoint_dir, resume,
+            progress, metadata,
+        )  # fmt: skip
+
+
+def _build_from_activations(
+    batches: Iterable[Tensor | tuple[Tensor, ...]],
+    cfg: BuildConfig,
+    tokens: Tensor | None,
+    tokenizer: str | None,
+    comm: Comm | None,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    metadata: dict[str, Any] | None,
+) -> ITDA:
+    if tokens is not None and (
+        not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point()
+    ):
+        raise ValueError(
+            "tokens must be the integer token ids [n_seq, seq] the activations came from"
+        )
 
     def parse(item: Any, offset: int) -> tuple[dict[str, ActivationBatch], int, float]:
         acts, labels, tids = (
@@ -513,7 +585,7 @@ def build_itda_from_activations(
             torch.full((n,), -1, dtype=torch.long) if tids is None else torch.as_tensor(tids).long()
         )
         eligible = torch.ones(n, dtype=torch.bool)
-        return {"activations": ActivationBatch(acts, labels.long(), tids, eligible)}, n, 0.0
+        return {ACTIVATIONS: ActivationBatch(acts, labels.long(), tids, eligible)}, n, 0.0
 
     total = len(batches) if hasattr(batches, "__len__") else None
     raw: Iterator[Any] = iter(batches)
@@ -534,11 +606,16 @@ def build_itda_from_activations(
         resume=resume,
         progress=progress,
         thresholds=sizing.thresholds,
+        comm=comm,
     )
-    b = builders["activations"]
-    meta = {
-        "itda_builder": {**b.summary(), **sizing.metadata("activations")},
-        "build_config": cfg.to_dict(),
-        "token_stream": {"sha256": state.stream_sha256, "n_rows": state.sequences},
-    }
-    return sizing.finish("activations", b.to_itda(metadata={**meta, **(metadata or {})}))
+    record = StreamRecord(
+        sha256=state.stream_sha256,
+        n_rows=state.tokens,
+        n_sequences=None if tokens is None else int(tokens.shape[0]),
+        context_size=None if tokens is None else int(tokens.shape[1]),
+        tokenizer=tokenizer,
+        prefix_sha256=None if tokens is None else prefix_digest(tokens),
+        prefix_sequences=None if tokens is None else PREFIX_SEQUENCES,
+    )
+    b = builders[ACTIVATIONS]
+    return _finish(ACTIVATIONS, b, cfg, sizing, record, state, comm, [], {}, metadata)

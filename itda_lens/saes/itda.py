@@ -44,13 +44,13 @@ from itda_lens.pursuit import (
     check_atoms,
     check_k,
     decode,
-    matching_pursuit,
     mp_values,
     omp_values,
-    orthogonal_matching_pursuit,
     plan_rows,
+    pursue,
 )
 from itda_lens.saes._io import atomic_write, check_sae_folder
+from itda_lens.saes.record import BuildRecord, read_build_record
 
 ARCHITECTURE = "itda"
 #: the save-folder layout this itda_lens writes (1: no version recorded, no checksum; 2: sha256)
@@ -150,22 +150,37 @@ class ITDA(SAE[ITDAConfig]):
     def k(self) -> int:
         return self.cfg.k
 
+    @property
+    def build_record(self) -> BuildRecord | None:
+        """How this dictionary was built (settings, threshold, stream read, timing), or None for
+        one that was not built (``from_atoms``)."""
+        return read_build_record(self.cfg.metadata)
+
+    def require_build_record(self) -> BuildRecord:
+        """:attr:`build_record`, or a clear error for a dictionary that was not built."""
+        record = self.build_record
+        if record is None:
+            raise ValueError(
+                "this ITDA has no build record (made by ITDA.from_atoms, not by a build); "
+                "build it with build_itda or build_itda_from_activations"
+            )
+        return record
+
     # --- encoding -------------------------------------------------------------------------
 
-    def _gram(self) -> GramRows | None:
+    def gram_rows(self) -> GramRows | None:
         """The Gram rows pursuit uses for these atoms (every row when they fit the memory budget,
-        else a cache that keeps the most used rows across calls); rebuilt whenever W_dec changes."""
+        else a cache that keeps the most used rows across calls). Planned, and the atoms checked
+        (finite, unit norm), once per version of ``W_dec``: replacing it or editing it in place
+        starts a new version; an edit through ``W_dec.data`` bypasses torch's version counter, so
+        assign a new tensor (``itda.W_dec.data = new``) instead."""
         w = self.W_dec
         if w.device.type == "meta":
             return None
         dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        # `.data` edits (as sae_lens's folds do) bypass the version counter, so the key also
-        # carries an O(n·d) content fingerprint; any single changed entry changes it.
-        probe_in = torch.linspace(1.0, 2.0, w.shape[1], dtype=torch.float64, device=w.device)
-        probe_out = torch.linspace(1.0, 3.0, w.shape[0], dtype=torch.float64, device=w.device)
-        fingerprint = float((w.detach().double() @ probe_in) @ probe_out)
-        key = (w.data_ptr(), w._version, w.device, dt, w.shape, fingerprint)
+        key = (w.data_ptr(), w._version, w.device, dt, w.shape)
         if self._gram_cache is None or self._gram_cache[0] != key:
+            check_atoms(w.detach())
             a = w.detach().to(dt)
             self._gram_cache = (key, plan_rows(a, w.shape[0], self.cfg.k))
         return self._gram_cache[1]
@@ -191,8 +206,15 @@ class ITDA(SAE[ITDAConfig]):
 
     def _pursue(self, sae_in: Tensor, k: int | None = None) -> SparseCode:
         atoms = self.W_dec.detach()
-        fn = matching_pursuit if self.cfg.encoder == "mp" else orthogonal_matching_pursuit
-        code = fn(sae_in.detach(), atoms, self.cfg.k if k is None else k, gram=self._gram())
+        k = check_k(self.cfg.k if k is None else k)
+        if sae_in.device != atoms.device:
+            raise ValueError(
+                f"activations are on {sae_in.device} but this ITDA is on {atoms.device}; move one"
+            )
+        if not bool(torch.isfinite(sae_in).all()):
+            raise ValueError("activations contain NaN or Inf")
+        rows = self.gram_rows()  # checks the atoms once per version of W_dec
+        code, _ = pursue(self.cfg.encoder, sae_in.detach(), atoms, k, gram=rows)
         if torch.is_grad_enabled() and sae_in.requires_grad:
             # Same picks, coefficients recomputed as a differentiable function of the input.
             x = sae_in.to(atoms.dtype)

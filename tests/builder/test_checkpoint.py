@@ -26,21 +26,18 @@ def test_resume_after_interruption_gives_the_same_dictionary(
 ) -> None:
     batches = list(make_tokens(64, seed=3).split(4))
     kw = {"k": 6, "cos_threshold": 0.9, "progress": False}
-    whole = build_itda(model, iter(batches), HOOK, **kw)
+    whole = build_itda(model, iter(batches), HOOK, **kw)[HOOK]
     with pytest.raises(Crash):
         build_itda(
             model, crashing(batches, 9), HOOK, checkpoint_dir=tmp_path, checkpoint_every=2, **kw
-        )
+        )[HOOK]
     resumed = build_itda(
         model, iter(batches), HOOK, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True, **kw
-    )
+    )[HOOK]
     assert torch.equal(resumed.W_dec, whole.W_dec)
     assert torch.equal(resumed.atom_labels, whole.atom_labels)
-    assert (
-        resumed.cfg.metadata.itda_builder["tokens_seen"]
-        == whole.cfg.metadata.itda_builder["tokens_seen"]
-    )
-    assert resumed.cfg.metadata.token_stream["sha256"] == whole.cfg.metadata.token_stream["sha256"]
+    assert resumed.require_build_record().tokens_seen == whole.require_build_record().tokens_seen
+    assert resumed.require_build_record().stream == whole.require_build_record().stream
 
 
 def test_checkpoint_guards(model: HookedSAETransformer, tmp_path: Path) -> None:
@@ -52,12 +49,12 @@ def test_checkpoint_guards(model: HookedSAETransformer, tmp_path: Path) -> None:
         "progress": False,
         "checkpoint_dir": tmp_path,
     }
-    build_itda(model, toks, HOOK, **kw)
+    build_itda(model, toks, HOOK, **kw)[HOOK]
     with pytest.raises(FileExistsError, match="resume=True"):
-        build_itda(model, toks, HOOK, **kw)
+        build_itda(model, toks, HOOK, **kw)[HOOK]
     with pytest.raises(ValueError, match="other settings"):
-        build_itda(model, toks, HOOK, resume=True, **{**kw, "k": 5})
-    finished = build_itda(model, toks, HOOK, resume=True, **kw)
+        build_itda(model, toks, HOOK, resume=True, **{**kw, "k": 5})[HOOK]
+    finished = build_itda(model, toks, HOOK, resume=True, **kw)[HOOK]
     assert finished.cfg.d_sae > 0
     other = tmp_path / "other"
     with pytest.raises(Crash):
@@ -66,14 +63,14 @@ def test_checkpoint_guards(model: HookedSAETransformer, tmp_path: Path) -> None:
             crashing(list(toks.split(4)), 3),
             HOOK,
             **{**kw, "checkpoint_dir": other, "checkpoint_every": 1},
-        )
+        )[HOOK]
     with pytest.raises(ValueError, match="input differs"):
         build_itda(
             model, make_tokens(16, seed=99), HOOK, resume=True, **{**kw, "checkpoint_dir": other}
-        )
+        )[HOOK]
     (other / "itda_checkpoint.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt build checkpoint"):
-        build_itda(model, toks, HOOK, resume=True, **{**kw, "checkpoint_dir": other})
+        build_itda(model, toks, HOOK, resume=True, **{**kw, "checkpoint_dir": other})[HOOK]
 
 
 def test_from_activations_with_labels_and_resume(tmp_path: Path) -> None:

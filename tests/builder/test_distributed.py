@@ -67,8 +67,7 @@ def same(a: dict[str, ITDA], b: dict[str, ITDA]) -> None:
         assert torch.equal(a[hook].W_dec, b[hook].W_dec), hook
         assert torch.equal(a[hook].atom_labels, b[hook].atom_labels), hook
         assert (
-            a[hook].cfg.metadata.itda_builder["tokens_seen"]
-            == b[hook].cfg.metadata.itda_builder["tokens_seen"]
+            a[hook].require_build_record().tokens_seen == b[hook].require_build_record().tokens_seen
         )
 
 

@@ -23,14 +23,13 @@ HOOK = "blocks.1.hook_resid_post"
 def test_target_atoms_finds_the_threshold() -> None:
     acts = anisotropic(3000, 32, seed=4)
     itda = build_itda_from_activations(chunks(acts, 256), k=6, target_atoms=150, progress=False)
-    meta = itda.cfg.metadata.itda_builder
-    search = meta["threshold_search"]
-    assert abs(itda.cfg.d_sae - 150) <= 3 and search["atoms_on_sample"] == itda.cfg.d_sae
-    again = build_itda_from_activations(
-        [acts], k=6, cos_threshold=search["threshold"], progress=False
-    )
+    search = itda.require_build_record().search
+    assert search is not None
+    assert abs(itda.cfg.d_sae - 150) <= 3 and search.atoms_on_sample == itda.cfg.d_sae
+    again = build_itda_from_activations([acts], k=6, cos_threshold=search.threshold, progress=False)
     assert torch.equal(again.atom_labels, itda.atom_labels)
-    assert meta["cos_threshold"] == search["threshold"] and meta["target_atoms"] == 150
+    record = itda.require_build_record()
+    assert record.cos_threshold == search.threshold and record.config["target_atoms"] == 150
     with pytest.raises(ValueError, match="exceeds"):
         build_itda_from_activations([acts[:100]], k=6, target_atoms=150, progress=False)
     redundant = acts[:5].repeat(100, 1) * torch.rand(500, 1)  # 5 directions, rescaled
@@ -41,10 +40,11 @@ def test_target_atoms_finds_the_threshold() -> None:
 def test_target_atoms_and_refinement_on_a_model(model: HookedSAETransformer) -> None:
     toks = make_tokens(48, seed=7)
     kw = {"k": 4, "progress": False, "batch_size": 8}
-    sized = build_itda(model, toks, HOOK, target_atoms=120, **kw)
+    sized = build_itda(model, toks, HOOK, target_atoms=120, **kw)[HOOK]
     assert abs(sized.cfg.d_sae - 120) <= 2  # target_tolerance 2%
-    assert sized.cfg.metadata.itda_builder["threshold_search"]["sample_tokens"] == toks.numel() - 48
-    refined = build_itda(model, toks, HOOK, target_atoms=120, refine="energy", **kw)
+    search = sized.require_build_record().search
+    assert search is not None and search.sample_tokens == toks.numel() - 48
+    refined = build_itda(model, toks, HOOK, target_atoms=120, refine="energy", **kw)[HOOK]
     assert refined.cfg.d_sae == 120 and abs(refined.cfg.metadata.refined["from_atoms"] - 360) <= 7
     # every refined atom is still a real activation at its recorded position
     _, cache = model.run_with_cache(toks, names_filter=[HOOK])

@@ -26,7 +26,7 @@ def _load(path: Path, prefix: str) -> Any:
 
 @pytest.fixture
 def itda(model: HookedSAETransformer, tokens: torch.Tensor) -> ITDA:
-    return build_itda(model, tokens, HOOK, k=4, cos_threshold=0.7, progress=False)
+    return build_itda(model, tokens, HOOK, k=4, cos_threshold=0.7, progress=False)[HOOK]
 
 
 def test_site_files_and_contents(

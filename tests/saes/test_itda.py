@@ -30,7 +30,7 @@ HOOK = "blocks.1.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def itda(model: HookedSAETransformer) -> ITDA:
-    return build_itda(model, make_tokens(48), HOOK, k=8, cos_threshold=0.8, progress=False)
+    return build_itda(model, make_tokens(48), HOOK, k=8, cos_threshold=0.8, progress=False)[HOOK]
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +168,7 @@ def test_save_load_round_trip(itda: ITDA, acts: torch.Tensor, tmp_path: Path) ->
     assert back.atom_labels.dtype == torch.long and torch.equal(back.atom_labels, itda.atom_labels)
     assert torch.equal(back.atom_token_ids, itda.atom_token_ids)
     assert torch.equal(back.encode(acts), itda.encode(acts))
-    assert (
-        back.cfg.metadata.itda_builder["tokens_seen"]
-        == itda.cfg.metadata.itda_builder["tokens_seen"]
-    )
+    assert back.require_build_record() == itda.require_build_record()
 
 
 def test_provenance_survives_half_precision_save(tmp_path: Path) -> None:
@@ -273,13 +270,21 @@ def test_zero_activation_encodes_to_zero(itda: ITDA) -> None:
     assert (itda.encode(torch.zeros(2, itda.cfg.d_in)) == 0).all()
 
 
-def test_gram_cache_follows_in_place_edits(itda: ITDA, acts: torch.Tensor) -> None:
+def test_gram_cache_follows_in_place_edits_and_replacements(itda: ITDA, acts: torch.Tensor) -> None:
     copy = itda.crop(itda.cfg.d_sae)
     before = copy.encode(acts)
+    rows = copy.gram_rows()
+    assert copy.gram_rows() is rows, "planned once per version of W_dec"
     perm = torch.randperm(copy.cfg.d_sae, generator=torch.Generator().manual_seed(0))
-    copy.W_dec.data.copy_(copy.W_dec.data[perm])  # .data edits do not bump the version counter
-    after = copy.encode(acts)
-    torch.testing.assert_close(after, before[..., perm], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        copy.W_dec.copy_(copy.W_dec[perm].clone())  # in place: a new version
+    torch.testing.assert_close(copy.encode(acts), before[..., perm], atol=1e-4, rtol=1e-4)
+    copy.W_dec.data = itda.W_dec.detach().clone()  # replaced
+    torch.testing.assert_close(copy.encode(acts), before, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        copy.W_dec.mul_(2.0)  # atoms no longer unit norm: refused at the next encode
+    with pytest.raises(ValueError, match="unit L2 norm"):
+        copy.encode(acts)
 
 
 def test_dictionaries_past_the_memory_budget_encode_the_same(
@@ -288,11 +293,11 @@ def test_dictionaries_past_the_memory_budget_encode_the_same(
     from itda_lens.budget import set_memory_budget
 
     full = itda.encode(acts)
-    assert itda._gram() is not None and itda._gram().full  # type: ignore[union-attr]
+    assert itda.gram_rows() is not None and itda.gram_rows().full  # type: ignore[union-attr]
     copy = itda.crop(itda.cfg.d_sae)
     set_memory_budget(4096)  # a few rows of this dictionary: a cache filled on demand
     try:
-        rows = copy._gram()
+        rows = copy.gram_rows()
         assert rows is not None and not rows.full
         torch.testing.assert_close(copy.encode(acts), full, atol=1e-5, rtol=1e-5)
         assert rows.computed > 0
