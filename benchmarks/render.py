@@ -8,6 +8,17 @@ A table in the README sits between two markers naming its source::
 
 ``python benchmarks/render.py`` rewrites every marked table from ``benchmarks/results/``;
 ``--check`` only reports the tables that differ (the test suite runs it).
+
+Sentences with numbers sit between claims markers naming the results they come from::
+
+    <!-- claims: scale.json build.json -->
+    - ITDA encodes 32,768 atoms 49.0x faster than the literal algorithm ...
+    <!-- /claims -->
+
+:func:`unsourced_claims` checks that every number in such a block appears in one of its files (as
+printed in a table, or as a raw value at the printed precision, or as a percentage of one), and
+that no measurement-like number (``1.8x``, ``42%``, ``0.91``, ``165 s``, ``2.1 GB``) stands in the
+README's prose outside a claims block. Code, tables and settings in backticks are not claims.
 """
 
 from __future__ import annotations
@@ -17,10 +28,13 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from _common import RESULTS, markdown
 
 README = Path(__file__).resolve().parent / "README.md"
+#: the READMEs whose prose numbers are checked against the results
+READMES = (README, README.parents[1] / "README.md")
 MARKER = re.compile(
     r"<!-- table: (?P<file>[\w.-]+)#(?P<table>[\w.-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S
 )
@@ -39,6 +53,73 @@ def render(text: str, results: Path = RESULTS) -> str:
         return f"<!-- table: {m['file']}#{m['table']} -->\n{markdown(tables[m['table']])}\n<!-- /table -->"
 
     return MARKER.sub(one, text)
+
+
+CLAIMS = re.compile(r"<!-- claims: (?P<files>[\w.\- ]+?) -->\n(?P<body>.*?)<!-- /claims -->", re.S)
+#: a number in prose: not part of a name (``kjv-4l128``, ``L0``) or a version
+NUMBER = re.compile(r"(?<![A-Za-z_.\d])(?<![A-Za-z]-)(\d[\d,]*(?:\.\d+)?)(?![\d.]*[A-Za-z_](?<!x)\b)")
+#: what a measurement looks like in prose: a decimal, a percentage, a duration, a size, a rate
+#: (integer multiples such as "8x d_model" are widths, not results)
+MEASURE = re.compile(
+    r"(?<![A-Za-z_.\d])(?<![A-Za-z]-)(?:\d[\d,]*\.\d+[x%]?|\d[\d,]*(?:%|\s?(?:s|min|minutes?|"
+    r"seconds?|hours?|[KMG]i?B|tok/s|nats?)\b))(?![\w.]*\d)"
+)
+#: small integers are settings and counts far more often than results ("2 ranks", "4 layers")
+SMALL = 12
+
+
+def _prose(text: str) -> str:
+    """``text`` without code blocks, tables, HTML comments and code spans."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("|"))
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def _values(obj: Any, out: set[str]) -> set[str]:
+    """Every number in a results JSON as it could be printed: table cells as written, raw values
+    rounded to 0-4 decimals, and fractions as percentages."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _values(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _values(v, out)
+    elif isinstance(obj, str):
+        out.update(m.replace(",", "") for m in re.findall(r"\d[\d,]*(?:\.\d+)?", obj))
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        for scale in (1, 100):
+            for p in range(5):
+                out.add(f"{obj * scale:.{p}f}")
+    return out
+
+
+def unsourced_claims(text: str, results: Path = RESULTS) -> list[str]:
+    """Numbers in claims blocks found in none of their results files, and measurement-like
+    numbers in prose outside any claims block."""
+    problems = []
+    cache: dict[str, set[str]] = {}
+    for m in CLAIMS.finditer(text):
+        known: set[str] = set()
+        for name in m["files"].split():
+            path = results / name
+            if not path.is_file():
+                problems.append(f"claims cite {name}, which is not in {results}")
+                continue
+            if name not in cache:
+                cache[name] = _values(json.loads(path.read_text()), set())
+            known |= cache[name]
+        for num in NUMBER.findall(_prose(m["body"])):
+            n = num.replace(",", "")
+            if "." not in n and int(n) <= SMALL:
+                continue
+            if n not in known:
+                problems.append(f"{num} (in: {m['files']}) is in none of its results files")
+    outside = CLAIMS.sub("", text)
+    for line in _prose(outside).splitlines():
+        for hit in MEASURE.findall(line):
+            problems.append(f"unsourced number {hit.strip()!r} in: {line.strip()[:100]}")
+    return problems
 
 
 def stale(text: str, results: Path = RESULTS) -> list[str]:
@@ -61,7 +142,9 @@ def main() -> None:
     if args.check:
         bad = stale(text)
         print("stale tables: " + ", ".join(bad) if bad else "every table matches its results")
-        sys.exit(1 if bad else 0)
+        claims = [p for r in READMES for p in unsourced_claims(r.read_text())]
+        print("\n".join(claims) if claims else "every number in the READMEs' prose has its source")
+        sys.exit(1 if bad or claims else 0)
     README.write_text(render(text))
     print(f"rendered {len(MARKER.findall(text))} tables into {README}")
 

@@ -10,6 +10,7 @@ everything runs offline.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -56,6 +57,17 @@ from itda_lens.warmstart import as_source
 
 #: errors that are about the user's input, printed as one line with exit code 2
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as terminal text: reST roles (``:mod:`x```, ``:class:`~a.B``` -> ``B``) and
+    double backquotes removed."""
+
+    def role(m: re.Match[str]) -> str:
+        target = m.group(2)
+        return target.rsplit(".", 1)[-1] if m.group(1) else target
+
+    return re.sub(r":[a-z]+:`(~?)([^`]+)`", role, doc or "").replace("``", "")
 
 
 def _parser(sub: Any, name: str, help: str) -> ArgumentParser:
@@ -461,7 +473,7 @@ def _cmd_demo(args: Any) -> int:
 
 def build_parser() -> ArgumentParser:
     """The ``itda-lens`` parser: one subcommand per job, its flags generated from its configs."""
-    parser = ArgumentParser(prog="itda-lens", description=__doc__, add_config_path_arg=False)
+    parser = ArgumentParser(prog="itda-lens", description=plain(__doc__), add_config_path_arg=False)
     parser.add_argument(
         "--memory-budget",
         default=None,

@@ -32,7 +32,7 @@ class BuildConfig:
     cos_threshold: float = 0.8
     """An activation becomes an atom when cos(x, its k-step reconstruction) is below this."""
     target_atoms: int | None = None
-    """Instead of cos_threshold: search the threshold whose converged dictionary has about this many atoms."""
+    """Instead of cos_threshold: search the threshold whose dictionary over the first target_sample_tokens tokens has this many atoms (within target_tolerance); on a longer stream the build stops at this many."""
     target_sample_tokens: int = 65_536
     """Tokens at the start of the stream (at most max_tokens) on which the target_atoms search runs."""
     target_tolerance: float = 0.02

@@ -305,24 +305,34 @@ def _config(cfg: BuildConfig | None, overrides: dict[str, Any]) -> BuildConfig:
 
 def _read_sample(
     raw: Iterator[Any], to_updates: ToUpdates, cfg: BuildConfig
-) -> tuple[list[Any], dict[str, Tensor]]:
+) -> tuple[list[Any], dict[str, Tensor], bool]:
     """The stream's first ``target_sample_tokens`` tokens (at most ``max_tokens``): the raw batches
-    read (to be streamed again) and, per hook, the activations allowed to become atoms."""
+    read (to be streamed again), per hook the activations allowed to become atoms, and whether
+    the stream goes on past the sample (rows left in the last batch read, or another batch)."""
     budget = min(cfg.max_tokens or cfg.target_sample_tokens, cfg.target_sample_tokens)
     head: list[Any] = []
     parts: dict[str, list[Tensor]] = {}
     read = sequences = 0
+    more = False
     while read < budget and (item := next(raw, None)) is not None:
         head.append(item)
         updates, n_seq, _ = to_updates(item, sequences)
         sequences += n_seq
-        n = min(next(iter(updates.values())).acts.shape[0], budget - read)
+        rows = next(iter(updates.values())).acts.shape[0]
+        n = min(rows, budget - read)
+        more = n < rows
         read += n
         for hook, b in _cut(updates, n).items():
             parts.setdefault(hook, []).append(b.acts[b.eligible])
     if not head:
         raise ValueError("no activations: the input yielded no batches")
-    return head, {h: torch.cat(p) for h, p in parts.items()}
+    if not more and read >= budget:
+        peek = next(raw, None)
+        if peek is not None:
+            head.append(peek)
+            more = True
+    more &= cfg.max_tokens is None or cfg.max_tokens > read
+    return head, {h: torch.cat(p) for h, p in parts.items()}, more
 
 
 class _Sizing:
@@ -334,12 +344,22 @@ class _Sizing:
         self.searches: dict[str, ThresholdSearch] = {}
         self.samples: dict[str, Tensor] = {}
         self.raw = raw
+        self.longer = False  # the stream goes on past the sample
         if cfg.atoms_to_build is not None:
-            head, self.samples = _read_sample(raw, to_updates, cfg)
+            head, self.samples, self.longer = _read_sample(raw, to_updates, cfg)
             self.searches = {
                 h: find_threshold(x, cfg, cfg.atoms_to_build) for h, x in self.samples.items()
             }
             self.raw = itertools.chain(head, raw)
+
+    def builder_config(self) -> BuildConfig:
+        """The config the builders run with: on a stream longer than the sample, the dictionary
+        would keep growing past the target at the sample's threshold, so they stop at the number
+        of atoms the sized build aims at (``max_atoms``)."""
+        n = self.cfg.atoms_to_build
+        if n is None or not self.longer or (self.cfg.max_atoms or n + 1) <= n:
+            return self.cfg
+        return self.cfg.replace(max_atoms=n)
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -452,7 +472,7 @@ def _build_itda(
     )
     builders, state = run_stream(
         stream,
-        cfg,
+        sizing.builder_config(),
         fingerprint,
         device=device,
         checkpoint_dir=checkpoint_dir,
@@ -599,7 +619,7 @@ def _build_from_activations(
     fingerprint = {**cfg.to_dict(), "checkpoint_every": None}
     builders, state = run_stream(
         stream,
-        cfg,
+        sizing.builder_config(),
         fingerprint,
         device=cfg.device or (default_device() if torch.cuda.is_available() else None),
         checkpoint_dir=checkpoint_dir,

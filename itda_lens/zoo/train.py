@@ -288,7 +288,8 @@ def _card(
     return {
         "name": cfg.name,
         "tokenizer": cfg.tokenizer,
-        "train_config": asdict(cfg),
+        # where it was written is not part of what was trained (a card says nothing about the machine)
+        "train_config": {k: v for k, v in asdict(cfg).items() if k != "out"},
         "steps": step,
         "tokens_seen": step * cfg.batch_size * cfg.seq_len,
         "epochs": round(step * cfg.batch_size / train.shape[0], 2),

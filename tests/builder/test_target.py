@@ -50,3 +50,21 @@ def test_target_atoms_and_refinement_on_a_model(model: HookedSAETransformer) -> 
     _, cache = model.run_with_cache(toks, names_filter=[HOOK])
     seq, pos = refined.atom_labels[:, 0], refined.atom_labels[:, 1]
     torch.testing.assert_close(F.normalize(cache[HOOK][seq, pos], dim=1), refined.W_dec)
+
+
+def test_target_atoms_holds_on_a_stream_longer_than_the_sample() -> None:
+    """At the sample's threshold a longer stream keeps adding atoms; the sized build stops at the
+    target instead (the sample alone is built exactly as before)."""
+    acts = anisotropic(6000, 32, seed=7)
+    kw = {"k": 6, "target_atoms": 120, "target_sample_tokens": 1500, "progress": False}
+    long = build_itda_from_activations(chunks(acts, 500), **kw)
+    record = long.require_build_record()
+    assert long.cfg.d_sae == 120 and record.stop_reason == "full"
+    at_threshold = build_itda_from_activations(
+        chunks(acts, 500), k=6, cos_threshold=record.cos_threshold, progress=False
+    )
+    assert at_threshold.cfg.d_sae > 130, "without the cap the dictionary would have kept growing"
+    assert torch.equal(at_threshold.atom_labels[:120], long.atom_labels)
+    sample_only = build_itda_from_activations(chunks(acts[:1500], 500), **kw)
+    assert sample_only.require_build_record().stop_reason is None
+    assert abs(sample_only.cfg.d_sae - 120) <= 3
