@@ -74,10 +74,8 @@ def run_model(
             m = g.cfg.d_sae  # the random control takes exactly as many activations
             rand = []
             for seed in range(DRAWS):
-                pick = torch.randperm(
-                    len(train.acts), generator=torch.Generator().manual_seed(seed)
-                )[:m]
-                rand.append(mp_fvu(ITDA.from_atoms(train.acts[pick], k), held))
+                control = ITDA.from_random_activations(train.acts, m, k, seed=seed)
+                rand.append(mp_fvu(control, held))
             r = {
                 "model": name,
                 "k": k,

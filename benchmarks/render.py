@@ -57,7 +57,9 @@ def render(text: str, results: Path = RESULTS) -> str:
 
 CLAIMS = re.compile(r"<!-- claims: (?P<files>[\w.\- ]+?) -->\n(?P<body>.*?)<!-- /claims -->", re.S)
 #: a number in prose: not part of a name (``kjv-4l128``, ``L0``) or a version
-NUMBER = re.compile(r"(?<![A-Za-z_.\d])(?<![A-Za-z]-)(\d[\d,]*(?:\.\d+)?)(?![\d.]*[A-Za-z_](?<!x)\b)")
+NUMBER = re.compile(
+    r"(?<![A-Za-z_.\d])(?<![A-Za-z]-)(\d[\d,]*(?:\.\d+)?)(?![\d.]*[A-Za-z_](?<!x)\b)"
+)
 #: what a measurement looks like in prose: a decimal, a percentage, a duration, a size, a rate
 #: (integer multiples such as "8x d_model" are widths, not results)
 MEASURE = re.compile(

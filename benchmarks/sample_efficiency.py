@@ -152,8 +152,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             note = ""
         # the control: m of N *other* activations (the end of the permutation, disjoint from sub)
         pool = cached.acts[order[total - n :]]
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(n))[:m]
-        saes["random activations, MP"] = (ITDA.from_atoms(pool[pick], k, metadata=meta), 0.0)
+        control = ITDA.from_random_activations(pool, m, k, seed=n, metadata=meta)
+        saes["random activations, MP"] = (control, 0.0)
         notes["random activations, MP"] = {
             "same-pool overlap": m / n,
             "note": f"{note}drawn from {n:,} other training activations",

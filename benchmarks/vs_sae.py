@@ -59,18 +59,16 @@ SAE_ARCHS = {
 def controls(itda: ITDA, cached: CachedActivations, k: int, seed: int) -> dict[str, ITDA]:
     """Same encoder and size as ``itda``, different atoms."""
     n, d = itda.cfg.d_sae, itda.cfg.d_in
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(cached.acts.shape[0], generator=g)[:n]
     meta = usage_metadata(itda)
+    # the Gaussian atoms continue the seed's stream after the permutation the control drew
+    g = torch.Generator().manual_seed(seed)
+    torch.randperm(cached.acts.shape[0], generator=g)
     return {
         "ITDA atoms, OMP": ITDA.from_atoms(
             itda.W_dec, k, encoder="omp", labels=itda.atom_labels, metadata=meta
         ),
-        "random activations, MP": ITDA.from_atoms(
-            cached.acts[rows],
-            k,
-            labels=torch.stack([rows, -torch.ones_like(rows)], 1),
-            metadata=meta,
+        "random activations, MP": ITDA.from_random_activations(
+            cached.acts, n, k, seed=seed, metadata=meta
         ),
         "Gaussian atoms, MP": ITDA.from_atoms(torch.randn(n, d, generator=g), k, metadata=meta),
     }

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
-from sae_lens.util import extract_layer_from_tlens_hook_name
 from simple_parsing import ArgumentParser, DashVariant
 from tqdm.auto import tqdm
 from transformer_lens import HookedRootModule
@@ -33,7 +32,6 @@ from itda_lens.builder import BuildConfig, build_itda
 from itda_lens.builder.checkpoint import keep_build_lock
 from itda_lens.builder.distributed import Comm
 from itda_lens.config import (
-    TRAINERS,
     BuildCommand,
     DashboardCommand,
     DemoCommand,
@@ -50,9 +48,10 @@ from itda_lens.diffing import DIFF_CONFIG, DIRECTIONS, diff_dictionaries, diff_m
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import heatmap
 from itda_lens.probing import probe_data
-from itda_lens.resolve import model_card, resolve_model, resolve_tokens
-from itda_lens.saes import ITDA, check_sae_folder
+from itda_lens.resolve import model_card, output_folder, resolve_model, resolve_tokens
+from itda_lens.saes import ITDA, check_sae_folder, load_itdas
 from itda_lens.similarity import model_jaccard, similarity_matrix
+from itda_lens.trainers import TRAINERS
 from itda_lens.warmstart import as_source
 
 #: errors that are about the user's input, printed as one line with exit code 2
@@ -77,14 +76,6 @@ def _parser(sub: Any, name: str, help: str) -> ArgumentParser:
         add_option_string_dash_variants=DashVariant.DASH,
         add_config_path_arg=False,
     )
-
-
-def _output_folder(path: str, overwrite: bool) -> Path:
-    """``path``, refused when it is a non-empty folder and ``overwrite`` is not set."""
-    out = Path(path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
-    return out
 
 
 def _cmd_build(args: Any) -> int:
@@ -134,7 +125,7 @@ def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = Tru
 
 def _cmd_train(args: Any) -> int:
     cmd: TrainCommand = args.cmd
-    out = _output_folder(cmd.out, cmd.overwrite)
+    out = output_folder(cmd.out, cmd.overwrite)
     if cmd.max_tokens < 1:
         raise ValueError("--max-tokens must be >= 1")
     trainer = TRAINERS[args.arch]
@@ -156,7 +147,9 @@ def _cmd_train(args: Any) -> int:
         model, tokens, cmd.hook, context_size=cmd.context_size, max_tokens=cmd.max_tokens
     )
     print(f"cached {cached.acts.shape[0]:,} activations at {cmd.hook}; training {args.arch}")
-    sae = trainer.fit(cached, args.train, cmd.model or model.cfg.model_name, device, **warm)
+    sae = trainer.fit(
+        cached, args.train, model_name=cmd.model or model.cfg.model_name, device=device, **warm
+    )
     sae.save_model(out)
     init = sae.cfg.metadata.get("init")
     started = f", started from {init['from']} by {init['rule']!r}" if init else ""
@@ -339,30 +332,12 @@ def _cmd_eval(args: Any) -> int:
     return 0
 
 
-def _load_dictionaries(folder: Path) -> dict[str, ITDA]:
-    """One ITDA folder, or a folder of per-hook ITDA folders, as {hook: ITDA} in layer order."""
-    if (folder / "cfg.json").is_file():
-        itda = ITDA.load_from_disk(folder)
-        return {itda.cfg.metadata.hook_name or folder.name: itda}
-    subs = (
-        sorted(
-            (p for p in folder.iterdir() if (p / "cfg.json").is_file()),
-            key=lambda p: (extract_layer_from_tlens_hook_name(p.name) or 0, p.name),
-        )
-        if folder.is_dir()
-        else []
-    )
-    if not subs:
-        raise FileNotFoundError(f"{folder} holds no ITDA (no cfg.json in it or in its sub-folders)")
-    return {p.name: ITDA.load_from_disk(p) for p in subs}
-
-
 def _cmd_similarity(args: Any) -> int:
     args = args.cmd
     # a list, not a dict: the same folder given twice is a legitimate self-comparison
     if len(args.dirs) < 2:
         raise ValueError("give at least two ITDA folders to compare")
-    models = [(d, _load_dictionaries(Path(d))) for d in args.dirs]
+    models = [(d, load_itdas(Path(d))) for d in args.dirs]
     if len(models) == 2:
         (name_a, a), (name_b, b) = models
         matrix = similarity_matrix(list(a.values()), list(b.values()))
@@ -388,7 +363,7 @@ def _cmd_similarity(args: Any) -> int:
 def _cmd_diff(args: Any) -> int:
     cmd: DiffCommand = args.cmd
     cfg: BuildConfig = args.build
-    out = _output_folder(cmd.out, cmd.overwrite)
+    out = output_folder(cmd.out, cmd.overwrite)
     if cmd.seqs < 1:
         raise ValueError("--seqs must be >= 1")
     t0 = time.perf_counter()
@@ -410,7 +385,7 @@ def _cmd_diff(args: Any) -> int:
     )
     print(f"diffing {cmd.base} -> {cmd.ft} on {tokens.numel():,} tokens of {data_name}")
     if cmd.itdas is not None:
-        loaded = [_load_dictionaries(Path(cmd.itdas) / side) for side in ("base", "fine-tune")]
+        loaded = [load_itdas(Path(cmd.itdas) / side) for side in ("base", "fine-tune")]
         keep = [h for h in loaded[0] if h in loaded[1] and (not cmd.hook or h in cmd.hook)]
         if not keep:
             raise ValueError(f"{cmd.itdas} holds no dictionary pair at {cmd.hook or 'any hook'}")

@@ -1,25 +1,19 @@
 """The typed configs of every command-line job; ``itda_lens.cli`` is generated from them.
 
 A job is a command dataclass (what it reads and writes) plus, where it has one, the library config
-of the work itself: ``build`` takes a :class:`~itda_lens.builder.BuildConfig`, each ``train``
-architecture its trainer's config (one table, :data:`TRAINERS`). Every field has a one-line doc
-(it is the flag's help), so a flag cannot exist without reaching the code.
+of the work itself, which lives with the code that runs it: ``build`` takes a
+:class:`~itda_lens.builder.BuildConfig`, each ``train`` architecture its fitter's config (the table
+is :data:`itda_lens.trainers.TRAINERS`). Every field has a one-line doc (it is the flag's help), so
+a flag cannot exist without reaching the code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
 
-from sae_lens import SAE
 from simple_parsing import field
 
-from itda_lens.activations import CachedActivations
-from itda_lens.splinterp.kmeans import fit_kmeans_sae, fit_local_pca_sae
-from itda_lens.splinterp.pam import PAMSettings, train_pam
-from itda_lens.training import TRAIN_ARCHITECTURES, train_sae
-from itda_lens.warmstart import InitSource, Rule, init_rows, resolve_rule
+from itda_lens.warmstart import Rule
 
 MODEL_HELP = (
     "zoo model (default kjv-4l128-s0), model folder, TransformerLens pretrained name, or "
@@ -73,144 +67,6 @@ class TrainCommand:
     """An ITDA folder built at --hook whose atoms start the SAE (sae_lens trainers only)."""
     init_rule: Rule = "auto"
     """How the atoms start the SAE (itda_lens.warmstart; auto = the measured best per architecture)."""
-
-
-@dataclass(frozen=True)
-class SAETrainConfig:
-    """sae_lens's own trainer (SAETrainer) on the cached activations."""
-
-    d_sae: int | None = None
-    """Latents (default 8 x d_model, or the rows --init-from's atoms fill)."""
-    k: int = 16
-    """L0 budget (TopK's k; the MP SAE's iterations; JumpReLU's target L0; unused by standard)."""
-    epochs: int = 4
-    """Passes over the cached activations."""
-    batch_size: int = 256
-    """Activations per optimiser step."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-    seed: int = 0
-    """Seed of the initialisation and the shuffling."""
-
-
-@dataclass(frozen=True)
-class KMeansConfig:
-    """k-means autoencoder: one latent per cluster (L0 = 1)."""
-
-    d_sae: int | None = None
-    """Clusters = latents (default 8 x d_model)."""
-    max_iter: int = 20
-    """Lloyd iterations."""
-    seed: int = 0
-    """Seed of the k-means++ initialisation."""
-
-
-@dataclass(frozen=True)
-class LocalPCAConfig:
-    """k-means + local PCA: d_sae // k clusters, each with k - 1 principal components."""
-
-    d_sae: int | None = None
-    """Latents (default 8 x d_model)."""
-    k: int = 16
-    """L0: the cluster indicator plus k - 1 components."""
-    assignment: Literal["centroid", "flat"] = "centroid"
-    """Assign inputs to the nearest centroid, or to the nearest affine flat (k-flats)."""
-    max_iter: int = 20
-    """Lloyd iterations."""
-    seed: int = 0
-    """Seed of the k-means++ initialisation."""
-
-
-class Trainer(NamedTuple):
-    """One ``itda-lens train`` architecture: its config class and how it fits
-    (``fit(cached, cfg, model_name, device)``; with ``warm_start`` it also takes
-    ``init=`` / ``init_rule=``)."""
-
-    config: type
-    fit: Callable[..., SAE[Any]]
-    help: str
-    warm_start: bool = False
-
-
-def _width(cfg: Any, cached: CachedActivations) -> int:
-    return cfg.d_sae or 8 * cached.acts.shape[1]
-
-
-def _sae_lens_trainer(arch: str) -> Trainer:
-    def fit(
-        cached: CachedActivations,
-        cfg: SAETrainConfig,
-        name: str | None,
-        device: str,
-        init: InitSource | None = None,
-        init_rule: Rule = "auto",
-    ) -> SAE[Any]:
-        n = cached.acts.shape[0]
-        width = cfg.d_sae or (
-            init_rows(resolve_rule(arch, init_rule), init.n_atoms)
-            if init is not None
-            else _width(cfg, cached)
-        )
-        return train_sae(
-            cached,
-            architecture=arch,  # type: ignore[arg-type]
-            d_sae=width,
-            k=cfg.k,
-            training_tokens=cfg.epochs * n,
-            batch_size=min(cfg.batch_size, n),
-            lr=cfg.lr,
-            seed=cfg.seed,
-            model_name=name,
-            device=device,
-            init=init,
-            init_rule=init_rule,
-        ).sae
-
-    return Trainer(SAETrainConfig, fit, f"sae_lens {arch} SAE (its own trainer)", warm_start=True)
-
-
-def _pam(cached: CachedActivations, cfg: PAMSettings, name: str | None, device: str) -> SAE[Any]:
-    return train_pam(cached, cfg, model_name=name, device=device).sae
-
-
-def _kmeans(
-    cached: CachedActivations, cfg: KMeansConfig, name: str | None, device: str
-) -> SAE[Any]:
-    return fit_kmeans_sae(
-        cached,
-        _width(cfg, cached),
-        max_iter=cfg.max_iter,
-        seed=cfg.seed,
-        model_name=name,
-        device=device,
-    )
-
-
-def _local_pca(
-    cached: CachedActivations, cfg: LocalPCAConfig, name: str | None, device: str
-) -> SAE[Any]:
-    width = _width(cfg, cached)
-    if width // cfg.k < 1:
-        raise ValueError(f"d_sae {width} is smaller than k {cfg.k}: no room for a cluster")
-    return fit_local_pca_sae(
-        cached,
-        width // cfg.k,
-        cfg.k - 1,
-        assignment=cfg.assignment,
-        max_iter=cfg.max_iter,
-        seed=cfg.seed,
-        model_name=name,
-        device=device,
-    )
-
-
-#: ``itda-lens train ARCH``: the one dispatch table.
-TRAINERS: dict[str, Trainer] = {
-    **{arch: _sae_lens_trainer(arch) for arch in TRAIN_ARCHITECTURES},
-    "pam": Trainer(PAMSettings, _pam, "PAM-SGD (exact decoder solve + Adam encoder steps)"),
-    "kmeans": Trainer(KMeansConfig, _kmeans, "k-means autoencoder (SplInterp)"),
-    "kmeans-pca": Trainer(LocalPCAConfig, _local_pca, "k-means + local PCA autoencoder"),
-}
 
 
 @dataclass

@@ -5,7 +5,6 @@ sae_lens's ``run_evals`` on held-out text, and write a report folder (saved ITDA
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from itda_lens.builder import BuildConfig, build_itda
 from itda_lens.dashboard import write_dashboard
 from itda_lens.evals import evaluate
 from itda_lens.plots import line_plot
+from itda_lens.resolve import output_folder
 from itda_lens.saes import ITDA
 
 
@@ -139,13 +139,7 @@ def run_demo(
 ) -> Path:
     """Build, evaluate and report; returns the report folder. With ``cfg.target_atoms`` the
     report also shows the energy-refined dictionary of the same width."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already exists and is not empty; pass --overwrite or choose another --out"
-            )
-        shutil.rmtree(out)
+    out = output_folder(out, overwrite, clear=True)
     out.mkdir(parents=True, exist_ok=True)
     hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
     common = {
@@ -217,9 +211,9 @@ def run_demo(
 def _random_control(itda: ITDA, train_acts: Tensor) -> ITDA:
     """The honest baseline: as many randomly sampled training activations as ITDA has atoms,
     encoded with the same signed MP. What ITDA beats it by is what the greedy selection buys."""
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randperm(train_acts.shape[0], generator=g)[: itda.cfg.d_sae]
-    return ITDA.from_atoms(train_acts[rows], itda.cfg.k, metadata=usage_metadata(itda))
+    return ITDA.from_random_activations(
+        train_acts, itda.cfg.d_sae, itda.cfg.k, metadata=usage_metadata(itda)
+    )
 
 
 def _acts(setup: DemoSetup, tokens: Tensor, hooks: list[str]) -> dict[str, Tensor]:

@@ -31,6 +31,7 @@ class AtomStore:
         dtype: torch.dtype = torch.float32,
         capacity: int = 1024,
         budget: int | float | str | None = None,
+        max_atoms: int | None = None,
     ):
         if d_in < 1:
             raise ValueError(f"d_in must be >= 1, got {d_in}")
@@ -38,6 +39,7 @@ class AtomStore:
         self.n = 0
         self.blocks: list[int] = []
         self.budget = memory_budget(self.device, budget)
+        self.max_atoms = max_atoms  # the store never grows past it (None: no limit)
         self._atoms = torch.empty(capacity, d_in, device=self.device, dtype=dtype)
         self._labels = torch.empty(capacity, 2, dtype=torch.long, device=self.device)
         self._token_ids = torch.empty(capacity, dtype=torch.long, device=self.device)
@@ -79,9 +81,14 @@ class AtomStore:
         )
 
     def _row_plan(self, cols: int) -> tuple[int, int]:
-        """(row slots, columns) for a capacity of ``cols`` atoms: square while it fits."""
-        if cols <= self.max_full_atoms:
-            return cols, cols
+        """(row slots, columns) for a capacity of ``cols`` atoms: square while it fits. On CPU a
+        square plan is allocated once at the largest size it can reach (the budget's or
+        ``max_atoms``): pages are only backed by memory when written, so growing never copies the
+        matrix (a GPU allocates what it reserves, so there it grows with the atoms)."""
+        largest = min(self.max_full_atoms, self.max_atoms or self.max_full_atoms)
+        if cols <= largest:
+            size = largest if self.device.type == "cpu" else cols
+            return size, size
         return min(cols, GramRows.plan_rows(cols, self.budget)), cols
 
     def reserve(self, needed: int) -> None:
@@ -91,6 +98,8 @@ class AtomStore:
             new_cap = max(needed, 2 * cap)
             if needed <= self.max_full_atoms < new_cap:  # stay full as long as possible
                 new_cap = self.max_full_atoms
+            if self.max_atoms is not None and needed <= self.max_atoms < new_cap:
+                new_cap = self.max_atoms
             for name in ("_atoms", "_labels", "_token_ids"):
                 old = getattr(self, name)
                 new = old.new_empty(new_cap, *old.shape[1:])

@@ -10,6 +10,7 @@ or a hub dataset name (streamed, as a user with internet expects).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,18 @@ def resolve_tokens(
         ds = datasets.load_from_disk(str(path))
         return (ds[split] if isinstance(ds, datasets.DatasetDict) else ds), spec
     return datasets.load_dataset(spec, split=split, streaming=True), spec
+
+
+def output_folder(path: str | Path, overwrite: bool, *, clear: bool = False) -> Path:
+    """``path`` as an output folder: refused when it is a non-empty folder and ``overwrite`` is not
+    set (the message says how to proceed); with ``clear`` its old contents are removed."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} already exists and is not empty; pass --overwrite (overwrite=True) "
+                "or choose another output folder"
+            )
+        if clear:
+            shutil.rmtree(out)
+    return out

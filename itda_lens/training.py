@@ -37,7 +37,7 @@ from torch import Tensor
 
 from itda_lens.activations import CachedActivations, set_metadata
 from itda_lens.saes import ITDA
-from itda_lens.warmstart import FIT_SAMPLE, InitSource, Rule, init_from
+from itda_lens.warmstart import FIT_SAMPLE, InitSource, Rule, init_from, init_rows, resolve_rule
 
 TrainArchitecture = Literal[
     "topk", "batchtopk", "abstopk", "matching_pursuit", "standard", "jumprelu"
@@ -211,3 +211,60 @@ def _inference(
     with tempfile.TemporaryDirectory() as tmp:
         sae.save_inference_model(tmp)
         return SAE.load_from_disk(tmp, device=device)
+
+
+def default_width(d_sae: int | None, cached: CachedActivations) -> int:
+    """``d_sae``, or the comparison SAEs' default width: 8 x d_model."""
+    return d_sae or 8 * cached.acts.shape[1]
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """sae_lens's own trainer (SAETrainer) on the cached activations."""
+
+    d_sae: int | None = None
+    """Latents (default 8 x d_model, or the rows --init-from's atoms fill)."""
+    k: int = 16
+    """L0 budget (TopK's k; the MP SAE's iterations; JumpReLU's target L0; unused by standard)."""
+    epochs: int = 4
+    """Passes over the cached activations."""
+    batch_size: int = 256
+    """Activations per optimiser step."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    seed: int = 0
+    """Seed of the initialisation and the shuffling."""
+
+
+def fit_sae(
+    cached: CachedActivations,
+    cfg: SAETrainConfig,
+    *,
+    architecture: TrainArchitecture,
+    model_name: str | None = None,
+    device: str = "cpu",
+    init: InitSource | None = None,
+    init_rule: Rule = "auto",
+) -> SAE[Any]:
+    """:func:`train_sae` from its config (the ``itda-lens train`` entry point): width from the
+    config, else the rows ``init``'s atoms fill, else 8 x d_model; ``epochs`` passes."""
+    n = cached.acts.shape[0]
+    width = cfg.d_sae or (
+        init_rows(resolve_rule(architecture, init_rule), init.n_atoms)
+        if init is not None
+        else default_width(None, cached)
+    )
+    return train_sae(
+        cached,
+        architecture=architecture,
+        d_sae=width,
+        k=cfg.k,
+        training_tokens=cfg.epochs * n,
+        batch_size=min(cfg.batch_size, n),
+        lr=cfg.lr,
+        seed=cfg.seed,
+        model_name=model_name,
+        device=device,
+        init=init,
+        init_rule=init_rule,
+    ).sae

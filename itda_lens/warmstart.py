@@ -114,13 +114,8 @@ def random_activations(
 ) -> InitSource:
     """``n_atoms`` activations drawn at random (no repeats, zero rows skipped) as a source: the
     control for an ITDA of the same size."""
-    usable = (acts.norm(dim=1) > 0).nonzero().flatten()
-    if n_atoms < 1 or n_atoms > len(usable):
-        raise ValueError(
-            f"cannot draw {n_atoms} activations: there are {len(usable)} non-zero ones"
-        )
-    pick = usable[torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))]
-    return replace(as_source(acts[pick[:n_atoms]]), hook_name=hook_name)
+    control = ITDA.from_random_activations(acts, n_atoms, 1, seed=seed)
+    return replace(as_source(control.W_dec.detach()), hook_name=hook_name)
 
 
 def resolve_rule(architecture: str, rule: Rule) -> Rule:

@@ -46,19 +46,24 @@ def test_gram_rows_grow_with_the_atoms_within_their_error(dtype: torch.dtype) ->
 
 
 def test_gram_rows_become_a_cache_past_the_budget() -> None:
-    budget = 2 * 40 * 40  # the full int16 Gram of 40 atoms
-    store = AtomStore(4, capacity=8, budget=max(budget, 16 * 2**20))
-    assert store.max_full_atoms > 1000
-    small = AtomStore(4, capacity=8)
-    small.budget = budget  # below the process minimum, to keep the test small
-    add_blocks(small, [30])
+    budget = 8192  # the full int16 Gram of 64 atoms
+    small = AtomStore(4, capacity=8, budget=budget)
+    assert small.max_full_atoms == 64
+    add_blocks(small, [40])
     assert small.rows.full
-    add_blocks(small, [30], seed=1)
-    assert not small.rows.full and len(small) == 60
+    add_blocks(small, [40], seed=1)
+    assert not small.rows.full and len(small) == 80
     assert small.rows.q.numel() * 2 <= budget
     ids, rows = held_rows(small)
     exact = (small.atoms[ids] @ small.atoms.T).double()
     assert (rows - exact).abs().max() <= small.rows.error
+
+
+def test_a_capped_store_plans_its_rows_for_its_cap() -> None:
+    store = AtomStore(4, capacity=8, max_atoms=50)
+    assert store.rows.capacity_rows == 50  # allocated once, backed by memory as it fills
+    add_blocks(store, [20, 30])
+    assert store.rows.full and store.rows.capacity_rows == 50 and len(store) == 50
 
 
 def test_restore_recomputes_the_rows() -> None:

@@ -27,6 +27,7 @@ LAYERS = {
     "analysis": 4,
     "diffing": 4,
     "config": 5,
+    "trainers": 5,
     "cli": 5,
     "demo": 5,
     "diff_report": 5,

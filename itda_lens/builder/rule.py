@@ -101,6 +101,8 @@ class ITDABuilder:
     #: "auto": the CPU kernel where it runs (MP on CPU), else the torch path; "torch": always the
     #: torch path (what a GPU runs), e.g. to exercise it on CPU. Both give the same dictionary.
     backend: Literal["auto", "torch"] = "auto"
+    #: bytes its Gram rows may use (default: the process's memory budget on its device)
+    budget: int | None = None
     store: AtomStore = field(init=False)
     tokens_seen: int = 0
     tokens_scored: int = 0
@@ -115,7 +117,13 @@ class ITDABuilder:
     steps: int = 0
 
     def __post_init__(self) -> None:
-        self.store = AtomStore(self.d_in, device=self.device, dtype=self.cfg.torch_decision_dtype)
+        self.store = AtomStore(
+            self.d_in,
+            device=self.device,
+            dtype=self.cfg.torch_decision_dtype,
+            budget=self.budget,
+            max_atoms=self.cfg.max_atoms,
+        )
 
     @property
     def full(self) -> bool:
@@ -479,6 +487,8 @@ class ITDABuilder:
             list(f["blocks"]),
             device=self.store.device,
             dtype=self.store.dtype,
+            budget=self.store.budget,
+            max_atoms=self.cfg.max_atoms,
         )
         for name in _PROGRESS:
             setattr(self, name, f[name])

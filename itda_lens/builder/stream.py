@@ -35,7 +35,7 @@ from itda_lens.activations import (
     read_batch,
     token_batches,
 )
-from itda_lens.budget import default_device
+from itda_lens.budget import default_device, memory_budget
 from itda_lens.builder.checkpoint import Checkpointer, locked
 from itda_lens.builder.config import BuildConfig
 from itda_lens.builder.distributed import (
@@ -158,9 +158,13 @@ def run_stream(
                 state.context_size = int(raw.shape[1])
             updates, n_seq, n_tok, offset = _batch_updates(stream, raw, state, cfg, builders, comm)
             for hook, batch in updates.items():
-                if hook not in builders:
+                if hook not in builders:  # the hooks share the memory budget
+                    dev = device or batch.acts.device
                     builders[hook] = ITDABuilder(
-                        batch.acts.shape[1], hook_cfg(hook), device=device or batch.acts.device
+                        batch.acts.shape[1],
+                        hook_cfg(hook),
+                        device=dev,
+                        budget=memory_budget(dev) // len(updates),
                     )
                 state.wire_bytes += read(builders[hook], batch, offset, n_tok)
             state.sequences += n_seq
@@ -229,17 +233,26 @@ def _start(
     rank 0 reads the checkpoint and every rank resumes from it, or fails with its error)."""
     if comm is None:
         saved = ckpt.load(resume, cfg, device or "cpu")
-    else:
-        saved, error = None, None
+    else:  # the builders' states travel, not the builders (their Gram rows are rebuilt)
+        payload, error = None, None
         if comm.rank == 0:
             try:
-                saved = ckpt.load(resume, cfg, device or "cpu")
+                loaded = ckpt.load(resume, cfg, device or "cpu")
+                if loaded is not None:
+                    payload = (loaded[0], {h: b.state_dict() for h, b in loaded[1].items()})
             except (ValueError, OSError) as err:
                 error = err
         comm.agree("the build settings and model", fingerprint)
-        saved, error = comm.broadcast((saved, error))
+        payload, error = comm.broadcast((payload, error))
         if error is not None:
             raise error
+        saved = None
+        if payload is not None:
+            builders = {}
+            for hook, state in payload[1].items():
+                builders[hook] = ITDABuilder(state["fields"]["d_in"], cfg, device=device or "cpu")
+                builders[hook].load_state_dict(state)
+            saved = (payload[0], builders)
     if saved is None:
         return BuildProgress(fingerprint), {}
     fields_, builders = saved

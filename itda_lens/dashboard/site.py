@@ -23,6 +23,7 @@ from itda_lens.activations import iter_hook_activations
 from itda_lens.analysis import replay_sequences
 from itda_lens.dashboard.stats import LatentStats, Reservoir, SparseEntries, coalesce
 from itda_lens.evals import require_hook_name
+from itda_lens.resolve import output_folder
 from itda_lens.saes import ITDA
 
 #: Latents per data shard (one JS file each).
@@ -204,8 +205,7 @@ def write_dashboard(
     ``out``; returns the path of its ``index.html``. For an ITDA, ``provenance_tokens`` (the token
     input it was built from) lets each atom show the passage it was read at."""
     final = Path(out)
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True (--overwrite)")
+    output_folder(final, overwrite)  # the old site is replaced only once the new one is complete
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.numel() == 0:
         raise ValueError("tokens must be a non-empty [n_seq, seq_len] tensor of token ids")
     stats = collect(

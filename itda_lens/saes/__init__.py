@@ -9,7 +9,7 @@ from itda_lens.saes._io import (
     temporaries,
 )
 from itda_lens.saes.cluster import KMeansSAE, KMeansSAEConfig, LocalPCASAE, LocalPCASAEConfig
-from itda_lens.saes.itda import ITDA, ITDAConfig, check_itda_folder
+from itda_lens.saes.itda import ITDA, ITDAConfig, check_itda_folder, load_itdas
 from itda_lens.saes.record import (
     BUILD_RECORD_KEY,
     BuildRecord,
@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write",
     "check_itda_folder",
     "check_sae_folder",
+    "load_itdas",
     "read_build_record",
     "register_architecture",
     "temporaries",

@@ -340,6 +340,33 @@ class ITDA(SAE[ITDAConfig]):
         itda.atom_token_ids.copy_(token_ids)
         return itda
 
+    @classmethod
+    def from_random_activations(
+        cls,
+        acts: Float[Tensor, "n d"],
+        n_atoms: int,
+        k: int,
+        *,
+        seed: int = 0,
+        encoder: Literal["mp", "omp"] = "mp",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ITDA:
+        """The project's central control: ``n_atoms`` of ``acts`` drawn at random (no repeats,
+        all-zero rows skipped) as an ITDA with the same pursuit. An ITDA's gain over this is what
+        its greedy selection buys."""
+        usable = (acts.norm(dim=1) > 0).nonzero().flatten()
+        if (
+            isinstance(n_atoms, bool)
+            or not isinstance(n_atoms, int)
+            or not 1 <= n_atoms <= len(usable)
+        ):
+            raise ValueError(
+                f"cannot draw {n_atoms!r} activations: there are {len(usable)} non-zero ones"
+            )
+        g = torch.Generator().manual_seed(seed)
+        pick = usable[torch.randperm(len(usable), generator=g)[:n_atoms]]
+        return cls.from_atoms(acts[pick], k, encoder=encoder, metadata=metadata)
+
     def select(self, atoms: Int[Tensor, " m"], **metadata: Any) -> ITDA:
         """A new ITDA with the given atoms (in that order), their provenance carried along;
         ``metadata`` entries are added to the copied metadata."""
@@ -461,6 +488,26 @@ class ITDA(SAE[ITDAConfig]):
         check_itda_folder(path)
         with _verified_on_disk():
             return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
+
+
+def load_itdas(folder: str | Path, device: str = "cpu") -> dict[str, ITDA]:
+    """One ITDA folder, or a folder of per-hook ITDA folders (a multi-hook build), as
+    ``{hook: ITDA}`` in layer order."""
+    folder = Path(folder)
+    if (folder / SAE_CFG_FILENAME).is_file():
+        itda = ITDA.load_from_disk(folder, device=device)
+        return {itda.cfg.metadata.hook_name or folder.name: itda}
+    subs = (
+        sorted(
+            (p for p in folder.iterdir() if (p / SAE_CFG_FILENAME).is_file()),
+            key=lambda p: (extract_layer_from_tlens_hook_name(p.name) or 0, p.name),
+        )
+        if folder.is_dir()
+        else []
+    )
+    if not subs:
+        raise FileNotFoundError(f"{folder} holds no ITDA (no cfg.json in it or in its sub-folders)")
+    return {p.name: ITDA.load_from_disk(p, device=device) for p in subs}
 
 
 def check_itda_folder(path: str | Path) -> dict[str, Any]:

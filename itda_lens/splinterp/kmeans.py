@@ -20,6 +20,7 @@ from itda_lens.activations import (
     summarise_activations,
 )
 from itda_lens.saes.cluster import KMeansSAE, KMeansSAEConfig, LocalPCASAE, LocalPCASAEConfig
+from itda_lens.training import default_width
 
 CHUNK = 8192
 
@@ -299,3 +300,72 @@ def fit_local_pca_sae(
         dirs = torch.where(keep[:, :, None], dirs2, dirs)
         sae = LocalPCASAE._from_parts(cfg, means, dirs, device)
     return sae
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """k-means autoencoder: one latent per cluster (L0 = 1)."""
+
+    d_sae: int | None = None
+    """Clusters = latents (default 8 x d_model)."""
+    max_iter: int = 20
+    """Lloyd iterations."""
+    seed: int = 0
+    """Seed of the k-means++ initialisation."""
+
+
+@dataclass(frozen=True)
+class LocalPCAConfig:
+    """k-means + local PCA: d_sae // k clusters, each with k - 1 principal components."""
+
+    d_sae: int | None = None
+    """Latents (default 8 x d_model)."""
+    k: int = 16
+    """L0: the cluster indicator plus k - 1 components."""
+    assignment: Literal["centroid", "flat"] = "centroid"
+    """Assign inputs to the nearest centroid, or to the nearest affine flat (k-flats)."""
+    max_iter: int = 20
+    """Lloyd iterations."""
+    seed: int = 0
+    """Seed of the k-means++ initialisation."""
+
+
+def fit_kmeans(
+    cached: CachedActivations,
+    cfg: KMeansConfig,
+    *,
+    model_name: str | None = None,
+    device: str | torch.device = "cpu",
+) -> KMeansSAE:
+    """:func:`fit_kmeans_sae` from its config (the ``itda-lens train kmeans`` entry point)."""
+    return fit_kmeans_sae(
+        cached,
+        default_width(cfg.d_sae, cached),
+        max_iter=cfg.max_iter,
+        seed=cfg.seed,
+        model_name=model_name,
+        device=device,
+    )
+
+
+def fit_local_pca(
+    cached: CachedActivations,
+    cfg: LocalPCAConfig,
+    *,
+    model_name: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LocalPCASAE:
+    """:func:`fit_local_pca_sae` from its config: ``d_sae // k`` clusters of ``k - 1`` components."""
+    width = default_width(cfg.d_sae, cached)
+    if width // cfg.k < 1:
+        raise ValueError(f"d_sae {width} is smaller than k {cfg.k}: no room for a cluster")
+    return fit_local_pca_sae(
+        cached,
+        width // cfg.k,
+        cfg.k - 1,
+        assignment=cfg.assignment,
+        max_iter=cfg.max_iter,
+        seed=cfg.seed,
+        model_name=model_name,
+        device=device,
+    )

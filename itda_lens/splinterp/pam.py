@@ -433,3 +433,14 @@ def to_sae_lens(
     with tempfile.TemporaryDirectory() as tmp:
         sae.save_model(tmp)
         return SAE.load_from_disk(tmp, device=str(device))
+
+
+def fit_pam(
+    cached: CachedActivations,
+    settings: PAMSettings,
+    *,
+    model_name: str | None = None,
+    device: str | torch.device = "cpu",
+) -> SAE[Any]:
+    """:func:`train_pam`'s SAE (the ``itda-lens train pam`` entry point)."""
+    return train_pam(cached, settings, model_name=model_name, device=device).sae

@@ -41,3 +41,29 @@ def test_render_detects_a_table_that_differs_from_its_json(tmp_path: Path) -> No
     assert "| 1 | 2 |" in fresh and render.stale(fresh, tmp_path) == []
     with pytest.raises(KeyError, match="no table"):
         render.render(stale_text.replace("#t", "#u"), tmp_path)
+
+
+def test_readme_prose_numbers_have_sources() -> None:
+    """Every number in both READMEs' prose sits in a claims block naming the results it comes
+    from, and appears in them (``render.unsourced_claims``)."""
+    render = _render_module()
+    for readme in render.READMES:
+        problems = render.unsourced_claims(readme.read_text())
+        assert problems == [], f"{readme.name}: {problems[:5]}"
+
+
+def test_claims_check_catches_wrong_and_unsourced_numbers(tmp_path: Path) -> None:
+    render = _render_module()
+    (tmp_path / "r.json").write_text(
+        json.dumps(
+            {"tables": {"t": {"columns": ["x"], "rows": [["1,234"]]}}, "data": {"v": 0.4567}}
+        )
+    )
+    good = "<!-- claims: r.json -->\nIt read 1,234 tokens at 0.457 and 45.7%.\n<!-- /claims -->\n"
+    assert render.unsourced_claims(good, tmp_path) == []
+    wrong = good.replace("0.457", "0.466")
+    assert any("0.466" in p for p in render.unsourced_claims(wrong, tmp_path))
+    loose = good + "Outside it took 12.5 s.\n"
+    assert any("12.5 s" in p for p in render.unsourced_claims(loose, tmp_path))
+    settings = good + "With `cos_threshold=0.9` at 8x d_model.\n"
+    assert render.unsourced_claims(settings, tmp_path) == []
