@@ -107,7 +107,7 @@ def record(
     to ``benchmarks/results/<name>.json``; print where. Returns the results file."""
     payload = {
         "benchmark": name,
-        "command": " ".join(["python", f"benchmarks/{name}.py", *sys.argv[1:]]),
+        "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "quick": bool(args.quick),
         "seconds": round(seconds, 1),
         "machine": {

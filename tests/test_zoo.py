@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -211,3 +212,10 @@ def test_fine_tuning_continues_from_the_base(tmp_path: Path) -> None:
         train_model(
             TrainConfig("x", init_from=zoo.DEFAULT_MODEL, tokenizer="bpe4096", out=str(tmp_path))
         )
+
+
+def test_cards_say_nothing_about_the_machine_they_were_made_on() -> None:
+    for name in zoo.list_models(include_checkpoints=True):
+        card = zoo.model_card(name)
+        assert "out" not in card.get("train_config", {}), name
+        assert "/work/" not in json.dumps(card) and "/home/" not in json.dumps(card), name

@@ -67,3 +67,11 @@ def test_claims_check_catches_wrong_and_unsourced_numbers(tmp_path: Path) -> Non
     assert any("12.5 s" in p for p in render.unsourced_claims(loose, tmp_path))
     settings = good + "With `cos_threshold=0.9` at 8x d_model.\n"
     assert render.unsourced_claims(settings, tmp_path) == []
+
+
+def test_results_record_commands_that_exist() -> None:
+    for path in sorted((BENCH / "results").glob("*.json")):
+        command = json.loads(path.read_text())["command"].split()
+        assert command[0] == "python" and (BENCH.parent / command[1]).is_file(), (
+            f"{path.name} records {' '.join(command)}"
+        )
