@@ -48,7 +48,13 @@ from itda_lens.diffing import DIFF_CONFIG, DIRECTIONS, diff_dictionaries, diff_m
 from itda_lens.evals import evaluate_all
 from itda_lens.plots import heatmap
 from itda_lens.probing import probe_data
-from itda_lens.resolve import model_card, output_folder, resolve_model, resolve_tokens
+from itda_lens.resolve import (
+    build_stream,
+    model_card,
+    output_folder,
+    resolve_model,
+    resolve_tokens,
+)
 from itda_lens.saes import ITDA, check_sae_folder, load_itdas
 from itda_lens.similarity import model_jaccard, similarity_matrix
 from itda_lens.trainers import TRAINERS
@@ -195,12 +201,7 @@ def _cmd_inspect(args: Any) -> int:
     model = tokens = None
     try:
         model = resolve_model(args.model or meta.model_name)
-        data_spec = args.data or meta.dataset_path
-        tokens = (
-            resolve_tokens(data_spec, model, context_size=meta.context_size)[0]
-            if data_spec
-            else None
-        )
+        tokens = build_stream(itda, model, args.data)
     except Exception as err:  # the atoms can still be listed without model or data
         print(f"(cannot load model/data for context: {err}; pass --model / --data)")
     tokenizer = getattr(model, "tokenizer", None)
@@ -260,10 +261,10 @@ def _cmd_dashboard(args: Any) -> int:
     source, data_name = resolve_tokens(cmd.data, model, split=cmd.split, context_size=context)
     tokenizer = getattr(model, "tokenizer", None)
     tokens = next(token_batches(source, cmd.seqs, context_size=context, tokenizer=tokenizer))
-    build_stream = None
-    if isinstance(sae, ITDA) and meta.dataset_path:
+    provenance = None
+    if isinstance(sae, ITDA):
         try:
-            build_stream = resolve_tokens(meta.dataset_path, model, context_size=context)[0]
+            provenance = build_stream(sae, model)
         except Exception as err:  # the dashboard still works, without the atoms' own passages
             print(f"(build stream {meta.dataset_path!r} unavailable, no provenance: {err})")
     out = Path(cmd.out) if cmd.out else folder / "dashboard"
@@ -272,7 +273,7 @@ def _cmd_dashboard(args: Any) -> int:
         model,
         tokens,
         out,
-        provenance_tokens=build_stream,
+        provenance_tokens=provenance,
         data_name=data_name,
         top_k=cmd.top_k,
         batch_size=cmd.batch_size,

@@ -106,3 +106,13 @@ def output_folder(path: str | Path, overwrite: bool, *, clear: bool = False) -> 
         if clear:
             shutil.rmtree(out)
     return out
+
+
+def build_stream(sae: Any, model: Any, data: str | None = None) -> Any:
+    """The tokens a saved SAE was built on, read the way it was (its metadata's ``dataset_path``
+    at its context size), or the ``data`` spec given instead; None when neither names any."""
+    meta = sae.cfg.metadata
+    spec = data or meta.dataset_path
+    if not spec:
+        return None
+    return resolve_tokens(spec, model, context_size=meta.context_size or None)[0]
