@@ -92,7 +92,11 @@ class AtomStore:
         return min(cols, GramRows.plan_rows(cols, self.budget)), cols
 
     def reserve(self, needed: int) -> None:
-        """Make room for ``needed`` atoms (the Gram rows become a cache past the budget)."""
+        """Make room for ``needed`` atoms (the Gram rows become a cache past the budget); never
+        past ``max_atoms``, which the store cannot outgrow (a kernel that reserves a whole
+        sub-batch near the cap must not copy the Gram rows into a larger plan)."""
+        if self.max_atoms is not None:
+            needed = min(needed, self.max_atoms)
         cap = self._atoms.shape[0]
         if needed > cap:
             new_cap = max(needed, 2 * cap)
@@ -145,6 +149,10 @@ class AtomStore:
         norms = vectors.norm(dim=1)
         if bool((norms == 0).any()) or not bool(torch.isfinite(vectors).all()):
             raise ValueError("atoms must be finite and non-zero")
+        if self.max_atoms is not None and self.n + b > self.max_atoms:
+            raise ValueError(
+                f"appending {b} atoms to {self.n} would pass max_atoms={self.max_atoms}"
+            )
         self.reserve(self.n + b)
         start, end = self.n, self.n + b
         self._atoms[start:end] = F.normalize(vectors.to(self.device, self.dtype), dim=1)

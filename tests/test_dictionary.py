@@ -64,6 +64,11 @@ def test_a_capped_store_plans_its_rows_for_its_cap() -> None:
     assert store.rows.capacity_rows == 50  # allocated once, backed by memory as it fills
     add_blocks(store, [20, 30])
     assert store.rows.full and store.rows.capacity_rows == 50 and len(store) == 50
+    q = store.rows.q
+    store.reserve(50 + 4096)  # a kernel reserving a whole sub-batch near the cap
+    assert store.rows.q is q and store.rows.capacity_cols == 50  # the rows are not copied
+    with pytest.raises(ValueError, match="max_atoms=50"):
+        add_blocks(store, [1])
 
 
 def test_restore_recomputes_the_rows() -> None:
