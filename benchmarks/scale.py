@@ -212,13 +212,63 @@ def copy_store(src: ITDABuilder, dst: ITDABuilder) -> Any:
     )  # fmt: skip
 
 
+def fmt_enc(r: dict) -> dict:
+    return {
+        "data": r["data"],
+        "d": r["d"],
+        "atoms": f"{r['atoms']:,}",
+        "Gram rows": r["rows"],
+        "plan s": f"{r['plan_s']:.1f}",
+        "encode tok/s": f"{r['encode_tok_s']:,.0f}",
+        "literal tok/s": f"{r['literal_tok_s']:,.1f}",
+        "x literal": f"{r['x_literal']:.1f}x",
+        "floor tok/s": f"{r['floor_tok_s']:,.0f}",
+        "x floor (slower)": f"{r['x_floor']:.1f}x",
+        "peak extra memory": fmt_bytes(r["peak_extra_bytes"]),
+        "rows computed / token": f"{r['rows_computed_per_token']:.1f}",
+        "codes = literal (tokens)": f"{r['same_codes_as_literal']:.0%}",
+    }
+
+
+def budget_sweep(args: Any) -> None:
+    """What raising the memory budget buys past the 4 GiB default: 65,536 atoms at d = 768 (the
+    full int16 Gram is 8 GiB) encoded at each budget, in one process."""
+    t0 = time.perf_counter()
+    n, d = (4096, 256) if args.quick else (65536, 768)
+    atoms = F.normalize(synthetic(n, d, 0, args.device), dim=1)
+    x = synthetic(256 if args.quick else 2048, d, 1, args.device)
+    rows = []
+    for size in args.budget_sweep:
+        set_memory_budget(size)
+        rows.append({"budget": size, **encode_row("synthetic", atoms, x, 16, args.device)})
+        print(rows[-1], flush=True)
+    shown = [{"budget": r["budget"], **fmt_enc(r)} for r in rows]
+    print(table(shown, list(shown[0])))
+    record(
+        "scale_budget",
+        args,
+        {"budgets": table_spec(shown, list(shown[0]))},
+        {"device": args.device, "encode": rows},
+        time.perf_counter() - t0,
+    )
+
+
 def main() -> None:
     parser = bench_parser(__doc__, "bench_out/scale")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", default="4GiB", help="memory budget (default 4GiB)")
     parser.add_argument("--build-seconds", type=float, default=600.0)
+    parser.add_argument(
+        "--budget-sweep",
+        nargs="+",
+        metavar="SIZE",
+        help="only encode 65,536 atoms at d = 768 at each of these budgets (scale_budget.json)",
+    )
     args = parser.parse_args()
     prepare(args)
+    if args.budget_sweep:
+        budget_sweep(args)
+        return
     set_memory_budget(args.budget)
     dev = args.device
     t0 = time.perf_counter()
@@ -261,23 +311,6 @@ def main() -> None:
         seg = 256 if args.quick else 2048
         gpu.append({"atoms": n, **gpu_path_row(n, dims[0], dev, seg, min(cap, 300.0))})
         print(gpu[-1], flush=True)
-
-    def fmt_enc(r: dict) -> dict:
-        return {
-            "data": r["data"],
-            "d": r["d"],
-            "atoms": f"{r['atoms']:,}",
-            "Gram rows": r["rows"],
-            "plan s": f"{r['plan_s']:.1f}",
-            "encode tok/s": f"{r['encode_tok_s']:,.0f}",
-            "literal tok/s": f"{r['literal_tok_s']:,.1f}",
-            "x literal": f"{r['x_literal']:.1f}x",
-            "floor tok/s": f"{r['floor_tok_s']:,.0f}",
-            "x floor (slower)": f"{r['x_floor']:.1f}x",
-            "peak extra memory": fmt_bytes(r["peak_extra_bytes"]),
-            "rows computed / token": f"{r['rows_computed_per_token']:.1f}",
-            "codes = literal (tokens)": f"{r['same_codes_as_literal']:.0%}",
-        }
 
     def fmt_build(r: dict) -> dict:
         return {

@@ -19,3 +19,13 @@ def test_scale_benchmark_quick(tmp_path: Path) -> None:
     assert all(r["same_codes_as_literal"] >= 0.9 for r in data["encode"])
     assert all(r["build_tok_s"] > 0 and r["atoms"] > 0 for r in data["build"])
     assert all(r["exact_steps_per_1k"] > 0 and r["batch_ops_per_1k"] > 0 for r in data["gpu"])
+
+
+@pytest.mark.slow
+def test_scale_budget_sweep_quick(tmp_path: Path) -> None:
+    run_quick("scale.py", "--out", str(tmp_path), "--budget-sweep", "1MiB", "64MiB")
+    rows = json.loads((tmp_path / "scale_budget.json").read_text())["data"]["encode"]
+    assert [r["budget"] for r in rows] == ["1MiB", "64MiB"]
+    # 4,096 atoms: a cache under 1 MiB, the full int16 Gram (32 MiB) under 64 MiB; same codes
+    assert rows[0]["rows"].startswith("cache") and rows[1]["rows"] == "full int16"
+    assert all(r["same_codes_as_literal"] >= 0.9 for r in rows)
