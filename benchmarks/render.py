@@ -60,11 +60,12 @@ CLAIMS = re.compile(r"<!-- claims: (?P<files>[\w.\- ]+?) -->\n(?P<body>.*?)<!-- 
 NUMBER = re.compile(
     r"(?<![A-Za-z_.\d])(?<![A-Za-z]-)(\d[\d,]*(?:\.\d+)?)(?![\d.]*[A-Za-z_](?<!x)\b)"
 )
-#: what a measurement looks like in prose: a decimal, a percentage, a duration, a size, a rate
-#: (integer multiples such as "8x d_model" are widths, not results)
+#: what a measurement looks like in prose: a decimal, a percentage, a duration, a size, a rate,
+#: a comparison ("12x more atoms"; integer multiples such as "8x d_model" are widths, not results)
 MEASURE = re.compile(
     r"(?<![A-Za-z_.\d])(?<![A-Za-z]-)(?:\d[\d,]*\.\d+[x%]?|\d[\d,]*(?:%|\s?(?:s|min|minutes?|"
-    r"seconds?|hours?|[KMG]i?B|tok/s|nats?)\b))(?![\w.]*\d)"
+    r"seconds?|hours?|[KMG]i?B|tok/s|nats?)\b)|\d[\d,]*x\s+(?:more|fewer|less|faster|slower|"
+    r"smaller|larger|as)\b)(?![\w.]*\d)"
 )
 #: small integers are settings and counts far more often than results ("2 ranks", "4 layers")
 SMALL = 12
