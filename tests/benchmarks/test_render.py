@@ -75,3 +75,18 @@ def test_results_record_commands_that_exist() -> None:
         assert command[0] == "python" and (BENCH.parent / command[1]).is_file(), (
             f"{path.name} records {' '.join(command)}"
         )
+
+
+def test_readmes_name_files_that_exist() -> None:
+    import re
+
+    root = BENCH.parent
+    for readme in (root / "README.md", BENCH / "README.md"):
+        for name in set(
+            re.findall(
+                r"\b(?:tests|benchmarks|itda_lens)/[\w/.-]*\.(?:py|json|ipynb)", readme.read_text()
+            )
+        ):
+            assert (root / name).is_file() or (root / "benchmarks" / name).is_file(), (
+                f"{readme.relative_to(root)} names {name}, which does not exist"
+            )
