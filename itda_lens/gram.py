@@ -244,20 +244,18 @@ class GramRows:
         if cols <= self.capacity_cols and rows == self.capacity_rows:
             return
         cols = max(cols, self.capacity_cols)
-        q = torch.empty(rows, cols, dtype=torch.int16, device=self.device)
+        owner = torch.full((rows,), -1, dtype=torch.long, device=self.device)
         if rows >= self.capacity_rows:
+            q = torch.empty(rows, cols, dtype=torch.int16, device=self.device)
             q[: self.capacity_rows, : self.n] = self.q[:, : self.n]
-            owner = torch.full((rows,), -1, dtype=torch.long, device=self.device)
             owner[: self.capacity_rows] = self.owner
-        else:  # shrink: keep the most used rows
-            held = (self.owner >= 0).nonzero().flatten()
-            order = torch.argsort(self.uses[self.owner[held]], descending=True, stable=True)
-            kept = held[order[:rows]]
+        else:
+            # a full plan becoming a cache (the atoms outgrew the budget): both would not fit the
+            # budget at once, so the old rows are released first and the cache starts empty
+            # (rows are recomputed exactly when a pick needs them; use counts are kept)
+            self.q = self.q.new_empty(0, 0)
             self.slot[:] = -1
-            q[: kept.numel(), : self.n] = self.q[kept, : self.n]
-            owner = torch.full((rows,), -1, dtype=torch.long, device=self.device)
-            owner[: kept.numel()] = self.owner[kept]
-            self.slot[owner[: kept.numel()]] = torch.arange(kept.numel(), device=self.device)
+            q = torch.empty(rows, cols, dtype=torch.int16, device=self.device)
         slot = torch.full((cols,), -1, dtype=torch.long, device=self.device)
         slot[: self.slot.numel()] = self.slot
         uses = torch.zeros(cols, dtype=torch.long, device=self.device)

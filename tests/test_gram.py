@@ -80,12 +80,17 @@ def test_append_and_truncate_keep_rows_and_columns_exact() -> None:
         rows.append(atoms[6:8] @ atoms[:7].T)
 
 
-def test_shrinking_the_row_slots_keeps_the_most_used_rows() -> None:
+def test_a_full_plan_becoming_a_cache_releases_its_rows_first() -> None:
+    # full and cache would not fit the budget at once: the cache starts empty, counts are kept
     atoms = unit(30, 6)
     rows = GramRows.for_atoms(atoms, budget=2 * 30 * 30)
     rows.count(torch.tensor([4, 4, 4, 17, 17, 2]))
-    rows.reserve(30, 2)
-    assert rows.missing(torch.tensor([4, 17])).numel() == 0 and rows.capacity_rows == 2
+    uses = rows.uses.clone()
+    rows.reserve(40, 2)
+    assert rows.capacity_rows == 2 and rows.q.untyped_storage().nbytes() == 2 * 40 * 2
+    assert rows.missing(torch.arange(30)).numel() == 30 and torch.equal(rows.uses[:30], uses)
+    rows.ensure(torch.tensor([4, 17]), atoms)
+    assert rows.missing(torch.tensor([4, 17])).numel() == 0
     assert (
         rows.dequantized(torch.tensor([4, 17]), torch.float64) - (atoms[[4, 17]] @ atoms.T).double()
     ).abs().max() <= rows.error
