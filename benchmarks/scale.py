@@ -7,8 +7,9 @@
   the first call's planning (the int16 Gram rows: all of them, or a cache) timed apart; peak
   extra memory of plan + encode; supports compared with the literal algorithm.
 * **Build** (the exact rule, ``max_atoms = N``): tokens/s and peak extra memory while the
-  dictionary fills; each build is capped at ``--build-seconds`` of streaming (the row says how far
-  it got). Plus the goal run: 32,768 atoms over 262,144 activations.
+  dictionary fills; each build is capped at ``--build-seconds`` of streaming, checked between
+  1,024-token batches (the row says how far it got). Plus the goal run: 32,768 atoms over 262,144
+  activations. Results are written after each section, so a run cut short keeps what it measured.
 * **GPU path** (the exact rule's torch path, what a CUDA device runs, timed on this CPU): the
   sequential steps and torch ops (about one kernel launch each on a GPU) per 1,000 tokens, on a
   segment read after the kernel built the dictionary halfway, next to the batch rule's.
@@ -37,6 +38,7 @@ from itda_lens import ITDA, BuildConfig, ITDABuilder, build_itda_from_activation
 from itda_lens.activations import collect_activations
 from itda_lens.budget import memory_budget, set_memory_budget
 from itda_lens.builder import ActivationBatch
+from itda_lens.gram import GramRows
 from itda_lens.pursuit import PursuitStats, matching_pursuit, reference_matching_pursuit
 
 K = 40
@@ -71,7 +73,7 @@ def synthetic(n: int, d: int, seed: int, device: str) -> torch.Tensor:
 
 
 def stream(
-    d: int, total: int, deadline: float, device: str, batch: int = 4096
+    d: int, total: int, deadline: float, device: str, batch: int = 1024
 ) -> Iterator[torch.Tensor]:
     """Synthetic activations in batches (seeded per batch), stopping at ``total`` or ``deadline``."""
     for i, start in enumerate(range(0, total, batch)):
@@ -271,6 +273,7 @@ def main() -> None:
         return
     set_memory_budget(args.budget)
     dev = args.device
+    budget = memory_budget(dev)
     t0 = time.perf_counter()
     sizes, dims = ([1024, 4096], [256]) if args.quick else (SIZES, DIMS)
     warm = F.normalize(torch.randn(16, 8), dim=1)
@@ -296,62 +299,69 @@ def main() -> None:
         print(enc[-1], flush=True)
 
     builds: list[dict] = []
+    gpu: list[dict] = []
+
+    def save() -> None:  # after each section, so a run cut short keeps what it measured
+        shown = {"encode": [fmt_enc(r) for r in enc], "build": [fmt_build(r) for r in builds],
+                 "gpu": [fmt_gpu(r) for r in gpu]}  # fmt: skip
+        tables = {}
+        for name, rows in shown.items():
+            if rows:
+                print()
+                print(table(rows, list(rows[0])))
+                tables[name] = table_spec(rows, list(rows[0]))
+        data = {"budget": memory_budget(dev), "device": dev, "encode": enc, "build": builds}
+        record("scale", args, tables, {**data, "gpu": gpu}, time.perf_counter() - t0)
+
+    save()
     cap = 20.0 if args.quick else args.build_seconds
-    for d in dims:
-        for n in sizes:
-            builds.append(build_row(n, d, 4 * n, BUILD_COS, cap, dev))
-            print(builds[-1], flush=True)
+    # the dictionaries whose full Gram fits the budget first, then the goal run, then the rest
+    fits = [(d, n) for d in dims for n in sizes if n <= GramRows.max_full_atoms(budget)]
+    rest = [(d, n) for d in dims for n in sizes if (d, n) not in fits]
+    for d, n in fits:
+        builds.append(build_row(n, d, 4 * n, BUILD_COS, cap, dev))
+        print(builds[-1], flush=True)
     if not args.quick:
         atoms_goal, acts_goal, cos_goal = GOAL
         builds.append(build_row(atoms_goal, 768, acts_goal, cos_goal, 3600.0, dev))
         print(builds[-1], flush=True)
+    for d, n in rest:
+        builds.append(build_row(n, d, 4 * n, BUILD_COS, cap, dev))
+        print(builds[-1], flush=True)
+    save()
 
-    gpu: list[dict] = []
     for n in sizes:
-        seg = 256 if args.quick else 2048
+        seg = 256 if args.quick else 2048 if n <= 32768 else 512
         gpu.append({"atoms": n, **gpu_path_row(n, dims[0], dev, seg, min(cap, 300.0))})
         print(gpu[-1], flush=True)
+    save()
 
-    def fmt_build(r: dict) -> dict:
-        return {
-            "d": r["d"],
-            "max_atoms": f"{r['max_atoms']:,}",
-            "cos": r["cos"],
-            "atoms": f"{r['atoms']:,}",
-            "tokens read": f"{r['tokens_read']:,}",
-            "stopped": r["stop"],
-            "wall s": f"{r['wall_s']:.0f}",
-            "build tok/s": f"{r['build_tok_s']:,.0f}",
-            "peak extra memory": fmt_bytes(r["peak_extra_bytes"]),
-        }
 
-    def fmt_gpu(r: dict) -> dict:
-        return {
-            "atoms (max)": f"{r['atoms']:,}",
-            "atoms at segment start": f"{r['atoms_at_start']:,}",
-            "exact: steps / 1k tokens": f"{r['exact_steps_per_1k']:.0f}",
-            "exact: torch ops / 1k tokens": f"{r['exact_ops_per_1k']:,.0f}",
-            "exact: atoms added": r["exact_added"],
-            "batch rule: steps / 1k tokens": f"{r['batch_steps_per_1k']:.1f}",
-            "batch rule: torch ops / 1k tokens": f"{r['batch_ops_per_1k']:,.0f}",
-            "batch rule: atoms added": r["batch_added"],
-        }
+def fmt_build(r: dict) -> dict:
+    return {
+        "d": r["d"],
+        "max_atoms": f"{r['max_atoms']:,}",
+        "cos": r["cos"],
+        "atoms": f"{r['atoms']:,}",
+        "tokens read": f"{r['tokens_read']:,}",
+        "stopped": r["stop"],
+        "wall s": f"{r['wall_s']:.0f}",
+        "build tok/s": f"{r['build_tok_s']:,.0f}",
+        "peak extra memory": fmt_bytes(r["peak_extra_bytes"]),
+    }
 
-    shown = {"encode": [fmt_enc(r) for r in enc], "build": [fmt_build(r) for r in builds],
-             "gpu": [fmt_gpu(r) for r in gpu]}  # fmt: skip
-    tables = {}
-    for name, rows in shown.items():
-        cols = list(rows[0])
-        print()
-        print(table(rows, cols))
-        tables[name] = table_spec(rows, cols)
-    record(
-        "scale",
-        args,
-        tables,
-        {"budget": memory_budget(dev), "device": dev, "encode": enc, "build": builds, "gpu": gpu},
-        time.perf_counter() - t0,
-    )
+
+def fmt_gpu(r: dict) -> dict:
+    return {
+        "atoms (max)": f"{r['atoms']:,}",
+        "atoms at segment start": f"{r['atoms_at_start']:,}",
+        "exact: steps / 1k tokens": f"{r['exact_steps_per_1k']:.0f}",
+        "exact: torch ops / 1k tokens": f"{r['exact_ops_per_1k']:,.0f}",
+        "exact: atoms added": r["exact_added"],
+        "batch rule: steps / 1k tokens": f"{r['batch_steps_per_1k']:.1f}",
+        "batch rule: torch ops / 1k tokens": f"{r['batch_ops_per_1k']:,.0f}",
+        "batch rule: atoms added": r["batch_added"],
+    }
 
 
 if __name__ == "__main__":
