@@ -171,8 +171,8 @@ def gpu_path_row(n: int, d: int, device: str, segment: int, fill_seconds: float)
     b = ITDABuilder(d, cfg, device=device)
     i, deadline = 0, time.perf_counter() + fill_seconds
     # half full, or as far as the build rows read, or the time cap
-    while len(b.store) < n // 2 and i * 4096 < 4 * n and time.perf_counter() < deadline:
-        b.update(batch_of(synthetic(4096, d, 1000 + i, device)))
+    while len(b.store) < n // 2 and i * 512 < 4 * n and time.perf_counter() < deadline:
+        b.update(batch_of(synthetic(512, d, 1000 + i, device)))
         i += 1
     seg = synthetic(segment, d, 5000, device)
     row: dict[str, Any] = {"d": d, "atoms_at_start": len(b.store)}
@@ -255,6 +255,32 @@ def budget_sweep(args: Any) -> None:
     )
 
 
+def gpu_rows(args: Any, sizes: list[int], d: int, cap: float) -> list[dict]:
+    """The GPU-path rows: one per dictionary size, printed as they come."""
+    rows = []
+    for n in sizes:
+        seg = 256 if args.quick else 2048 if n <= 32768 else 512
+        rows.append({"atoms": n, **gpu_path_row(n, d, args.device, seg, min(cap, 300.0))})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def gpu_section(args: Any) -> None:
+    """Only the exact rule's torch path against the batch rule (``--gpu-only``)."""
+    t0 = time.perf_counter()
+    sizes, d = ([1024, 4096], 256) if args.quick else (SIZES, DIMS[0])
+    rows = gpu_rows(args, sizes, d, 20.0 if args.quick else args.build_seconds)
+    shown = [fmt_gpu(r) for r in rows]
+    print(table(shown, list(shown[0])))
+    record(
+        "scale_gpu",
+        args,
+        {"gpu": table_spec(shown, list(shown[0]))},
+        {"budget": memory_budget(args.device), "device": args.device, "d": d, "gpu": rows},
+        time.perf_counter() - t0,
+    )
+
+
 def main() -> None:
     parser = bench_parser(__doc__, "bench_out/scale")
     parser.add_argument("--device", default="cpu")
@@ -266,6 +292,9 @@ def main() -> None:
         metavar="SIZE",
         help="only encode 65,536 atoms at d = 768 at each of these budgets (scale_budget.json)",
     )
+    parser.add_argument(
+        "--gpu-only", action="store_true", help="only the GPU-path section (scale_gpu.json)"
+    )
     args = parser.parse_args()
     prepare(args)
     if args.budget_sweep:
@@ -274,6 +303,9 @@ def main() -> None:
     set_memory_budget(args.budget)
     dev = args.device
     budget = memory_budget(dev)
+    if args.gpu_only:
+        gpu_section(args)
+        return
     t0 = time.perf_counter()
     sizes, dims = ([1024, 4096], [256]) if args.quick else (SIZES, DIMS)
     warm = F.normalize(torch.randn(16, 8), dim=1)
@@ -330,10 +362,7 @@ def main() -> None:
         print(builds[-1], flush=True)
     save()
 
-    for n in sizes:
-        seg = 256 if args.quick else 2048 if n <= 32768 else 512
-        gpu.append({"atoms": n, **gpu_path_row(n, dims[0], dev, seg, min(cap, 300.0))})
-        print(gpu[-1], flush=True)
+    gpu.extend(gpu_rows(args, sizes, dims[0], cap))
     save()
 
 

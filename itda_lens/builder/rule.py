@@ -153,6 +153,8 @@ class ITDABuilder:
     def update(self, batch: ActivationBatch) -> int:
         """Read one batch (rows in stream order); returns the number of atoms added."""
         self.check(batch.acts)
+        if self.full and not self.stopped:  # e.g. handed a store that is already at max_atoms
+            self.stop_reason = "full"
         if self.stopped:
             return 0
         n = batch.acts.shape[0]

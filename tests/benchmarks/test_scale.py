@@ -29,3 +29,13 @@ def test_scale_budget_sweep_quick(tmp_path: Path) -> None:
     # 4,096 atoms: a cache under 1 MiB, the full int16 Gram (32 MiB) under 64 MiB; same codes
     assert rows[0]["rows"].startswith("cache") and rows[1]["rows"] == "full int16"
     assert all(r["same_codes_as_literal"] >= 0.9 for r in rows)
+
+
+@pytest.mark.slow
+def test_scale_gpu_only_quick(tmp_path: Path) -> None:
+    run_quick("scale.py", "--out", str(tmp_path), "--gpu-only")
+    rows = json.loads((tmp_path / "scale_gpu.json").read_text())["data"]["gpu"]
+    assert [r["atoms"] for r in rows] == [1024, 4096]
+    # filled to about half (512-token steps), so the segment still reads and adds atoms
+    assert all(0 < r["atoms_at_start"] < r["atoms"] for r in rows)
+    assert all(r["exact_steps_per_1k"] > r["batch_steps_per_1k"] > 0 for r in rows)

@@ -161,6 +161,11 @@ def test_max_atoms_caps_and_stops_reading(rule: str) -> None:
     assert len(b.store) == 7 and b.full and b.stop_reason == "full"
     assert b.tokens_seen == b.added_at[-1] + 1, "reading stops at the atom that filled it"
     assert b.update(batch(torch.randn(100, 8))) == 0 and len(b.store) == 7
+    # a fresh builder handed a full store reads nothing either (it used to fail in the batch rule)
+    c = ITDABuilder(8, b.cfg)
+    c.store, c.tokens_seen = b.store, b.tokens_seen
+    assert c.update(batch(torch.randn(100, 8))) == 0 and c.stop_reason == "full"
+    assert c.tokens_seen == b.tokens_seen
 
 
 def test_zero_vectors_and_excluded_rows_never_become_atoms() -> None:
