@@ -12,7 +12,9 @@ with the number of tokens (:class:`PairStats`): linear CKA (Kornblith et al. 201
 per-feature scaling), SVCCA (Raghu et al. 2017; each side reduced to the principal directions that
 explain 99% of its variance, score = mean canonical correlation), relative representations
 (Moschella et al. 2023; cosine similarities to shared anchor tokens, compared by cosine and
-averaged) and linear-regression R^2 (Y from X with intercept, variance-weighted).
+averaged) and linear-regression R^2 (Y from X with intercept, variance-weighted). On a shared
+sample of tokens: mutual k-nearest neighbours and CKNNA (Huh et al. 2024), debiased CKA (Song et
+al. 2012's unbiased HSIC) and orthogonal Procrustes similarity (Ding et al. 2021).
 """
 
 from __future__ import annotations
@@ -209,6 +211,110 @@ def relative_agreement(x: Tensor, y: Tensor, anchors_x: Tensor, anchors_y: Tenso
     rx = unit(x, dim=1) @ unit(anchors_x.to(x.dtype), dim=1).T
     ry = unit(y, dim=1) @ unit(anchors_y.to(y.dtype), dim=1).T
     return torch.nn.functional.cosine_similarity(rx, ry, dim=1)
+
+
+# --- baselines on a shared sample of tokens --------------------------------------------------
+#
+# These need the activations of the same n tokens under both models at once (n x n kernels), so
+# they run on a sample (a few thousand tokens), not on a stream.
+
+
+def _paired(x: Tensor, y: Tensor, at_least: int) -> tuple[Tensor, Tensor]:
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            "paired activations must be [n, dx] and [n, dy] over the same n tokens, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if x.shape[0] < at_least:
+        raise ValueError(f"need at least {at_least} paired tokens, got {x.shape[0]}")
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+        raise ValueError("paired activations contain NaN or Inf")
+    return x.double(), y.double()
+
+
+def _check_k(k: int, n: int) -> None:
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} tokens, got {k}")
+
+
+def knn_mask(x: Float[Tensor, "n d"], k: int) -> Float[Tensor, "n n"]:
+    """Row i marks the ``k`` rows most similar to row i by inner product (itself excluded; ties
+    go to the lower index)."""
+    sim = x @ x.T
+    sim.fill_diagonal_(-torch.inf)
+    idx = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(sim).scatter_(1, idx, 1.0)
+
+
+def mutual_knn(x: Float[Tensor, "n dx"], y: Float[Tensor, "n dy"], k: int = 10) -> float:
+    """Mutual k-nearest-neighbour alignment (Huh et al. 2024, "the platonic representation"): the
+    mean over tokens of the fraction of a token's k nearest neighbours (cosine, among the sample)
+    that are the same under both models."""
+    x, y = _paired(x, y, 2)
+    _check_k(k, x.shape[0])
+    unit = torch.nn.functional.normalize
+    both = knn_mask(unit(x, dim=1), k) * knn_mask(unit(y, dim=1), k)
+    return float(both.sum(dim=1).mean() / k)
+
+
+def hsic_unbiased(K: Float[Tensor, "n n"], L: Float[Tensor, "n n"]) -> Tensor:
+    """Song et al. 2012's unbiased HSIC estimator (their eq. 5) of two kernel matrices (n >= 4)."""
+    m = K.shape[0]
+    if m < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {m}")
+    Kt, Lt = K.clone(), L.clone()
+    Kt.fill_diagonal_(0)
+    Lt.fill_diagonal_(0)
+    value = (
+        (Kt * Lt.T).sum()
+        + Kt.sum() * Lt.sum() / ((m - 1) * (m - 2))
+        - 2 * (Kt.sum(0) @ Lt.sum(1)) / (m - 2)
+    )
+    return value / (m * (m - 3))
+
+
+def _cka(K: Tensor, L: Tensor) -> float:
+    kl, kk, ll = hsic_unbiased(K, L), hsic_unbiased(K, K), hsic_unbiased(L, L)
+    if float(kk) <= 0 or float(ll) <= 0:
+        raise ValueError("a side has no variance across the sample (constant activations?)")
+    return float(kl / torch.sqrt(kk * ll))
+
+
+def debiased_cka(x: Float[Tensor, "n dx"], y: Float[Tensor, "n dy"]) -> float:
+    """Linear CKA with the unbiased HSIC estimator (Song et al. 2012; Nguyen et al. 2021):
+    no bias toward 1 from a small sample or wide features, unlike the plug-in estimate."""
+    x, y = _paired(x, y, 4)
+    return _cka(x @ x.T, y @ y.T)
+
+
+def cknna(x: Float[Tensor, "n dx"], y: Float[Tensor, "n dy"], k: int = 10) -> float:
+    """Centred kernel nearest-neighbour alignment (Huh et al. 2024): debiased CKA of the cosine
+    kernels restricted to the token pairs that are k-nearest neighbours under both models (each
+    side's self-similarity restricted to its own neighbours). With ``k = n - 1`` it is the
+    debiased CKA of the cosine kernels."""
+    x, y = _paired(x, y, 4)
+    _check_k(k, x.shape[0])
+    unit = torch.nn.functional.normalize
+    ux, uy = unit(x, dim=1), unit(y, dim=1)
+    K, L = ux @ ux.T, uy @ uy.T
+    mk, ml = knn_mask(ux, k), knn_mask(uy, k)
+    kl = hsic_unbiased(mk * ml * K, mk * ml * L)
+    kk, ll = hsic_unbiased(mk * K, mk * K), hsic_unbiased(ml * L, ml * L)
+    if float(kk) <= 0 or float(ll) <= 0:
+        raise ValueError("a side has no variance among its neighbours (constant activations?)")
+    return float(kl / torch.sqrt(kk * ll))
+
+
+def procrustes_similarity(x: Float[Tensor, "n dx"], y: Float[Tensor, "n dy"]) -> float:
+    """Orthogonal Procrustes similarity (Ding et al. 2021): with both sides centred and scaled to
+    unit Frobenius norm, the nuclear norm of X^T Y, i.e. 1 - d^2 / 2 for the Procrustes distance d
+    after the best rotation of one side onto the other (1: equal up to rotation and scale)."""
+    x, y = _paired(x, y, 2)
+    x, y = x - x.mean(0), y - y.mean(0)
+    nx, ny = torch.linalg.norm(x), torch.linalg.norm(y)
+    if float(nx) == 0 or float(ny) == 0:
+        raise ValueError("a side has no variance across the sample (constant activations?)")
+    return float(torch.linalg.svdvals((x / nx).T @ (y / ny)).sum())
 
 
 def layer_matching_accuracy(

@@ -202,3 +202,131 @@ def test_layer_matching_accuracy_excludes_self_pairs() -> None:
     assert layer_matching_accuracy(mats, include_self=True) == pytest.approx(9 / 12)
     with pytest.raises(ValueError, match="no pair"):
         layer_matching_accuracy({("a", "a"): eye})
+
+
+# --- baselines on a shared sample -------------------------------------------------------------
+
+
+def _plain_knn(x: np.ndarray, k: int) -> list[set[int]]:
+    """Each row's k most cosine-similar other rows, by sorting a Python list (ties: lower index)."""
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out = []
+    for i in range(len(u)):
+        sims = [(-float(u[i] @ u[j]), j) for j in range(len(u)) if j != i]
+        out.append({j for _, j in sorted(sims)[:k]})
+    return out
+
+
+def _hsic_u_statistic(K: np.ndarray, L: np.ndarray) -> float:
+    """Song et al. 2012, Theorem 3: the U-statistic over distinct 4-tuples (slow, independent of
+    eq. 5's closed form)."""
+    from itertools import permutations
+
+    m = len(K)
+    total, count = 0.0, 0
+    for i, j, q, r in permutations(range(m), 4):
+        h = 0.0
+        for s, t, u, v in permutations((i, j, q, r)):
+            h += K[s, t] * L[s, t] + K[s, t] * L[u, v] - 2 * K[s, t] * L[s, u]
+        total += h / 24
+        count += 1
+    return total / count
+
+
+def test_mutual_knn_matches_a_plain_transcription() -> None:
+    from itda_lens.similarity import mutual_knn
+
+    x, y = paired(n=60, seed=3)
+    for k in (1, 5, 10):
+        nx, ny = _plain_knn(x.double().numpy(), k), _plain_knn(y.double().numpy(), k)
+        plain = np.mean([len(a & b) / k for a, b in zip(nx, ny, strict=True)])
+        assert mutual_knn(x, y, k) == pytest.approx(plain, abs=1e-12)
+    assert mutual_knn(x, x * 3.0, 10) == 1.0  # cosine neighbours ignore scale
+    with pytest.raises(ValueError, match="k must be"):
+        mutual_knn(x, y, 60)
+    with pytest.raises(ValueError, match="same n tokens"):
+        mutual_knn(x, y[:-1], 5)
+
+
+def test_unbiased_hsic_is_the_u_statistic() -> None:
+    from itda_lens.similarity import hsic_unbiased
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.randn(7, 3, generator=g, dtype=torch.float64),
+        torch.randn(7, 4, generator=g, dtype=torch.float64),
+    )
+    K, L = a @ a.T, torch.tanh(b @ b.T)
+    assert float(hsic_unbiased(K, L)) == pytest.approx(
+        _hsic_u_statistic(K.numpy(), L.numpy()), rel=1e-10
+    )
+    with pytest.raises(ValueError, match="at least 4"):
+        hsic_unbiased(K[:3, :3], L[:3, :3])
+
+
+def test_debiased_cka_properties() -> None:
+    from itda_lens.similarity import debiased_cka
+
+    x, y = paired(n=200, seed=1)
+    q = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))[0]
+    assert debiased_cka(x, x.double() @ q * 5 + 2) == pytest.approx(1.0, abs=1e-10)
+    assert debiased_cka(x, y) == pytest.approx(debiased_cka(y, x), abs=1e-12)
+    # unrelated wide features: the plug-in CKA is biased well above 0, the debiased one is not
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(100, 500, generator=g), torch.randn(100, 500, generator=g)
+    stats = PairStats()
+    stats.update(a, b)
+    assert stats.linear_cka() > 0.5 and abs(debiased_cka(a, b)) < 0.05
+    with pytest.raises(ValueError, match="no variance"):
+        debiased_cka(torch.ones(10, 3), y[:10])
+
+
+def test_cknna_with_every_neighbour_is_debiased_cka_of_the_cosine_kernels() -> None:
+    from itda_lens.similarity import cknna, debiased_cka
+
+    x, y = paired(n=80, seed=2)
+    unit = torch.nn.functional.normalize
+    assert cknna(x, y, k=79) == pytest.approx(
+        debiased_cka(unit(x, dim=1), unit(y, dim=1)), abs=1e-10
+    )
+    assert cknna(x, x * 2.0, k=10) == pytest.approx(1.0, abs=1e-10)
+    # a plain transcription with the neighbour sets from sorted lists
+    k = 10
+    nx, ny = _plain_knn(x.double().numpy(), k), _plain_knn(y.double().numpy(), k)
+    ux, uy = unit(x.double(), dim=1).numpy(), unit(y.double(), dim=1).numpy()
+    K, L = ux @ ux.T, uy @ uy.T
+    n = len(K)
+    mk = np.array([[float(j in nx[i]) for j in range(n)] for i in range(n)])
+    ml = np.array([[float(j in ny[i]) for j in range(n)] for i in range(n)])
+
+    def h(a: np.ndarray, b: np.ndarray) -> float:  # eq. 5 written out with loops
+        a, b = a.copy(), b.copy()
+        np.fill_diagonal(a, 0)
+        np.fill_diagonal(b, 0)
+        tr = sum(a[i, j] * b[j, i] for i in range(n) for j in range(n))
+        ones = a.sum() * b.sum() / ((n - 1) * (n - 2))
+        cross = sum(a[i, :] @ b[:, j] for i in range(n) for j in range(n))
+        return (tr + ones - 2 * cross / (n - 2)) / (n * (n - 3))
+
+    plain = h(mk * ml * K, mk * ml * L) / np.sqrt(h(mk * K, mk * K) * h(ml * L, ml * L))
+    assert cknna(x, y, k) == pytest.approx(plain, abs=1e-10)
+
+
+def test_procrustes_similarity_matches_scipy() -> None:
+    from scipy.linalg import orthogonal_procrustes
+
+    from itda_lens.similarity import procrustes_similarity
+
+    x, _ = paired(n=150, dx=8, dy=8, seed=4)
+    g = torch.Generator().manual_seed(9)
+    y = x.double() @ torch.randn(8, 8, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        150, 8, generator=g, dtype=torch.float64
+    )
+    a = (x.double() - x.double().mean(0)).numpy()
+    b = (y - y.mean(0)).numpy()
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    r, _ = orthogonal_procrustes(a, b)
+    distance2 = np.linalg.norm(a @ r - b) ** 2
+    assert procrustes_similarity(x, y) == pytest.approx(1 - distance2 / 2, abs=1e-10)
+    q = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]
+    assert procrustes_similarity(x, x.double() @ q * 3 - 1) == pytest.approx(1.0, abs=1e-10)
