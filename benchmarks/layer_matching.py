@@ -7,10 +7,11 @@ most similar layer of the second layer i? Accuracy is reported without self-pair
 counted them, which every measure gets right) and with them. ITDAs are built for all layers of a
 model in one pass over the same shuffled training windows (k = 8, cos_threshold = 0.9, the exact
 sequential add rule), so their (sequence, position) labels are comparable; the baselines see the
-activations of the same held-out tokens, accumulated as moments (no N x N matrices). Also recorded:
-each layer's atom count and how many of its atoms come from the first batch (under the reference
-code's batch rule most of them did), the model-level Jaccard of every pair, the cross-tokenizer span
-overlap and the convergence of the dictionaries over training.
+activations of the same held-out tokens, accumulated as moments (no N x N matrices); mutual kNN,
+CKNNA (k = 10), debiased CKA and orthogonal Procrustes see a fixed sample of 2,048 of them. Also
+recorded: each layer's atom count and how many of its atoms come from the first batch (under the
+reference code's batch rule most of them did), the model-level Jaccard of every pair, the
+cross-tokenizer span overlap and the convergence of the dictionaries over training.
 
     python benchmarks/layer_matching.py                   # full run (see benchmarks/README.md)
     python benchmarks/layer_matching.py --quick --out bench_out/layer_matching_q
@@ -33,9 +34,13 @@ from itda_lens.activations import hook_activations, special_token_ids
 from itda_lens.plots import heatmap, line_plot
 from itda_lens.similarity import (
     PairStats,
+    cknna,
+    debiased_cka,
     jaccard,
     layer_matching_accuracy,
     model_jaccard,
+    mutual_knn,
+    procrustes_similarity,
     similarity_matrix,
     span_jaccard,
 )
@@ -43,7 +48,13 @@ from itda_lens.similarity import (
 #: ITDA at one threshold (sizes differ by layer and model), and cropped to equal size: the first
 #: N atoms of each, N the smallest dictionary (exactly what a max_atoms=N build keeps)
 ITDA_MEASURES = ("ITDA Jaccard", "ITDA Jaccard, equal size")
-MEASURES = (*ITDA_MEASURES, "linear CKA", "SVCCA", "relative", "linear regression R2")
+#: on a shared sample of held-out tokens (n x n kernels): mutual kNN and CKNNA at k = 10 (Huh et
+#: al. 2024), debiased CKA, orthogonal Procrustes
+SAMPLE_MEASURES = ("mutual kNN", "CKNNA", "debiased CKA", "Procrustes")
+MEASURES = (
+    *ITDA_MEASURES, "linear CKA", "SVCCA", "relative", "linear regression R2", *SAMPLE_MEASURES
+)  # fmt: skip
+KNN = 10
 K, COS = 8, 0.9
 BATCH = 8  # windows per forward pass (the exact rule's dictionaries do not depend on it)
 
@@ -65,12 +76,21 @@ def layer_acts(model: Any, tokens: torch.Tensor) -> list[torch.Tensor]:
 
 
 def baseline_matrices(
-    acts_a: list[torch.Tensor], acts_b: list[torch.Tensor], anchors: torch.Tensor
+    acts_a: list[torch.Tensor],
+    acts_b: list[torch.Tensor],
+    anchors: torch.Tensor,
+    sample: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """All four baseline measures for every layer pair (i of a, j of b)."""
+    """Every baseline measure for every layer pair (i of a, j of b); the sample measures on the
+    tokens ``sample``."""
     mats = {m: torch.zeros(len(acts_a), len(acts_b)) for m in MEASURES[len(ITDA_MEASURES) :]}
     for i, j in itertools.product(range(len(acts_a)), range(len(acts_b))):
         x, y = acts_a[i], acts_b[j]
+        xs, ys = x[sample], y[sample]
+        mats["mutual kNN"][i, j] = mutual_knn(xs, ys, KNN)
+        mats["CKNNA"][i, j] = cknna(xs, ys, KNN)
+        mats["debiased CKA"][i, j] = debiased_cka(xs, ys)
+        mats["Procrustes"][i, j] = procrustes_similarity(xs, ys)
         s = PairStats(anchors_x=x[anchors], anchors_y=y[anchors])
         for start in range(0, x.shape[0], 8192):
             s.update(x[start : start + 8192], y[start : start + 8192])
@@ -95,6 +115,7 @@ def main() -> None:
         : 0 if args.quick else None
     ]
     build_windows, act_windows, n_anchors = (32, 16, 50) if args.quick else (1024, 128, 300)
+    n_sample = 256 if args.quick else 2048
     build_tokens = zoo.load_tokens("train", build_windows)
     act_tokens = zoo.load_tokens("heldout", act_windows)
     itdas, acts = {}, {}
@@ -123,6 +144,7 @@ def main() -> None:
     phases = {"builds and activations": time.perf_counter() - t0}
     n_tok = acts[small[0]][0].shape[0]
     anchors = torch.randperm(n_tok, generator=torch.Generator().manual_seed(42))[:n_anchors]
+    sample = torch.randperm(n_tok, generator=torch.Generator().manual_seed(7))[:n_sample]
     matrices: dict[str, dict[tuple[str, str], torch.Tensor]] = {m: {} for m in MEASURES}
     names = small + large
     n_equal = min(i.cfg.d_sae for n in names for i in itdas[n])
@@ -132,7 +154,7 @@ def main() -> None:
         matrices["ITDA Jaccard, equal size"][(a, b)] = similarity_matrix(
             cropped[a], cropped[b], jaccard
         )
-        for m, mat in baseline_matrices(acts[a], acts[b], anchors).items():
+        for m, mat in baseline_matrices(acts[a], acts[b], anchors, sample).items():
             matrices[m][(a, b)] = mat
     groups = {"same size (4 x 128 seeds)": small, "same size (6 x 160 seeds)": large}
     rows = []
