@@ -330,3 +330,78 @@ def test_procrustes_similarity_matches_scipy() -> None:
     assert procrustes_similarity(x, y) == pytest.approx(1 - distance2 / 2, abs=1e-10)
     q = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]
     assert procrustes_similarity(x, x.double() @ q * 3 - 1) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_baselines_match_platonic_rep_on_a_fixed_input() -> None:
+    """Our shared-sample baselines against numbers computed by the published code, run verbatim
+    (not vendored: neither repository ships a licence file; only the outputs are recorded here):
+
+    - Huh et al. 2024, github.com/minyoungg/platonic-rep @ dcd76ba3c950c1b197a2ae8b1c6713535c94ecf9,
+      ``metrics.py``: ``AlignmentMetrics.mutual_knn`` / ``cknna`` / ``unbiased_cka``. Its pipeline
+      (``measure_alignment.compute_score``) L2-normalises every row before any metric, so those
+      were given ``F.normalize(x, dim=-1)``; ``unbiased_cka`` was also run on the raw features.
+      (Their ``prepare_features`` also clamps at the 0.95 |activation| quantile first; a
+      preprocessing step, not part of the metric, and not applied here.)
+    - Ding et al. 2021, github.com/js-d/sim_metric @ 42953fbbf58e70e63c488efbae87cff5df317b6a,
+      ``dists/scoring.py``: ``procrustes(A, B)`` on features x samples, each neuron centred and
+      each side scaled to unit Frobenius norm as in ``dists/score_pair.score_local_pair``.
+    """
+    from itda_lens.similarity import (
+        cknna,
+        debiased_cka,
+        hsic_unbiased,
+        knn_mask,
+        mutual_knn,
+        procrustes_similarity,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 5, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        40, 5, generator=g, dtype=torch.float64
+    )
+    unit = torch.nn.functional.normalize
+    ux, uy = unit(x, dim=1), unit(y, dim=1)
+
+    # mutual_knn: same definition (self excluded via fill_diagonal_(-1e8), k neighbours, mean of
+    # |overlap| / k). Their masks are float32, hence the ~1e-8 rounding in their outputs.
+    published_mknn = {1: 0.42500001192092896, 5: 0.5550000071525574, 10: 0.6825000047683716}
+    for k, value in published_mknn.items():
+        assert mutual_knn(x, y, k) == pytest.approx(value, abs=1e-6)
+
+    # unbiased HSIC: their hsic_unbiased is the same eq. 5 (29.52348871140549 on x x^T, y y^T).
+    assert float(hsic_unbiased(x @ x.T, y @ y.T)) == pytest.approx(29.52348871140549, rel=1e-12)
+
+    # unbiased_cka = HSIC_u(K, L) / (sqrt(HSIC_u(K, K) HSIC_u(L, L)) + 1e-6) with linear kernels
+    # and no centring: our debiased_cka but for the 1e-6 in the denominator.
+    published_ucka = {"raw": 0.7590821712409568, "normalized": 0.7554721093781488}
+    for name, (a, b) in {"raw": (x, y), "normalized": (ux, uy)}.items():
+        K, L = a @ a.T, b @ b.T
+        den = torch.sqrt(hsic_unbiased(K, K) * hsic_unbiased(L, L))
+        assert float(hsic_unbiased(K, L) / (den + 1e-6)) == pytest.approx(
+            published_ucka[name], abs=1e-12
+        )
+    assert debiased_cka(x, y) == pytest.approx(published_ucka["raw"], abs=1e-6)  # diff 2e-8
+    assert debiased_cka(ux, uy) == pytest.approx(published_ucka["normalized"], abs=1e-5)
+
+    # cknna: same masks (diagonal set to -inf, torch.topk of k others, intersection for K-L and each
+    # side's own mask for K-K and L-L) and the same unbiased HSIC; the only difference is again
+    # their + 1e-6 in the denominator. With cosine kernels on 40 tokens the HSIC terms are small
+    # (sqrt(kk * ll) = 0.047 at k = 5), so ours is 1e-5 to 2e-5 above theirs; with the epsilon
+    # added, our building blocks give their numbers exactly. At k = n - 1 = 39 theirs equals
+    # their unbiased_cka on normalised rows, as ours equals debiased_cka.
+    published_cknna = {5: 0.6039652062638582, 10: 0.7382682180550825, 39: 0.7554721093781488}
+    K, L = ux @ ux.T, uy @ uy.T
+    for k, value in published_cknna.items():
+        mk, ml = knn_mask(ux, k), knn_mask(uy, k)
+        kl = hsic_unbiased(mk * ml * K, mk * ml * L)
+        den = torch.sqrt(hsic_unbiased(mk * K, mk * K) * hsic_unbiased(ml * L, ml * L))
+        assert float(kl / (den + 1e-6)) == pytest.approx(value, abs=1e-12)
+        assert float(kl / den) == pytest.approx(cknna(x, y, k), abs=1e-12)
+        assert 0 < cknna(x, y, k) - value < 3e-5
+
+    # Procrustes: sim_metric returns the squared distance ||A||^2 + ||B||^2 - 2 ||A B^T||_* =
+    # 2 - 2 * nuclear norm on unit-norm sides; our similarity is that nuclear norm, 1 - d^2 / 2.
+    published_procrustes_d2 = 0.28887382870988954
+    assert procrustes_similarity(x, y) == pytest.approx(1 - published_procrustes_d2 / 2, abs=1e-9)
+    assert procrustes_similarity(y, x) == pytest.approx(1 - published_procrustes_d2 / 2, abs=1e-9)
