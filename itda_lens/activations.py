@@ -197,6 +197,38 @@ def hook_activations(
     return {name: cache[name] for name in hook_names}
 
 
+def activations_at_labels(
+    model: HookedRootModule,
+    tokens: Int[Tensor, "n_seq seq"],
+    hook_names: Sequence[str],
+    labels: Int[Tensor, "n 2"],
+    batch_size: int = 32,
+) -> dict[str, Float[Tensor, "n d"]]:
+    """Each hook's activation at ``labels`` ((sequence index into ``tokens``, position), e.g. an
+    ITDA's ``atom_labels``), running the model only on the sequences they name."""
+    check_hook_names(model, hook_names)
+    if labels.ndim != 2 or labels.shape[1] != 2:
+        raise ValueError(f"labels must be [n, 2] (sequence, position), got {tuple(labels.shape)}")
+    if labels.numel() and (
+        int(labels.min()) < 0
+        or int(labels[:, 0].max()) >= tokens.shape[0]
+        or int(labels[:, 1].max()) >= tokens.shape[1]
+    ):
+        raise ValueError(
+            f"labels reach outside the tokens {tuple(tokens.shape)} (or are -1: no provenance)"
+        )
+    seqs, where = torch.unique(labels[:, 0], return_inverse=True)
+    out: dict[str, list[Tensor]] = {h: [] for h in hook_names}
+    for start in range(0, len(seqs), batch_size):
+        acts = hook_activations(
+            model, tokens[seqs[start : start + batch_size]], hook_names, stop_at_layer(hook_names)
+        )
+        for h in hook_names:
+            out[h].append(acts[h].cpu())
+    rows = {h: torch.cat(v) for h, v in out.items()}
+    return {h: r[where, labels[:, 1]] for h, r in rows.items()}
+
+
 class HookBatch(NamedTuple):
     """One token batch read at some hooks, flattened to rows in stream order."""
 

@@ -119,6 +119,100 @@ def span_jaccard(a: ITDA, spans_a: Tensor, b: ITDA, spans_b: Tensor) -> float:
     return _jaccard(span_labels(a, spans_a), span_labels(b, spans_b))
 
 
+# --- ITDA measures on a probe sample -----------------------------------------------------------
+#
+# Label Jaccard needs the two dictionaries to pick the same tokens, which the greedy rule does only
+# partly even for one model read in another order. These measures use each atom's provenance
+# differently: an ITDA code says "this token is a combination of those stream tokens", and whether
+# that still holds in another model can be checked with that model's activations of the same tokens.
+
+
+def _provenance(itda: ITDA) -> Int[Tensor, "n_atoms 2"]:
+    labels = itda.atom_labels
+    if labels.numel() and int(labels.min()) < 0:
+        raise IncompatibleLabels(
+            f"the ITDA ({itda.cfg.metadata.hook_name or 'no hook'}) has atoms without provenance "
+            "(label -1): decomposition transfer needs every atom's (sequence, position)"
+        )
+    return labels
+
+
+def decomposition_transfer(
+    a: ITDA,
+    probe_a: Float[Tensor, "n da"],
+    probe_b: Float[Tensor, "n db"],
+    atoms_in_b: Float[Tensor, "n_atoms db"],
+    k: int | None = None,
+) -> float:
+    """How well A's ITDA decompositions carry over to model B, one direction.
+
+    Each probe token is encoded by A's dictionary: k atoms, each a token of the build stream, with
+    coefficients. B's activations of those same tokens (``atoms_in_b``: B at ``a.atom_labels``,
+    e.g. from :func:`~itda_lens.activations.activations_at_labels`), scaled to unit norm as atoms
+    are, are combined with the same coefficients and compared by cosine with B's activation of the
+    probe token, after removing B's mean probe activation from both (from the unit atoms at their
+    scale: the mean divided by the mean norm); the mean over probe tokens. It needs no shared atoms,
+    only a shared token stream; 1 means A's decompositions hold exactly in B.
+    """
+    _provenance(a)
+    pa = _finite_2d(probe_a, "probe activations of A")
+    pb = _finite_2d(probe_b, "probe activations of B")
+    ab = _finite_2d(atoms_in_b, "B's activations at A's atoms")
+    if pa.shape[0] != pb.shape[0] or pa.shape[0] == 0:
+        raise ValueError(
+            f"probe activations must cover the same n > 0 tokens, got {pa.shape[0]} and {pb.shape[0]}"
+        )
+    if ab.shape != (a.cfg.d_sae, pb.shape[1]):
+        raise ValueError(
+            f"atoms_in_b must be [{a.cfg.d_sae}, {pb.shape[1]}] (B's activation at each of A's "
+            f"{a.cfg.d_sae} atom labels), got {tuple(ab.shape)}"
+        )
+    code = a.encode_sparse(pa.to(a.W_dec.dtype), k)
+    mean = pb.mean(0)
+    units = torch.nn.functional.normalize(ab, dim=1) - mean / pb.norm(dim=1).mean()
+    guess = (code.values.double().unsqueeze(-1) * units[code.indices]).sum(1)
+    return float(torch.nn.functional.cosine_similarity(guess, pb - mean, dim=1).mean())
+
+
+def transfer_similarity(
+    a: ITDA,
+    b: ITDA,
+    probe_a: Float[Tensor, "n da"],
+    probe_b: Float[Tensor, "n db"],
+    a_atoms_in_b: Float[Tensor, "n_a db"],
+    b_atoms_in_a: Float[Tensor, "n_b da"],
+    k: int | None = None,
+) -> float:
+    """ITDA transfer similarity: :func:`decomposition_transfer` both ways, averaged (symmetric).
+    The two dictionaries must label the same token stream."""
+    check_comparable(a, b)
+    return 0.5 * (
+        decomposition_transfer(a, probe_a, probe_b, a_atoms_in_b, k)
+        + decomposition_transfer(b, probe_b, probe_a, b_atoms_in_a, k)
+    )
+
+
+def probe_support_jaccard(
+    a: ITDA,
+    b: ITDA,
+    probe_a: Float[Tensor, "n da"],
+    probe_b: Float[Tensor, "n db"],
+    k: int | None = None,
+) -> float:
+    """Mean over probe tokens of the Jaccard index of the atom labels in their supports under A's
+    and under B's dictionary (weights each atom by how often it is used, unlike label Jaccard)."""
+    check_comparable(a, b)
+    if probe_a.shape[0] != probe_b.shape[0] or probe_a.shape[0] == 0:
+        raise ValueError("probe activations must cover the same n > 0 tokens")
+    supports = []
+    for itda, x in ((a, probe_a), (b, probe_b)):
+        labels = _provenance(itda)[
+            itda.encode_sparse(_finite_2d(x).to(itda.W_dec.dtype), k).indices
+        ]
+        supports.append([set(map(tuple, row)) for row in labels.tolist()])
+    return sum(_jaccard(x, y) for x, y in zip(*supports, strict=True)) / probe_a.shape[0]
+
+
 # --- baselines on activations -------------------------------------------------------------------
 
 
@@ -219,17 +313,12 @@ def relative_agreement(x: Tensor, y: Tensor, anchors_x: Tensor, anchors_y: Tenso
 # they run on a sample (a few thousand tokens), not on a stream.
 
 
-def _paired(x: Tensor, y: Tensor, at_least: int) -> tuple[Tensor, Tensor]:
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            "paired activations must be [n, dx] and [n, dy] over the same n tokens, got "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    if x.shape[0] < at_least:
-        raise ValueError(f"need at least {at_least} paired tokens, got {x.shape[0]}")
-    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
-        raise ValueError("paired activations contain NaN or Inf")
-    return x.double(), y.double()
+def _finite_2d(x: Tensor, what: str = "activations") -> Tensor:
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be [n, d], got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contain NaN or Inf")
+    return x.double()
 
 
 def _check_k(k: int, n: int) -> None:
@@ -246,14 +335,59 @@ def knn_mask(x: Float[Tensor, "n d"], k: int) -> Float[Tensor, "n n"]:
     return torch.zeros_like(sim).scatter_(1, idx, 1.0)
 
 
-def mutual_knn(x: Float[Tensor, "n dx"], y: Float[Tensor, "n dy"], k: int = 10) -> float:
+class SampleView:
+    """One model's activations of a token sample, prepared once for many pairings: each sample
+    measure accepts a view or a raw ``[n, d]`` tensor, and a view keeps what does not depend on
+    the other side (unit rows, the kNN mask per k, self-HSICs), so an L x L layer grid costs L
+    sorts instead of L^2."""
+
+    def __init__(self, x: Float[Tensor, "n d"]):
+        self.x = _finite_2d(x, "paired activations")
+        self.unit = torch.nn.functional.normalize(self.x, dim=1)
+        self._masks: dict[int, Tensor] = {}
+        self._cache: dict[object, Tensor] = {}
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def mask(self, k: int) -> Float[Tensor, "n n"]:
+        """:func:`knn_mask` of the unit rows (cosine neighbours)."""
+        _check_k(k, self.n)
+        if k not in self._masks:
+            self._masks[k] = knn_mask(self.unit, k)
+        return self._masks[k]
+
+    def cached(self, key: object, make: Callable[[], Tensor]) -> Tensor:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+def _views(
+    x: Tensor | SampleView, y: Tensor | SampleView, at_least: int
+) -> tuple[SampleView, SampleView]:
+    vx = x if isinstance(x, SampleView) else SampleView(x)
+    vy = y if isinstance(y, SampleView) else SampleView(y)
+    if vx.n != vy.n:
+        raise ValueError(
+            "paired activations must be [n, dx] and [n, dy] over the same n tokens, got "
+            f"{tuple(vx.x.shape)} and {tuple(vy.x.shape)}"
+        )
+    if vx.n < at_least:
+        raise ValueError(f"need at least {at_least} paired tokens, got {vx.n}")
+    return vx, vy
+
+
+Sample = Float[Tensor, "n d"] | SampleView
+
+
+def mutual_knn(x: Sample, y: Sample, k: int = 10) -> float:
     """Mutual k-nearest-neighbour alignment (Huh et al. 2024, "the platonic representation"): the
     mean over tokens of the fraction of a token's k nearest neighbours (cosine, among the sample)
     that are the same under both models."""
-    x, y = _paired(x, y, 2)
-    _check_k(k, x.shape[0])
-    unit = torch.nn.functional.normalize
-    both = knn_mask(unit(x, dim=1), k) * knn_mask(unit(y, dim=1), k)
+    vx, vy = _views(x, y, 2)
+    both = vx.mask(k) * vy.mask(k)
     return float(both.sum(dim=1).mean() / k)
 
 
@@ -273,48 +407,54 @@ def hsic_unbiased(K: Float[Tensor, "n n"], L: Float[Tensor, "n n"]) -> Tensor:
     return value / (m * (m - 3))
 
 
-def _cka(K: Tensor, L: Tensor) -> float:
-    kl, kk, ll = hsic_unbiased(K, L), hsic_unbiased(K, K), hsic_unbiased(L, L)
+def _ratio(kl: Tensor, kk: Tensor, ll: Tensor, what: str) -> float:
     if float(kk) <= 0 or float(ll) <= 0:
-        raise ValueError("a side has no variance across the sample (constant activations?)")
+        raise ValueError(f"a side has no variance {what} (constant activations?)")
     return float(kl / torch.sqrt(kk * ll))
 
 
-def debiased_cka(x: Float[Tensor, "n dx"], y: Float[Tensor, "n dy"]) -> float:
+def debiased_cka(x: Sample, y: Sample) -> float:
     """Linear CKA with the unbiased HSIC estimator (Song et al. 2012; Nguyen et al. 2021):
     no bias toward 1 from a small sample or wide features, unlike the plug-in estimate."""
-    x, y = _paired(x, y, 4)
-    return _cka(x @ x.T, y @ y.T)
+    vx, vy = _views(x, y, 4)
+    K, L = vx.x @ vx.x.T, vy.x @ vy.x.T
+    kk = vx.cached("hsic linear", lambda: hsic_unbiased(K, K))
+    ll = vy.cached("hsic linear", lambda: hsic_unbiased(L, L))
+    return _ratio(hsic_unbiased(K, L), kk, ll, "across the sample")
 
 
-def cknna(x: Float[Tensor, "n dx"], y: Float[Tensor, "n dy"], k: int = 10) -> float:
+def cknna(x: Sample, y: Sample, k: int = 10) -> float:
     """Centred kernel nearest-neighbour alignment (Huh et al. 2024): debiased CKA of the cosine
     kernels restricted to the token pairs that are k-nearest neighbours under both models (each
     side's self-similarity restricted to its own neighbours). With ``k = n - 1`` it is the
     debiased CKA of the cosine kernels."""
-    x, y = _paired(x, y, 4)
-    _check_k(k, x.shape[0])
-    unit = torch.nn.functional.normalize
-    ux, uy = unit(x, dim=1), unit(y, dim=1)
-    K, L = ux @ ux.T, uy @ uy.T
-    mk, ml = knn_mask(ux, k), knn_mask(uy, k)
-    kl = hsic_unbiased(mk * ml * K, mk * ml * L)
-    kk, ll = hsic_unbiased(mk * K, mk * K), hsic_unbiased(ml * L, ml * L)
-    if float(kk) <= 0 or float(ll) <= 0:
-        raise ValueError("a side has no variance among its neighbours (constant activations?)")
-    return float(kl / torch.sqrt(kk * ll))
+    vx, vy = _views(x, y, 4)
+    K, L = vx.unit @ vx.unit.T, vy.unit @ vy.unit.T
+    mk, ml = vx.mask(k), vy.mask(k)
+    kk = vx.cached(("hsic knn", k), lambda: hsic_unbiased(mk * K, mk * K))
+    ll = vy.cached(("hsic knn", k), lambda: hsic_unbiased(ml * L, ml * L))
+    both = mk * ml
+    return _ratio(hsic_unbiased(both * K, both * L), kk, ll, "among its neighbours")
 
 
-def procrustes_similarity(x: Float[Tensor, "n dx"], y: Float[Tensor, "n dy"]) -> float:
+def procrustes_similarity(x: Sample, y: Sample) -> float:
     """Orthogonal Procrustes similarity (Ding et al. 2021): with both sides centred and scaled to
     unit Frobenius norm, the nuclear norm of X^T Y, i.e. 1 - d^2 / 2 for the Procrustes distance d
     after the best rotation of one side onto the other (1: equal up to rotation and scale)."""
-    x, y = _paired(x, y, 2)
-    x, y = x - x.mean(0), y - y.mean(0)
-    nx, ny = torch.linalg.norm(x), torch.linalg.norm(y)
-    if float(nx) == 0 or float(ny) == 0:
-        raise ValueError("a side has no variance across the sample (constant activations?)")
-    return float(torch.linalg.svdvals((x / nx).T @ (y / ny)).sum())
+    vx, vy = _views(x, y, 2)
+
+    def scaled(v: SampleView) -> Tensor:
+        c = v.x - v.x.mean(0)
+        norm = torch.linalg.norm(c)
+        if float(norm) == 0:
+            raise ValueError("a side has no variance across the sample (constant activations?)")
+        return c / norm
+
+    sx, sy = (
+        vx.cached("procrustes", lambda: scaled(vx)),
+        vy.cached("procrustes", lambda: scaled(vy)),
+    )
+    return float(torch.linalg.svdvals(sx.T @ sy).sum())
 
 
 def layer_matching_accuracy(

@@ -405,3 +405,119 @@ def test_baselines_match_platonic_rep_on_a_fixed_input() -> None:
     published_procrustes_d2 = 0.28887382870988954
     assert procrustes_similarity(x, y) == pytest.approx(1 - published_procrustes_d2 / 2, abs=1e-9)
     assert procrustes_similarity(y, x) == pytest.approx(1 - published_procrustes_d2 / 2, abs=1e-9)
+
+
+def test_sample_views_give_the_same_values_as_raw_tensors() -> None:
+    from itda_lens.similarity import (
+        SampleView,
+        cknna,
+        debiased_cka,
+        mutual_knn,
+        procrustes_similarity,
+    )
+
+    x, y = paired(n=80, seed=4)
+    vx, vy = SampleView(x), SampleView(y)
+    for f in (debiased_cka, procrustes_similarity, lambda a, b: mutual_knn(a, b, 7), cknna):
+        raw = f(x, y)
+        assert f(vx, vy) == raw and f(vx, y) == raw  # and again, from the cached pieces
+        assert f(vx, vy) == raw
+    with pytest.raises(ValueError, match="NaN"):
+        SampleView(torch.full((5, 3), float("nan")))
+    with pytest.raises(ValueError, match="same n tokens"):
+        mutual_knn(vx, SampleView(y[:-1]), 5)
+
+
+def _transfer_plain(a: ITDA, pa: torch.Tensor, pb: torch.Tensor, in_b: torch.Tensor) -> float:
+    """decomposition_transfer, token by token: dense MP codes from the paper's literal algorithm."""
+    from itda_lens.pursuit import reference_matching_pursuit
+
+    codes = reference_matching_pursuit(pa.to(a.W_dec.dtype), a.W_dec.detach(), a.cfg.k).double()
+    mean, scale = pb.mean(0), pb.norm(dim=1).mean()
+    total = 0.0
+    for t in range(pb.shape[0]):
+        guess = sum(
+            codes[t, j] * (in_b[j] / in_b[j].norm() - mean / scale)
+            for j in codes[t].nonzero().flatten().tolist()
+        )
+        target = pb[t] - mean
+        total += float(guess @ target / (guess.norm() * target.norm()))
+    return total / pb.shape[0]
+
+
+def test_decomposition_transfer_matches_a_plain_transcription(two_builds, tokenizer) -> None:
+    from itda_lens.activations import activations_at_labels, hook_activations
+    from itda_lens.similarity import decomposition_transfer, transfer_similarity
+
+    a, b, hooks = two_builds
+    toks = make_tokens(32)
+    probe = make_tokens(4, seed=9)
+    model_a, model_b = make_model(tokenizer, seed=0), make_model(tokenizer, seed=1)
+    pa = hook_activations(model_a, probe, hooks, None)
+    pb = hook_activations(model_b, probe, hooks, None)
+    xa, xb = (p[hooks[1]].reshape(-1, p[hooks[1]].shape[-1]).double() for p in (pa, pb))
+    ia, ib = a[hooks[1]], b[hooks[1]]
+    a_in_b = activations_at_labels(model_b, toks, [hooks[1]], ia.atom_labels)[hooks[1]].double()
+    b_in_a = activations_at_labels(model_a, toks, [hooks[1]], ib.atom_labels)[hooks[1]].double()
+    value = decomposition_transfer(ia, xa, xb, a_in_b)
+    assert value == pytest.approx(_transfer_plain(ia, xa, xb, a_in_b), abs=1e-5)
+    both = transfer_similarity(ia, ib, xa, xb, a_in_b, b_in_a)
+    assert both == pytest.approx(transfer_similarity(ib, ia, xb, xa, b_in_a, a_in_b), abs=1e-12)
+    assert both == pytest.approx(0.5 * (value + decomposition_transfer(ib, xb, xa, b_in_a)))
+    # a model against itself: its own atoms are its activations at its labels
+    own = activations_at_labels(model_a, toks, [hooks[1]], ia.atom_labels)[hooks[1]]
+    assert torch.allclose(torch.nn.functional.normalize(own, dim=1), ia.W_dec, atol=1e-5)
+    self_value = decomposition_transfer(ia, xa, xa, own.double())
+    assert self_value > value and self_value <= 1
+    with pytest.raises(ValueError, match="atoms_in_b must be"):
+        decomposition_transfer(ia, xa, xb, a_in_b[:-1])
+    with pytest.raises(ValueError, match="same n > 0 tokens"):
+        decomposition_transfer(ia, xa, xb[:-1], a_in_b)
+    with pytest.raises(ValueError, match="NaN"):
+        decomposition_transfer(ia, xa, xb * float("nan"), a_in_b)
+    bare = ITDA.from_atoms(torch.randn(4, xa.shape[1]), k=2)
+    with pytest.raises(IncompatibleLabels, match="without provenance"):
+        decomposition_transfer(bare, xa, xb, a_in_b[:4])
+
+
+def test_activations_at_labels_gathers_from_a_full_run(model) -> None:
+    from itda_lens.activations import activations_at_labels, hook_activations
+
+    toks = make_tokens(12, seed=2)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    labels = torch.tensor([[11, 3], [0, 0], [5, 7], [11, 3], [2, 1]])
+    got = activations_at_labels(model, toks, hooks, labels, batch_size=2)
+    full = hook_activations(model, toks, hooks, None)
+    for h in hooks:
+        assert torch.allclose(got[h], full[h][labels[:, 0], labels[:, 1]], atol=1e-5)
+    with pytest.raises(ValueError, match="outside the tokens"):
+        activations_at_labels(model, toks, hooks, torch.tensor([[12, 0]]))
+    with pytest.raises(ValueError, match=r"\[n, 2\]"):
+        activations_at_labels(model, toks, hooks, torch.tensor([1, 2]))
+
+
+def test_probe_support_jaccard(two_builds, tokenizer) -> None:
+    from itda_lens.activations import hook_activations
+    from itda_lens.similarity import probe_support_jaccard
+
+    a, b, hooks = two_builds
+    probe = make_tokens(3, seed=9)
+    ia, ib = a[hooks[1]], b[hooks[1]]
+    xa, xb = (
+        hook_activations(make_model(tokenizer, seed=s), probe, hooks, None)[hooks[1]].reshape(
+            -1, ia.cfg.d_in
+        )
+        for s in (0, 1)
+    )
+    assert probe_support_jaccard(ia, ia, xa, xa) == 1.0
+    value = probe_support_jaccard(ia, ib, xa, xb)
+    la = ia.atom_labels[ia.encode_sparse(xa).indices].tolist()
+    lb = ib.atom_labels[ib.encode_sparse(xb).indices].tolist()
+    plain = np.mean(
+        [
+            len({tuple(p) for p in u} & {tuple(p) for p in v})
+            / len({tuple(p) for p in u} | {tuple(p) for p in v})
+            for u, v in zip(la, lb, strict=True)
+        ]
+    )
+    assert value == pytest.approx(plain) and 0 <= value < 1
