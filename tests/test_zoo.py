@@ -22,6 +22,7 @@ def test_zoo_contents_and_size() -> None:
     assert zoo.DEFAULT_MODEL in names
     assert sum(bool(re.fullmatch(r"kjv-4l128-s\d+", n)) for n in names) >= 5
     assert sum(bool(re.fullmatch(r"kjv-6l160-s\d+", n)) for n in names) >= 2
+    assert sum(bool(re.fullmatch(r"kjv-8l128-s\d+", n)) for n in names) >= 5
     assert {"kjv-4l128-s0-planted", "kjv-4l128-s0-epistles"} <= set(names)
     assert any(zoo.model_card(n)["tokenizer"] != zoo.DEFAULT_TOKENIZER for n in names), (
         "a second tokenizer"
@@ -35,8 +36,9 @@ def test_zoo_contents_and_size() -> None:
         for f in zoo.ZOO_DIR.rglob("*")
         if f.is_file() and "__pycache__" not in f.parts
     )
-    # the budget grew from 40 to 45 MB with the two 2.6 MB fine-tunes model diffing needs
-    assert size < 45e6, f"zoo is {size / 1e6:.1f} MB"
+    # the budget grew from 40 to 45 MB with the two 2.6 MB fine-tunes model diffing needs, and to
+    # 67 MB with the five 4.3 MB seeds of 8 x 128 that layer matching needs (more layers)
+    assert size < 67e6, f"zoo is {size / 1e6:.1f} MB"
 
 
 @pytest.mark.parametrize("name", zoo.list_models())

@@ -303,12 +303,14 @@ def _card(
 
 
 #: The shipped zoo, in training order (the default model first): 5 seeds of 4 layers x 128,
-#: 2 seeds of 6 layers x 160, and a 4 x 128 model on the second (4096-token) tokenizer.
+#: 2 seeds of 6 layers x 160, a 4 x 128 model on the second (4096-token) tokenizer, and 5 seeds
+#: of 8 layers x 128 (more layers to tell apart in layer matching).
 ZOO_RECIPE: list[TrainConfig] = [
     TrainConfig("kjv-4l128-s0", seed=0, checkpoints=[0.1, 0.25, 0.5]),
     *(TrainConfig(f"kjv-4l128-s{s}", seed=s) for s in range(1, 5)),
     *(TrainConfig(f"kjv-6l160-s{s}", n_layers=6, d_model=160, n_heads=5, seed=s) for s in range(2)),
     TrainConfig("kjv-4l128-bpe4096-s0", tokenizer="bpe4096", seed=0),
+    *(TrainConfig(f"kjv-8l128-s{s}", n_layers=8, d_model=128, n_heads=4, seed=s) for s in range(5)),
     # fine-tunes of the default model, for model diffing: a planted behaviour, a domain shift
     *(
         TrainConfig(
