@@ -229,6 +229,35 @@ def activations_at_labels(
     return {h: r[where, labels[:, 1]] for h, r in rows.items()}
 
 
+def probe_activations(
+    model: HookedRootModule,
+    tokens: Int[Tensor, "n_seq seq"],
+    hook_names: Sequence[str],
+    n_tokens: int = 2048,
+    seed: int = 7,
+    batch_size: int = 32,
+) -> dict[str, Float[Tensor, "n d"]]:
+    """Each hook's activations at ``n_tokens`` probe tokens: positions drawn at random (``seed``)
+    among the non-special tokens of as many leading sequences of ``tokens`` as it takes (so two
+    models with the same tokenizer get the same probe tokens)."""
+    check_hook_names(model, hook_names)
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    special = torch.tensor(special_token_ids(model), dtype=torch.long)
+    keep = ~torch.isin(tokens, special)
+    enough = torch.cumsum(keep.sum(1), 0) >= n_tokens
+    if not bool(enough.any()):
+        raise ValueError(
+            f"the probe data has {int(keep.sum())} non-special tokens, fewer than n_tokens="
+            f"{n_tokens}: give more data or a smaller n_tokens"
+        )
+    n_seq = int(enough.float().argmax()) + 1
+    flat = keep[:n_seq].reshape(-1).nonzero().flatten()
+    pick = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))[:n_tokens]]
+    labels = torch.stack([pick // tokens.shape[1], pick % tokens.shape[1]], 1)
+    return activations_at_labels(model, tokens, hook_names, labels, batch_size)
+
+
 class HookBatch(NamedTuple):
     """One token batch read at some hooks, flattened to rows in stream order."""
 

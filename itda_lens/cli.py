@@ -10,6 +10,7 @@ everything runs offline.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -56,7 +57,7 @@ from itda_lens.resolve import (
     resolve_tokens,
 )
 from itda_lens.saes import ITDA, check_sae_folder, load_itdas
-from itda_lens.similarity import model_jaccard, similarity_matrix
+from itda_lens.similarity import compare_layers, model_jaccard
 from itda_lens.trainers import TRAINERS
 from itda_lens.warmstart import as_source
 
@@ -333,31 +334,82 @@ def _cmd_eval(args: Any) -> int:
     return 0
 
 
+def _leading_sequences(data: Any, model: Any, n_seq: int, context_size: int | None) -> torch.Tensor:
+    """The first ``n_seq`` sequences of any token input, as one tensor."""
+    if isinstance(data, torch.Tensor):
+        return data[:n_seq]
+    batches, n = [], 0
+    tokenizer = getattr(model, "tokenizer", None)
+    for batch in token_batches(data, 32, context_size=context_size, tokenizer=tokenizer):
+        batches.append(batch[: n_seq - n])
+        n += len(batches[-1])
+        if n >= n_seq:
+            break
+    if not batches:
+        raise ValueError("the data holds no tokens")
+    return torch.cat(batches)
+
+
 def _cmd_similarity(args: Any) -> int:
-    args = args.cmd
+    cmd: SimilarityCommand = args.cmd
     # a list, not a dict: the same folder given twice is a legitimate self-comparison
-    if len(args.dirs) < 2:
+    if len(cmd.dirs) < 2:
         raise ValueError("give at least two ITDA folders to compare")
-    models = [(d, load_itdas(Path(d))) for d in args.dirs]
-    if len(models) == 2:
-        (name_a, a), (name_b, b) = models
-        matrix = similarity_matrix(list(a.values()), list(b.values()))
-        rows, cols, title = list(a), list(b), f"ITDA Jaccard: {name_a} vs {name_b}"
+    builds = [(d, load_itdas(Path(d))) for d in cmd.dirs]
+    if len(builds) > 2 and cmd.measure != "jaccard":
+        raise ValueError(
+            f"--measure {cmd.measure} compares two builds layer by layer; for more builds only "
+            "the model-level jaccard is available"
+        )
+    if len(builds) == 2:
+        (name_a, a), (name_b, b) = builds
+        extra: dict[str, Any] = {}
+        if cmd.measure != "jaccard":
+            specs = cmd.models or [next(iter(x.values())).cfg.metadata.model_name for x in (a, b)]
+            if len(specs) != 2 or None in specs:
+                raise ValueError(
+                    f"--measure {cmd.measure} reads both models: pass --models A B (the builds "
+                    "do not both name their model)"
+                )
+            model_a, model_b = (resolve_model(str(m)) for m in specs)
+            first = next(iter(a.values()))
+            ctx = first.cfg.metadata.context_size or None
+            probe_data, _ = resolve_tokens(cmd.probe_data, model_a, split="test")
+            n_probe_seq = math.ceil(2 * cmd.probe_tokens / (ctx or 128)) + 1
+            extra = {
+                "model_a": model_a,
+                "model_b": model_b,
+                "probe_tokens": _leading_sequences(probe_data, model_a, n_probe_seq, ctx),
+                "n_probe": cmd.probe_tokens,
+                "k": cmd.k,
+            }
+            if cmd.measure == "transfer":
+                stream = build_stream(first, model_a, cmd.data)
+                record = first.build_record
+                if stream is None or record is None or record.stream.n_sequences is None:
+                    raise ValueError(
+                        "--measure transfer reads the models at the atoms' tokens: pass --data, "
+                        "the tokens the builds read (their metadata names none)"
+                    )
+                n_seq = record.stream.n_sequences
+                extra["tokens"] = _leading_sequences(stream, model_a, n_seq, ctx)
+        matrix = compare_layers(list(a.values()), list(b.values()), cmd.measure, **extra)
+        rows, cols, title = list(a), list(b), f"ITDA {cmd.measure}: {name_a} vs {name_b}"
     else:
         matrix = torch.tensor(
             [
-                [model_jaccard(list(x.values()), list(y.values())) for _, y in models]
-                for _, x in models
+                [model_jaccard(list(x.values()), list(y.values())) for _, y in builds]
+                for _, x in builds
             ]
         )
-        rows = cols = [name for name, _ in models]
+        rows = cols = [name for name, _ in builds]
         title = "model-level ITDA Jaccard (union over layers)"
     width = max(len(c) for c in cols) + 2
     print(" " * (max(len(r) for r in rows) + 2) + "".join(f"{c:>{width}}" for c in cols))
     for r, values in zip(rows, matrix.tolist(), strict=True):
         print(f"{r:<{max(len(x) for x in rows) + 2}}" + "".join(f"{v:>{width}.3f}" for v in values))
-    heatmap(matrix.tolist(), args.out, rows=rows, cols=cols, title=title)
-    print(f"heatmap saved to {args.out}")
+    heatmap(matrix.tolist(), cmd.out, rows=rows, cols=cols, title=title)
+    print(f"heatmap saved to {cmd.out}")
     return 0
 
 

@@ -133,10 +133,22 @@ class EvalCommand:
 
 @dataclass
 class SimilarityCommand:
-    """Jaccard similarity of ITDA dictionaries: layer by layer for two builds, model-level for more."""
+    """Similarity of ITDA dictionaries: layer by layer for two builds, model-level for more."""
 
     dirs: list[str] = field(positional=True, nargs="+")
     """ITDA folders, or folders holding one ITDA per hook (a multi-hook build)."""
+    measure: str = "jaccard"
+    """jaccard (atom labels; fast, path-dependent) | transfer (the ITDA measure for layer matching) | support | mutual-knn | cknna | debiased-cka | procrustes; all but jaccard read both models (two builds only)."""
+    models: list[str] = field(default_factory=list, nargs="*")
+    """The two builds' models (default: each build's metadata model_name)."""
+    data: str | None = None
+    """Tokens the builds read, for transfer (default: their metadata dataset_path): kjv | .pt/.npy token file | folder | hub."""
+    probe_data: str = "kjv:heldout"
+    """Tokens the models are compared on (not the builds' own): kjv:heldout | .pt/.npy token file | folder | hub."""
+    probe_tokens: int = 2048
+    """Probe tokens drawn from --probe-data."""
+    k: int = 10
+    """Neighbours for mutual-knn and cknna."""
     out: str = "similarity.png"
     """Heatmap PNG."""
 

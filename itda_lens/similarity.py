@@ -19,13 +19,18 @@ al. 2012's unbiased HSIC) and orthogonal Procrustes similarity (Ding et al. 2021
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from itda_lens.activations import activations_at_labels, probe_activations
+from itda_lens.builder.stream import prefix_digest
+from itda_lens.pursuit import SparseCode
 from itda_lens.saes import ITDA
 
 
@@ -71,7 +76,8 @@ def label_set(itda: ITDA) -> set[tuple[int, int]]:
     return {(int(s), int(p)) for s, p in itda.atom_labels.tolist()}
 
 
-def _jaccard(a: set, b: set) -> float:
+def set_jaccard(a: set, b: set) -> float:
+    """|a & b| / |a | b| (1 for two empty sets)."""
     union = len(a | b)
     return len(a & b) / union if union else 1.0
 
@@ -79,14 +85,14 @@ def _jaccard(a: set, b: set) -> float:
 def jaccard(a: ITDA, b: ITDA) -> float:
     """Jaccard index of two ITDAs' atom labels (raises if their token streams differ)."""
     check_comparable(a, b)
-    return _jaccard(label_set(a), label_set(b))
+    return set_jaccard(label_set(a), label_set(b))
 
 
 def model_jaccard(a: Sequence[ITDA], b: Sequence[ITDA]) -> float:
     """Model-level similarity: Jaccard of the unions of the layers' label sets."""
     for x in (*a, *b):
         check_comparable(a[0], x)
-    return _jaccard(set().union(*map(label_set, a)), set().union(*map(label_set, b)))
+    return set_jaccard(set().union(*map(label_set, a)), set().union(*map(label_set, b)))
 
 
 def similarity_matrix(
@@ -116,7 +122,7 @@ def span_labels(itda: ITDA, spans: Int[Tensor, "n_seq seq 3"]) -> set[tuple[int,
 
 def span_jaccard(a: ITDA, spans_a: Tensor, b: ITDA, spans_b: Tensor) -> float:
     """Overlap of two dictionaries built on the same documents, possibly with different tokenizers."""
-    return _jaccard(span_labels(a, spans_a), span_labels(b, spans_b))
+    return set_jaccard(span_labels(a, spans_a), span_labels(b, spans_b))
 
 
 # --- ITDA measures on a probe sample -----------------------------------------------------------
@@ -143,6 +149,7 @@ def decomposition_transfer(
     probe_b: Float[Tensor, "n db"],
     atoms_in_b: Float[Tensor, "n_atoms db"],
     k: int | None = None,
+    code: SparseCode | None = None,
 ) -> float:
     """How well A's ITDA decompositions carry over to model B, one direction.
 
@@ -152,7 +159,8 @@ def decomposition_transfer(
     are, are combined with the same coefficients and compared by cosine with B's activation of the
     probe token, after removing B's mean probe activation from both (from the unit atoms at their
     scale: the mean divided by the mean norm); the mean over probe tokens. It needs no shared atoms,
-    only a shared token stream; 1 means A's decompositions hold exactly in B.
+    only a shared token stream; 1 means A's decompositions hold exactly in B. ``code``: A's codes
+    of ``probe_a`` when already computed (``a.encode_sparse(probe_a, k)``).
     """
     _provenance(a)
     pa = _finite_2d(probe_a, "probe activations of A")
@@ -167,7 +175,10 @@ def decomposition_transfer(
             f"atoms_in_b must be [{a.cfg.d_sae}, {pb.shape[1]}] (B's activation at each of A's "
             f"{a.cfg.d_sae} atom labels), got {tuple(ab.shape)}"
         )
-    code = a.encode_sparse(pa.to(a.W_dec.dtype), k)
+    if code is None:
+        code = a.encode_sparse(pa.to(a.W_dec.dtype), k)
+    elif code.indices.shape[0] != pa.shape[0]:
+        raise ValueError(f"code covers {code.indices.shape[0]} tokens, the probe {pa.shape[0]}")
     mean = pb.mean(0)
     units = torch.nn.functional.normalize(ab, dim=1) - mean / pb.norm(dim=1).mean()
     guess = (code.values.double().unsqueeze(-1) * units[code.indices]).sum(1)
@@ -182,14 +193,45 @@ def transfer_similarity(
     a_atoms_in_b: Float[Tensor, "n_a db"],
     b_atoms_in_a: Float[Tensor, "n_b da"],
     k: int | None = None,
+    codes: tuple[SparseCode | None, SparseCode | None] = (None, None),
 ) -> float:
     """ITDA transfer similarity: :func:`decomposition_transfer` both ways, averaged (symmetric).
-    The two dictionaries must label the same token stream."""
+    The two dictionaries must label the same token stream; ``codes``: A's and B's codes of their
+    probes when already computed."""
     check_comparable(a, b)
     return 0.5 * (
-        decomposition_transfer(a, probe_a, probe_b, a_atoms_in_b, k)
-        + decomposition_transfer(b, probe_b, probe_a, b_atoms_in_a, k)
+        decomposition_transfer(a, probe_a, probe_b, a_atoms_in_b, k, codes[0])
+        + decomposition_transfer(b, probe_b, probe_a, b_atoms_in_a, k, codes[1])
     )
+
+
+def support_labels(
+    itda: ITDA, probe: Float[Tensor, "n d"], k: int | None = None
+) -> Int[Tensor, "n k"]:
+    """Each probe token's support under ``itda`` as atom labels (one int per (sequence,
+    position)), for :func:`support_jaccard`."""
+    labels = _provenance(itda)
+    code = itda.encode_sparse(_finite_2d(probe, "probe activations").to(itda.W_dec.dtype), k)
+    picked = labels[code.indices]
+    return picked[..., 0] * 2**32 + picked[..., 1]
+
+
+def _distinct(keys: Tensor) -> Tensor:
+    """Marks each row's first occurrence of every value (MP may pick an atom twice)."""
+    ordered, order = keys.sort(dim=1)
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return torch.zeros_like(first).scatter_(1, order, first)
+
+
+def support_jaccard(sa: Int[Tensor, "n ka"], sb: Int[Tensor, "n kb"]) -> float:
+    """Mean over tokens of the Jaccard index of two supports (:func:`support_labels`)."""
+    if sa.shape[0] != sb.shape[0] or sa.shape[0] == 0:
+        raise ValueError("probe activations must cover the same n > 0 tokens")
+    da, db = _distinct(sa), _distinct(sb)
+    both = ((sa.unsqueeze(2) == sb.unsqueeze(1)).any(2) & da).sum(1)
+    union = da.sum(1) + db.sum(1) - both
+    return float((both / union).mean())
 
 
 def probe_support_jaccard(
@@ -202,15 +244,7 @@ def probe_support_jaccard(
     """Mean over probe tokens of the Jaccard index of the atom labels in their supports under A's
     and under B's dictionary (weights each atom by how often it is used, unlike label Jaccard)."""
     check_comparable(a, b)
-    if probe_a.shape[0] != probe_b.shape[0] or probe_a.shape[0] == 0:
-        raise ValueError("probe activations must cover the same n > 0 tokens")
-    supports = []
-    for itda, x in ((a, probe_a), (b, probe_b)):
-        labels = _provenance(itda)[
-            itda.encode_sparse(_finite_2d(x).to(itda.W_dec.dtype), k).indices
-        ]
-        supports.append([set(map(tuple, row)) for row in labels.tolist()])
-    return sum(_jaccard(x, y) for x, y in zip(*supports, strict=True)) / probe_a.shape[0]
+    return support_jaccard(support_labels(a, probe_a, k), support_labels(b, probe_b, k))
 
 
 # --- baselines on activations -------------------------------------------------------------------
@@ -455,6 +489,101 @@ def procrustes_similarity(x: Sample, y: Sample) -> float:
         vy.cached("procrustes", lambda: scaled(vy)),
     )
     return float(torch.linalg.svdvals(sx.T @ sy).sum())
+
+
+#: what :func:`compare_layers` (and ``itda-lens similarity --measure``) computes: label Jaccard,
+#: the two ITDA probe measures, and the sample baselines
+LAYER_MEASURES = (
+    "jaccard", "transfer", "support", "mutual-knn", "cknna", "debiased-cka", "procrustes"
+)  # fmt: skip
+
+
+def _hooks(itdas: Sequence[ITDA], side: str) -> list[str]:
+    hooks = [x.cfg.metadata.hook_name for x in itdas]
+    if any(h is None for h in hooks):
+        raise ValueError(f"an ITDA of {side} records no hook_name: cannot read its activations")
+    return [str(h) for h in hooks]
+
+
+def _check_stream(itdas: Sequence[ITDA], tokens: Tensor) -> None:
+    digest = prefix_digest(tokens)
+    for x in itdas:
+        record = x.build_record
+        if record is None or record.stream.prefix_sha256 != digest:
+            raise IncompatibleLabels(
+                f"tokens are not the stream the ITDA at {x.cfg.metadata.hook_name} was built on "
+                "(its first sequences differ): pass the build's own tokens"
+            )
+
+
+def compare_layers(
+    a: Sequence[ITDA],
+    b: Sequence[ITDA],
+    measure: str = "transfer",
+    *,
+    model_a: Any = None,
+    model_b: Any = None,
+    tokens: Int[Tensor, "n_seq seq"] | None = None,
+    probe_tokens: Int[Tensor, "m_seq seq"] | None = None,
+    n_probe: int = 2048,
+    k: int = 10,
+    seed: int = 7,
+) -> Float[Tensor, "la lb"]:
+    """Similarity of every layer of A with every layer of B ([len(a), len(b)]) by ``measure``
+    (one of :data:`LAYER_MEASURES`). ``"jaccard"`` needs only the dictionaries; the others read
+    both models (``model_a``, ``model_b``) at ``n_probe`` tokens of ``probe_tokens``
+    (:func:`~itda_lens.activations.probe_activations`); ``"transfer"`` also reads them at the
+    atoms' tokens, so it needs ``tokens``, the stream both dictionaries were built on. ``k`` is
+    the neighbour count of mutual-knn and cknna. The measure to use for layer matching is
+    ``"transfer"`` among the ITDA ones (see the README's model comparison section)."""
+    if measure not in LAYER_MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; one of {', '.join(LAYER_MEASURES)}")
+    if measure == "jaccard":
+        return similarity_matrix(a, b, jaccard)
+    if model_a is None or model_b is None or probe_tokens is None:
+        raise ValueError(
+            f"measure {measure!r} reads activations: give model_a, model_b and probe_tokens"
+        )
+    ha, hb = _hooks(a, "A"), _hooks(b, "B")
+    pa = probe_activations(model_a, probe_tokens, ha, n_probe, seed)
+    pb = probe_activations(model_b, probe_tokens, hb, n_probe, seed)
+    xa, xb = [pa[h].double() for h in ha], [pb[h].double() for h in hb]
+    out = torch.zeros(len(a), len(b))
+    if measure == "transfer":
+        if tokens is None:
+            raise ValueError(
+                "transfer reads both models at the atoms' tokens: give tokens, the stream the "
+                "dictionaries were built on"
+            )
+        _check_stream([*a, *b], tokens)
+        a_in_b = [activations_at_labels(model_b, tokens, hb, x.atom_labels) for x in a]
+        b_in_a = [activations_at_labels(model_a, tokens, ha, y.atom_labels) for y in b]
+        ca = [x.encode_sparse(p.to(x.W_dec.dtype)) for x, p in zip(a, xa, strict=True)]
+        cb = [y.encode_sparse(p.to(y.W_dec.dtype)) for y, p in zip(b, xb, strict=True)]
+        for i, j in itertools.product(range(len(a)), range(len(b))):
+            out[i, j] = transfer_similarity(
+                a[i], b[j], xa[i], xb[j], a_in_b[i][hb[j]], b_in_a[j][ha[i]],
+                codes=(ca[i], cb[j]),
+            )  # fmt: skip
+        return out
+    if measure == "support":
+        sa = [support_labels(x, p) for x, p in zip(a, xa, strict=True)]
+        sb = [support_labels(y, p) for y, p in zip(b, xb, strict=True)]
+        for i, j in itertools.product(range(len(a)), range(len(b))):
+            check_comparable(a[i], b[j])
+            out[i, j] = support_jaccard(sa[i], sb[j])
+        return out
+    va, vb = [SampleView(x) for x in xa], [SampleView(y) for y in xb]
+    sample_measures: dict[str, Callable[[SampleView, SampleView], float]] = {
+        "mutual-knn": lambda x, y: mutual_knn(x, y, k),
+        "cknna": lambda x, y: cknna(x, y, k),
+        "debiased-cka": debiased_cka,
+        "procrustes": procrustes_similarity,
+    }
+    f = sample_measures[measure]
+    for i, j in itertools.product(range(len(a)), range(len(b))):
+        out[i, j] = f(va[i], vb[j])
+    return out
 
 
 def layer_matching_accuracy(

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from itda_lens import ITDA
+from itda_lens import ITDA, zoo
 from itda_lens.cli import main
 from itda_lens.models import load_model_folder, save_model_folder
+from itda_lens.saes import load_itdas
+from itda_lens.similarity import compare_layers
 from tests.helpers import make_tokens
 
 HOOK = "blocks.1.hook_resid_post"
@@ -307,6 +309,33 @@ def test_similarity_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         == 0
     )
     assert "1.000" in capsys.readouterr().out  # a model against itself
+    # the probe measures read both models; the CLI's matrix is the API's
+    dirs = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    for measure in ("transfer", "mutual-knn"):
+        argv = [
+            "similarity",
+            *dirs,
+            "--measure",
+            measure,
+            "--probe-tokens",
+            "256",
+            "--out",
+            str(png),
+        ]
+        assert main(argv) == 0
+        printed = capsys.readouterr().out.splitlines()
+        rows = [line.split() for line in printed if line.startswith("blocks.")]
+        got = torch.tensor([[float(v) for v in r[1:]] for r in rows])
+        a, b = load_itdas(tmp_path / "s0"), load_itdas(tmp_path / "s1")
+        want = compare_layers(
+            list(a.values()), list(b.values()), measure,
+            model_a=zoo.load_model("kjv-4l128-s0"), model_b=zoo.load_model("kjv-4l128-s1"),
+            tokens=zoo.load_tokens("train")[: a["blocks.0.hook_resid_post"].build_record.stream.n_sequences],
+            probe_tokens=zoo.load_tokens("heldout"), n_probe=256,
+        )  # fmt: skip
+        assert torch.allclose(got, want, atol=1e-3), (measure, got, want)
+    assert main(["similarity", *dirs, dirs[0], "--measure", "transfer", "--out", str(png)]) == 2
+    assert "for more builds only" in capsys.readouterr().err
     assert (
         main(
             [

@@ -521,3 +521,34 @@ def test_probe_support_jaccard(two_builds, tokenizer) -> None:
         ]
     )
     assert value == pytest.approx(plain) and 0 <= value < 1
+
+
+def test_compare_layers_measures_and_refusals(two_builds, tokenizer) -> None:
+    from itda_lens.similarity import LAYER_MEASURES, compare_layers, mutual_knn
+
+    a, b, hooks = two_builds
+    la, lb = [a[h] for h in hooks], [b[h] for h in hooks]
+    model_a, model_b = make_model(tokenizer, seed=0), make_model(tokenizer, seed=1)
+    probe, toks = make_tokens(8, seed=9), make_tokens(32)
+    args = {"model_a": model_a, "model_b": model_b, "probe_tokens": probe, "n_probe": 64}
+    assert torch.equal(compare_layers(la, lb, "jaccard"), similarity_matrix(la, lb))
+    for measure in LAYER_MEASURES[1:]:
+        m = compare_layers(la, lb, measure, tokens=toks, **args)
+        assert m.shape == (2, 2) and bool(torch.isfinite(m).all()), measure
+    # a sample measure equals the function on the same probe activations
+    from itda_lens.activations import probe_activations
+
+    pa = probe_activations(model_a, probe, hooks, 64)
+    pb = probe_activations(model_b, probe, hooks, 64)
+    m = compare_layers(la, lb, "mutual-knn", k=5, **args)
+    assert float(m[1, 0]) == pytest.approx(mutual_knn(pa[hooks[1]], pb[hooks[0]], 5))
+    with pytest.raises(ValueError, match="unknown measure 'cka'"):
+        compare_layers(la, lb, "cka")
+    with pytest.raises(ValueError, match="give model_a, model_b and probe_tokens"):
+        compare_layers(la, lb, "transfer")
+    with pytest.raises(ValueError, match="give tokens"):
+        compare_layers(la, lb, "transfer", **args)
+    with pytest.raises(IncompatibleLabels, match="not the stream"):
+        compare_layers(la, lb, "transfer", tokens=make_tokens(32, seed=3), **args)
+    with pytest.raises(ValueError, match="fewer than n_tokens"):
+        probe_activations(model_a, probe[:1], hooks, 10_000)
