@@ -552,3 +552,15 @@ def test_compare_layers_measures_and_refusals(two_builds, tokenizer) -> None:
         compare_layers(la, lb, "transfer", tokens=make_tokens(32, seed=3), **args)
     with pytest.raises(ValueError, match="fewer than n_tokens"):
         probe_activations(model_a, probe[:1], hooks, 10_000)
+
+
+def test_support_jaccard_counts_each_atom_once() -> None:
+    from itda_lens.similarity import support_jaccard
+
+    a = torch.tensor([[1, 2, 2, 3], [5, 5, 5, 5]])
+    b = torch.tensor([[3, 4, 1, 1], [5, 6, 7, 8]])
+    # {1,2,3} vs {1,3,4}: 2 / 4; {5} vs {5,6,7,8}: 1 / 4
+    assert support_jaccard(a, b) == pytest.approx((0.5 + 0.25) / 2)
+    assert support_jaccard(a, a) == 1.0
+    with pytest.raises(ValueError, match="same n > 0 tokens"):
+        support_jaccard(a, b[:1])
