@@ -30,10 +30,18 @@ import torch
 from _common import bench_parser, prepare, record, table, table_spec
 
 from itda_lens import build_itda, zoo
-from itda_lens.activations import hook_activations, special_token_ids
+from itda_lens.activations import (
+    activations_at_labels,
+    excluded_token_ids,
+    hook_activations,
+    special_token_ids,
+)
+from itda_lens.builder.config import BuildConfig
+from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 from itda_lens.plots import heatmap, line_plot
 from itda_lens.similarity import (
     PairStats,
+    SampleView,
     cknna,
     debiased_cka,
     jaccard,
@@ -41,13 +49,21 @@ from itda_lens.similarity import (
     model_jaccard,
     mutual_knn,
     procrustes_similarity,
+    set_jaccard,
     similarity_matrix,
     span_jaccard,
+    support_jaccard,
+    support_labels,
+    transfer_similarity,
 )
 
 #: ITDA at one threshold (sizes differ by layer and model), and cropped to equal size: the first
-#: N atoms of each, N the smallest dictionary (exactly what a max_atoms=N build keeps)
-ITDA_MEASURES = ("ITDA Jaccard", "ITDA Jaccard, equal size")
+#: N atoms of each, N the smallest dictionary (exactly what a max_atoms=N build keeps); on the
+#: probe sample: ITDA transfer (each side's decompositions carried to the other model through the
+#: atoms' provenance) and the Jaccard of each probe token's support labels
+ITDA_MEASURES = (
+    "ITDA Jaccard", "ITDA Jaccard, equal size", "ITDA transfer", "ITDA probe support Jaccard"
+)  # fmt: skip
 #: on a shared sample of held-out tokens (n x n kernels): mutual kNN and CKNNA at k = 10 (Huh et
 #: al. 2024), debiased CKA, orthogonal Procrustes
 SAMPLE_MEASURES = ("mutual kNN", "CKNNA", "debiased CKA", "Procrustes")
@@ -55,6 +71,8 @@ MEASURES = (
     *ITDA_MEASURES, "linear CKA", "SVCCA", "relative", "linear regression R2", *SAMPLE_MEASURES
 )  # fmt: skip
 KNN = 10
+#: layers of each family (cross-size rows pair families of different depth)
+FAMILY_DEPTH = {"4 x 128": 4, "6 x 160": 6, "8 x 128": 8}
 K, COS = 8, 0.9
 BATCH = 8  # windows per forward pass (the exact rule's dictionaries do not depend on it)
 
@@ -78,19 +96,20 @@ def layer_acts(model: Any, tokens: torch.Tensor) -> list[torch.Tensor]:
 def baseline_matrices(
     acts_a: list[torch.Tensor],
     acts_b: list[torch.Tensor],
+    views_a: list[SampleView],
+    views_b: list[SampleView],
     anchors: torch.Tensor,
-    sample: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """Every baseline measure for every layer pair (i of a, j of b); the sample measures on the
-    tokens ``sample``."""
+    prepared views of the sample tokens."""
     mats = {m: torch.zeros(len(acts_a), len(acts_b)) for m in MEASURES[len(ITDA_MEASURES) :]}
     for i, j in itertools.product(range(len(acts_a)), range(len(acts_b))):
         x, y = acts_a[i], acts_b[j]
-        xs, ys = x[sample], y[sample]
-        mats["mutual kNN"][i, j] = mutual_knn(xs, ys, KNN)
-        mats["CKNNA"][i, j] = cknna(xs, ys, KNN)
-        mats["debiased CKA"][i, j] = debiased_cka(xs, ys)
-        mats["Procrustes"][i, j] = procrustes_similarity(xs, ys)
+        vx, vy = views_a[i], views_b[j]
+        mats["mutual kNN"][i, j] = mutual_knn(vx, vy, KNN)
+        mats["CKNNA"][i, j] = cknna(vx, vy, KNN)
+        mats["debiased CKA"][i, j] = debiased_cka(vx, vy)
+        mats["Procrustes"][i, j] = procrustes_similarity(vx, vy)
         s = PairStats(anchors_x=x[anchors], anchors_y=y[anchors])
         for start in range(0, x.shape[0], 8192):
             s.update(x[start : start + 8192], y[start : start + 8192])
@@ -103,24 +122,82 @@ def baseline_matrices(
     return mats
 
 
+class Provenance:
+    """Every model's activations at the union of all dictionaries' atom labels (so ITDA transfer
+    can give any model's activations at any dictionary's atoms), gathered once per model."""
+
+    def __init__(self, itdas: dict[str, list[Any]], tokens: torch.Tensor):
+        self.width = tokens.shape[1]
+        keys = torch.cat([self._keys(i.atom_labels) for v in itdas.values() for i in v]).unique()
+        self.labels = torch.stack([keys // self.width, keys % self.width], 1)
+        self.row = torch.full((tokens.numel(),), -1, dtype=torch.long)
+        self.row[keys] = torch.arange(len(keys))
+        self.tokens = tokens
+        self.acts: dict[str, list[torch.Tensor]] = {}
+
+    def _keys(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels[:, 0] * self.width + labels[:, 1]
+
+    def read(self, name: str, model: Any) -> None:
+        hooks = hooks_of(model)
+        got = activations_at_labels(model, self.tokens, hooks, self.labels)
+        self.acts[name] = [got[h].float() for h in hooks]
+
+    def at(self, name: str, layer: int, itda: Any) -> torch.Tensor:
+        """Model ``name``'s activations at ``itda``'s atoms, in atom order."""
+        return self.acts[name][layer][self.row[self._keys(itda.atom_labels)]]
+
+
+def itda_probe_matrices(
+    a: str,
+    b: str,
+    itdas: dict[str, list[Any]],
+    probe: dict[str, list[torch.Tensor]],
+    codes: dict[str, list[Any]],
+    supports: dict[str, list[torch.Tensor]],
+    prov: Provenance,
+) -> dict[str, torch.Tensor]:
+    """ITDA transfer and probe support Jaccard for every layer pair (i of a, j of b)."""
+    la, lb = len(itdas[a]), len(itdas[b])
+    transfer, support = torch.zeros(la, lb), torch.zeros(la, lb)
+    for i, j in itertools.product(range(la), range(lb)):
+        x, y = itdas[a][i], itdas[b][j]
+        transfer[i, j] = transfer_similarity(
+            x, y, probe[a][i], probe[b][j], prov.at(b, j, x), prov.at(a, i, y),
+            codes=(codes[a][i], codes[b][j]),
+        )  # fmt: skip
+        support[i, j] = support_jaccard(supports[a][i], supports[b][j])
+    return {"ITDA transfer": transfer, "ITDA probe support Jaccard": support}
+
+
+#: same-depth seed families of the zoo (the 8-layer one added to have more layers to tell apart)
+FAMILIES = {
+    "4 x 128": r"kjv-4l128-s\d+",
+    "6 x 160": r"kjv-6l160-s\d+",
+    "8 x 128": r"kjv-8l128-s\d+",
+}
+
+
 def main() -> None:
     args = bench_parser(__doc__, "bench_out/layer_matching").parse_args()
     out = prepare(args)
     t0 = time.perf_counter()
     # seeds only: not the fine-tunes of s0 (kjv-4l128-s0-planted, ...)
-    small = [n for n in zoo.list_models() if re.fullmatch(r"kjv-4l128-s\d+", n)][
-        : 2 if args.quick else None
-    ]
-    large = [n for n in zoo.list_models() if re.fullmatch(r"kjv-6l160-s\d+", n)][
-        : 0 if args.quick else None
-    ]
+    families = {
+        label: [n for n in zoo.list_models() if re.fullmatch(pattern, n)]
+        for label, pattern in FAMILIES.items()
+    }
+    if args.quick:
+        families = {"4 x 128": families["4 x 128"][:2]}
+    small = families["4 x 128"]
     build_windows, act_windows, n_anchors = (32, 16, 50) if args.quick else (1024, 128, 300)
     n_sample = 256 if args.quick else 2048
     build_tokens = zoo.load_tokens("train", build_windows)
     act_tokens = zoo.load_tokens("heldout", act_windows)
+    names = [n for members in families.values() for n in members]
     itdas, acts = {}, {}
     atom_rows: list[dict[str, Any]] = []
-    for name in small + large:
+    for name in names:
         model = zoo.load_model(name)
         built = build_itda(
             model,
@@ -141,12 +218,22 @@ def main() -> None:
             f"({atom_rows[-1]['from the first batch']} from the first batch)",
             flush=True,
         )
+    prov = Provenance(itdas, build_tokens)
+    for name in names:
+        prov.read(name, zoo.load_model(name))
     phases = {"builds and activations": time.perf_counter() - t0}
     n_tok = acts[small[0]][0].shape[0]
     anchors = torch.randperm(n_tok, generator=torch.Generator().manual_seed(42))[:n_anchors]
     sample = torch.randperm(n_tok, generator=torch.Generator().manual_seed(7))[:n_sample]
+    views = {n: [SampleView(a[sample]) for a in acts[n]] for n in names}
+    probe = {n: [a[sample] for a in acts[n]] for n in names}
+    codes = {
+        n: [i.encode_sparse(p) for i, p in zip(itdas[n], probe[n], strict=True)] for n in names
+    }
+    supports = {
+        n: [support_labels(i, p) for i, p in zip(itdas[n], probe[n], strict=True)] for n in names
+    }
     matrices: dict[str, dict[tuple[str, str], torch.Tensor]] = {m: {} for m in MEASURES}
-    names = small + large
     n_equal = min(i.cfg.d_sae for n in names for i in itdas[n])
     cropped = {n: [i.crop(n_equal) for i in itdas[n]] for n in names}
     for a, b in itertools.product(names, names):
@@ -154,9 +241,15 @@ def main() -> None:
         matrices["ITDA Jaccard, equal size"][(a, b)] = similarity_matrix(
             cropped[a], cropped[b], jaccard
         )
-        for m, mat in baseline_matrices(acts[a], acts[b], anchors, sample).items():
+        probe_mats = itda_probe_matrices(a, b, itdas, probe, codes, supports, prov)
+        base = baseline_matrices(acts[a], acts[b], views[a], views[b], anchors)
+        for m, mat in (probe_mats | base).items():
             matrices[m][(a, b)] = mat
-    groups = {"same size (4 x 128 seeds)": small, "same size (6 x 160 seeds)": large}
+    groups = {f"same size ({label} seeds)": members for label, members in families.items()}
+    cross = [
+        (la, lb) for la, lb in itertools.combinations(families, 2)
+        if families[la] and families[lb] and FAMILY_DEPTH[la] != FAMILY_DEPTH[lb]
+    ]  # fmt: skip
     rows = []
     for measure in MEASURES:
         row: dict[str, Any] = {"measure": measure}
@@ -170,16 +263,16 @@ def main() -> None:
             row[f"{label}, with self-pairs"] = (
                 f"{layer_matching_accuracy(sub, include_self=True):.2f}"
             )
-        if large:  # cross-size: is the argmax at the layer of nearest relative depth?
+        for la, lb in cross:  # cross-size: is the argmax at the layer of nearest relative depth?
             hits = total = 0
-            for a, b in itertools.product(small, large):
+            for a, b in itertools.product(families[la], families[lb]):
                 m = matrices[measure][(a, b)]
                 want = torch.round(
                     torch.arange(m.shape[0]) * (m.shape[1] - 1) / (m.shape[0] - 1)
                 ).long()
                 hits += int((m.argmax(1) == want).sum())
                 total += m.shape[0]
-            row["cross size (4 x 128 -> 6 x 160), nearest relative depth"] = f"{hits / total:.2f}"
+            row[f"cross size ({la} -> {lb}), nearest relative depth"] = f"{hits / total:.2f}"
         rows.append(row)
     accuracy_cols = list(dict.fromkeys(k for r in rows for k in r))
     print(f"equal size: the first {n_equal} atoms of every dictionary")
@@ -198,7 +291,9 @@ def main() -> None:
             xlabel=b,
             ylabel=a,
         )
-        if large:
+        deeper = [m[0] for label, m in families.items() if m and FAMILY_DEPTH[label] > 4]
+        if deeper:
+            large = deeper[-1:]
             mat = matrices[measure][(small[0], large[0])]
             heatmap(
                 mat.tolist(),
@@ -209,9 +304,10 @@ def main() -> None:
                 xlabel=large[0],
                 ylabel=small[0],
             )
+    first_two = [n for m in list(families.values())[:2] for n in m]  # as before the 8-layer family
     model_level = {
         f"{a} vs {b}": round(model_jaccard(itdas[a], itdas[b]), 3)
-        for a, b in itertools.combinations(names, 2)
+        for a, b in itertools.combinations(first_two, 2)
     }
     print("model-level ITDA Jaccard (union over layers):", json.dumps(model_level))
     model_rows = [
@@ -221,13 +317,18 @@ def main() -> None:
             "pair": "same size" if (a in small) == (b in small) else "cross size",
             "Jaccard": f"{model_level[f'{a} vs {b}']:.3f}",
         }
-        for a, b in itertools.combinations(names, 2)
+        for a, b in itertools.combinations(first_two, 2)
     ]
     # cross-tokenizer: the same documents in canonical order, two tokenizers, overlap of text spans
     cross_tok = [
         n for n in zoo.list_models() if zoo.model_card(n)["tokenizer"] != zoo.DEFAULT_TOKENIZER
     ][:1]
     phases["similarities and heatmaps"] = time.perf_counter() - t0 - sum(phases.values())
+    paths = path_dependence(small[0], small[1], itdas, build_tokens, 2 if args.quick else 3)
+    path_cols = list(paths["rows"][0])
+    print("path dependence of the exact rule's labels (Jaccard with the default build, per layer):")
+    print(table(paths["rows"], path_cols))
+    phases["path dependence"] = time.perf_counter() - t0 - sum(phases.values())
     span_result = {}
     if cross_tok:
         span_result = cross_tokenizer(small[0], cross_tok[0], 16 if args.quick else 256, out)
@@ -265,6 +366,7 @@ def main() -> None:
         "accuracy": table_spec(rows, accuracy_cols),
         "atoms": table_spec(atom_rows, atom_cols),
         "model_level": table_spec(model_rows, list(model_rows[0])),
+        "path_dependence": table_spec(paths["rows"], path_cols),
         "convergence": table_spec(conv_rows, conv_cols),
     }
     if span_result:
@@ -279,6 +381,7 @@ def main() -> None:
             "atoms": atom_rows,
             "model_level_jaccard": model_level,
             "cross_tokenizer": span_result,
+            "path_dependence": paths,
             "convergence": convergence,
             "matrices": {
                 m: {f"{a}|{b}": v.tolist() for (a, b), v in mm.items()}
@@ -303,6 +406,81 @@ def atom_counts(name: str, itdas: list[Any], tokens: torch.Tensor) -> dict[str, 
         "from the first batch": " / ".join(map(str, first)),
         "share from the first batch": f"{sum(first) / sum(total):.1%}",
         "first batch's share of the tokens": f"{BATCH / tokens.shape[0]:.1%}",
+    }
+
+
+def _labels(itda: Any, order: torch.Tensor | None = None) -> set[tuple[int, int]]:
+    """Atom labels, with windows renamed to their canonical index when read in ``order``."""
+    seq, pos = itda.atom_labels[:, 0], itda.atom_labels[:, 1]
+    if order is not None:
+        seq = order[seq]
+    return set(zip(seq.tolist(), pos.tolist(), strict=True))
+
+
+def flipped_build(model: Any, tokens: torch.Tensor) -> tuple[list[set], list[set]]:
+    """The exact rule over ``tokens`` read window by window, unchanged and with one early verdict
+    flipped: after the first window, its first eligible token that did not become an atom is added."""
+    hooks = hooks_of(model)
+    excluded = torch.tensor(excluded_token_ids(model, "auto"))
+    runs: list[list[set]] = []
+    for flip in (False, True):
+        builders = [
+            ITDABuilder(model.cfg.d_model, BuildConfig(k=K, cos_threshold=COS)) for _ in hooks
+        ]
+        for w in range(tokens.shape[0]):
+            toks = tokens[w : w + 1]
+            acts = hook_activations(model, toks, hooks, None)
+            labels = torch.stack([torch.full((toks.shape[1],), w), torch.arange(toks.shape[1])], 1)
+            ids = toks.reshape(-1)
+            eligible = ~torch.isin(ids, excluded)
+            for h, b in zip(hooks, builders, strict=True):
+                x = acts[h].reshape(-1, model.cfg.d_model)
+                b.update(ActivationBatch(x, labels, ids, eligible))
+                if flip and w == 0:
+                    taken = {int(p) for p in b.store.labels[:, 1]}
+                    j = next(i for i in range(len(ids)) if eligible[i] and i not in taken)
+                    b.store.add(x[j : j + 1], labels[j : j + 1], ids[j : j + 1])
+        runs.append([_labels(b.to_itda()) for b in builders])
+    return runs[0], runs[1]
+
+
+def path_dependence(
+    name: str, other: str, itdas: dict[str, list[Any]], tokens: torch.Tensor, n_orders: int
+) -> dict[str, Any]:
+    """Per layer, Jaccard of the default build's labels with: the same model reading the same
+    windows in other orders, the same model with one early verdict flipped, and another seed."""
+    model = zoo.load_model(name)
+    base = [_labels(i) for i in itdas[name]]
+    rows: dict[str, list[float]] = {}
+    for seed in range(1, n_orders):
+        order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))
+        built = build_itda(
+            model, tokens[order], hooks_of(model), k=K, cos_threshold=COS, batch_size=BATCH,
+            progress=False,
+        )  # fmt: skip
+        labels = [_labels(built[h], order) for h in hooks_of(model)]
+        rows[f"same model, windows in another order (seed {seed})"] = [
+            set_jaccard(x, y) for x, y in zip(base, labels, strict=True)
+        ]
+    plain, flipped = flipped_build(model, tokens)
+    rows["same model, one early verdict flipped"] = [
+        set_jaccard(x, y) for x, y in zip(plain, flipped, strict=True)
+    ]
+    rows[f"another seed ({other}), same layer"] = [
+        set_jaccard(x, _labels(y)) for x, y in zip(base, itdas[other], strict=True)
+    ]
+    cols = [f"L{i}" for i in range(len(base))]
+    return {
+        "model": name,
+        "window_by_window_equals_build_itda": plain == base,
+        "jaccard": rows,
+        "rows": [
+            {
+                "compared with the default build": k,
+                **{c: f"{v:.2f}" for c, v in zip(cols, vals, strict=True)},
+            }
+            for k, vals in rows.items()
+        ],
     }
 
 
