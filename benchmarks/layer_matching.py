@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from _common import bench_parser, prepare, record, table, table_spec
 
 from itda_lens import build_itda, zoo
@@ -49,6 +50,7 @@ from itda_lens.similarity import (
     model_jaccard,
     mutual_knn,
     procrustes_similarity,
+    relative_representation,
     set_jaccard,
     similarity_matrix,
     span_jaccard,
@@ -98,11 +100,15 @@ def baseline_matrices(
     acts_b: list[torch.Tensor],
     views_a: list[SampleView],
     views_b: list[SampleView],
-    anchors: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Every baseline measure for every layer pair (i of a, j of b); the sample measures on the
-    prepared views of the sample tokens."""
+    rel_a: list[torch.Tensor],
+    rel_b: list[torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every baseline measure for every layer pair (i of a, j of b), the sample measures on the
+    prepared views of the sample tokens, relative representations from each layer's cosines to
+    the anchors (``rel_*``); and linear regression the other way (layer i of a from layer j of b:
+    every other measure is symmetric)."""
     mats = {m: torch.zeros(len(acts_a), len(acts_b)) for m in MEASURES[len(ITDA_MEASURES) :]}
+    reverse = torch.zeros(len(acts_a), len(acts_b))
     for i, j in itertools.product(range(len(acts_a)), range(len(acts_b))):
         x, y = acts_a[i], acts_b[j]
         vx, vy = views_a[i], views_b[j]
@@ -110,16 +116,15 @@ def baseline_matrices(
         mats["CKNNA"][i, j] = cknna(vx, vy, KNN)
         mats["debiased CKA"][i, j] = debiased_cka(vx, vy)
         mats["Procrustes"][i, j] = procrustes_similarity(vx, vy)
-        s = PairStats(anchors_x=x[anchors], anchors_y=y[anchors])
+        s = PairStats()
         for start in range(0, x.shape[0], 8192):
             s.update(x[start : start + 8192], y[start : start + 8192])
         mats["linear CKA"][i, j] = s.linear_cka()
         mats["SVCCA"][i, j] = s.svcca()
-        mats["relative"][i, j] = s.relative()
-        mats["linear regression R2"][i, j] = (
-            s.linreg_r2()
-        )  # layer j of b predicted from layer i of a
-    return mats
+        mats["relative"][i, j] = float(F.cosine_similarity(rel_a[i], rel_b[j], dim=1).mean())
+        mats["linear regression R2"][i, j] = s.linreg_r2()  # layer j of b from layer i of a
+        reverse[i, j] = s.linreg_r2(reverse=True)
+    return mats, reverse
 
 
 class Provenance:
@@ -236,15 +241,28 @@ def main() -> None:
     matrices: dict[str, dict[tuple[str, str], torch.Tensor]] = {m: {} for m in MEASURES}
     n_equal = min(i.cfg.d_sae for n in names for i in itdas[n])
     cropped = {n: [i.crop(n_equal) for i in itdas[n]] for n in names}
-    for a, b in itertools.product(names, names):
-        matrices["ITDA Jaccard"][(a, b)] = similarity_matrix(itdas[a], itdas[b], jaccard)
-        matrices["ITDA Jaccard, equal size"][(a, b)] = similarity_matrix(
-            cropped[a], cropped[b], jaccard
-        )
-        probe_mats = itda_probe_matrices(a, b, itdas, probe, codes, supports, prov)
-        base = baseline_matrices(acts[a], acts[b], views[a], views[b], anchors)
-        for m, mat in (probe_mats | base).items():
+    rel = {
+        n: [relative_representation(a.double(), a[anchors].double()) for a in acts[n]]
+        for n in names
+    }
+    family_of = {n: label for label, members in families.items() for n in members}
+    for a, b in itertools.combinations_with_replacement(names, 2):
+        if (
+            family_of[a] != family_of[b]
+            and FAMILY_DEPTH[family_of[a]] == FAMILY_DEPTH[family_of[b]]
+        ):
+            continue  # (no two families share a depth; every other pair is scored)
+        # every measure but regression is symmetric: (b, a) is the transpose of (a, b)
+        mats = {
+            "ITDA Jaccard": similarity_matrix(itdas[a], itdas[b], jaccard),
+            "ITDA Jaccard, equal size": similarity_matrix(cropped[a], cropped[b], jaccard),
+            **itda_probe_matrices(a, b, itdas, probe, codes, supports, prov),
+        }
+        base, reverse = baseline_matrices(acts[a], acts[b], views[a], views[b], rel[a], rel[b])
+        for m, mat in (mats | base).items():
             matrices[m][(a, b)] = mat
+            matrices[m][(b, a)] = reverse.T if m == "linear regression R2" else mat.T
+        print(f"{a} x {b} ({time.perf_counter() - t0:.0f} s)", flush=True)
     groups = {f"same size ({label} seeds)": members for label, members in families.items()}
     cross = [
         (la, lb) for la, lb in itertools.combinations(families, 2)

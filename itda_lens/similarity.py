@@ -333,12 +333,17 @@ def _principal(cov: Tensor, variance: float) -> tuple[Tensor, Tensor]:
     return vecs[:, :keep], vals[:keep]
 
 
+def relative_representation(x: Float[Tensor, "n d"], anchors: Float[Tensor, "a d"]) -> Tensor:
+    """Each token's cosines to the anchor tokens [n, a] (Moschella et al. 2023)."""
+    unit = torch.nn.functional.normalize
+    return unit(x, dim=1) @ unit(anchors.to(x.dtype), dim=1).T
+
+
 def relative_agreement(x: Tensor, y: Tensor, anchors_x: Tensor, anchors_y: Tensor) -> Tensor:
     """Per token: cosine between its relative representations (cosines to the anchors) in X and Y."""
-    unit = torch.nn.functional.normalize
-    rx = unit(x, dim=1) @ unit(anchors_x.to(x.dtype), dim=1).T
-    ry = unit(y, dim=1) @ unit(anchors_y.to(y.dtype), dim=1).T
-    return torch.nn.functional.cosine_similarity(rx, ry, dim=1)
+    return torch.nn.functional.cosine_similarity(
+        relative_representation(x, anchors_x), relative_representation(y, anchors_y), dim=1
+    )
 
 
 # --- baselines on a shared sample of tokens --------------------------------------------------
