@@ -1,17 +1,20 @@
-"""Layer matching across zoo seeds and sizes: ITDA Jaccard against CKA, SVCCA, relative
-representations and linear regression (the paper's Table 1, on our models), plus cross-tokenizer
-span overlap and dictionary convergence over training.
+"""Layer matching across zoo seeds and sizes: ITDA measures (label Jaccard, ITDA transfer, probe
+support Jaccard) against CKA, SVCCA, relative representations, linear regression, mutual kNN, CKNNA,
+debiased CKA and Procrustes (the paper's Table 1, on our models), plus the path dependence of the
+labels, cross-tokenizer span overlap and dictionary convergence over training.
 
-For every ordered pair of different models of the same depth and every layer i of the first, is the
-most similar layer of the second layer i? Accuracy is reported without self-pairs (the paper
-counted them, which every measure gets right) and with them. ITDAs are built for all layers of a
-model in one pass over the same shuffled training windows (k = 8, cos_threshold = 0.9, the exact
-sequential add rule), so their (sequence, position) labels are comparable; the baselines see the
-activations of the same held-out tokens, accumulated as moments (no N x N matrices); mutual kNN,
-CKNNA (k = 10), debiased CKA and orthogonal Procrustes see a fixed sample of 2,048 of them. Also
-recorded: each layer's atom count and how many of its atoms come from the first batch (under the
-reference code's batch rule most of them did), the model-level Jaccard of every pair, the
-cross-tokenizer span overlap and the convergence of the dictionaries over training.
+For every ordered pair of different models of the same depth (three seed families) and every layer
+i of the first, is the most similar layer of the second layer i? Accuracy is reported without
+self-pairs (the paper counted them, which every measure gets right) and with them. ITDAs are built
+for all layers of a model in one pass over the same shuffled training windows (k = 8,
+cos_threshold = 0.9, the exact sequential add rule), so their (sequence, position) labels are
+comparable; the moment baselines see the activations of the same held-out tokens (no N x N
+matrices); the ITDA probe measures, mutual kNN, CKNNA (k = 10), debiased CKA and orthogonal
+Procrustes see a fixed sample of 2,048 of them. Also recorded: each layer's atom count and how many
+of its atoms come from the first batch, the model-level Jaccard of every pair, how much of one
+model's label set survives another window order or one flipped early verdict, the cross-tokenizer
+span overlap and the convergence of the dictionaries over training. The reference code's own
+protocol (batch rule, start-up dictionary) is `layer_matching_reference.py`.
 
     python benchmarks/layer_matching.py                   # full run (see benchmarks/README.md)
     python benchmarks/layer_matching.py --quick --out bench_out/layer_matching_q
