@@ -13,7 +13,10 @@ from tests.benchmarks.helpers import run_quick
 @pytest.mark.slow
 def test_layer_matching_benchmark_quick(tmp_path: Path) -> None:
     text = run_quick("layer_matching.py", "--out", str(tmp_path))
-    for measure in ("ITDA Jaccard", "linear CKA", "SVCCA", "relative", "linear regression R2"):
+    for measure in (
+        "ITDA Jaccard", "ITDA transfer", "ITDA probe support Jaccard", "linear CKA", "SVCCA",
+        "relative", "linear regression R2", "mutual kNN", "CKNNA", "debiased CKA", "Procrustes",
+    ):  # fmt: skip
         assert f"| {measure} |" in text
     assert (
         "no self-pairs" in text
@@ -26,7 +29,26 @@ def test_layer_matching_benchmark_quick(tmp_path: Path) -> None:
         "accuracy",
         "atoms",
         "model_level",
+        "path_dependence",
         "cross_tokenizer",
         "convergence",
     }
     assert (tmp_path / "convergence.png").is_file()
+    # the window-by-window build behind the flipped verdict is build_itda's, label for label
+    assert saved["data"]["path_dependence"]["window_by_window_equals_build_itda"] is True
+    flipped = saved["data"]["path_dependence"]["jaccard"]["same model, one early verdict flipped"]
+    assert all(0 < v <= 1 for v in flipped)
+
+
+@pytest.mark.slow
+def test_layer_matching_reference_quick(tmp_path: Path) -> None:
+    text = run_quick("layer_matching_reference.py", "--out", str(tmp_path))
+    assert "| reference protocol |" in text and "| size alone (min / max atoms) |" in text
+    saved = json.loads((tmp_path / "layer_matching_reference.json").read_text())
+    fam = saved["data"]["families"]["8l128"]
+    ref = fam["reference protocol"]
+    # the start-up dictionary holds d_model atoms of the first batch; every dictionary is larger
+    assert min(n for v in ref["atoms"].values() for n in v) > 128
+    assert 0.9 <= ref["first_batch_share"] <= 1
+    for acc in ref["accuracy"].values():
+        assert 0 <= acc["without self-pairs"] <= acc["with self-pairs (reference)"] <= 1
