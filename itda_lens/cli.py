@@ -335,19 +335,12 @@ def _cmd_eval(args: Any) -> int:
 
 
 def _leading_sequences(data: Any, model: Any, n_seq: int, context_size: int | None) -> torch.Tensor:
-    """The first ``n_seq`` sequences of any token input, as one tensor."""
-    if isinstance(data, torch.Tensor):
-        return data[:n_seq]
-    batches, n = [], 0
+    """The first ``n_seq`` sequences of any token input (its first batch of that size)."""
     tokenizer = getattr(model, "tokenizer", None)
-    for batch in token_batches(data, 32, context_size=context_size, tokenizer=tokenizer):
-        batches.append(batch[: n_seq - n])
-        n += len(batches[-1])
-        if n >= n_seq:
-            break
-    if not batches:
+    batch = next(token_batches(data, n_seq, context_size=context_size, tokenizer=tokenizer), None)
+    if batch is None:
         raise ValueError("the data holds no tokens")
-    return torch.cat(batches)
+    return batch
 
 
 def _cmd_similarity(args: Any) -> int:
