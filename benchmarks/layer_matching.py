@@ -1,7 +1,7 @@
 """Layer matching across zoo seeds and sizes: ITDA measures (label Jaccard, ITDA transfer, probe
 support Jaccard) against CKA, SVCCA, relative representations, linear regression, mutual kNN, CKNNA,
 debiased CKA and Procrustes (the paper's Table 1, on our models), plus the path dependence of the
-labels, cross-tokenizer span overlap and dictionary convergence over training.
+labels, every measure across tokenizers and dictionary convergence over training.
 
 For every ordered pair of different models of the same depth (three seed families) and every layer
 i of the first, is the most similar layer of the second layer i? Accuracy is reported without
@@ -12,16 +12,21 @@ comparable; the moment baselines see the activations of the same held-out tokens
 matrices); the ITDA probe measures, mutual kNN, CKNNA (k = 10), debiased CKA and orthogonal
 Procrustes see a fixed sample of 2,048 of them. Also recorded: each layer's atom count and how many
 of its atoms come from the first batch, the model-level Jaccard of every pair, how much of one
-model's label set survives another window order or one flipped early verdict, the cross-tokenizer
-span overlap and the convergence of the dictionaries over training. The reference code's own
-protocol (batch rule, start-up dictionary) is `layer_matching_reference.py`.
+model's label set survives another window order or one flipped early verdict, every measure
+across tokenizers (the 4 x 128 seeds against the bpe4096 model: ITDA labels anchored to the text,
+baselines on held-out tokens at which both tokenizers end a token) and the convergence of the
+dictionaries over training. The reference code's own
+protocol (batch rule, start-up dictionary) and its ablations are the ``reference`` part
+(`layer_matching_reference.py`), run by default after the main part.
 
-    python benchmarks/layer_matching.py                   # full run (see benchmarks/README.md)
+    python benchmarks/layer_matching.py                   # full run, both parts (see README)
+    python benchmarks/layer_matching.py --part main       # one part (the two can run in parallel)
     python benchmarks/layer_matching.py --quick --out bench_out/layer_matching_q
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import re
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import layer_matching_reference as reference
 import torch
 import torch.nn.functional as F
 from _common import bench_parser, prepare, record, table, table_spec
@@ -46,9 +52,12 @@ from itda_lens.plots import heatmap, line_plot
 from itda_lens.similarity import (
     PairStats,
     SampleView,
+    aligned_positions,
     cknna,
     debiased_cka,
+    decomposition_transfer,
     jaccard,
+    labels_by_span,
     layer_matching_accuracy,
     model_jaccard,
     mutual_knn,
@@ -75,6 +84,12 @@ SAMPLE_MEASURES = ("mutual kNN", "CKNNA", "debiased CKA", "Procrustes")
 MEASURES = (
     *ITDA_MEASURES, "linear CKA", "SVCCA", "relative", "linear regression R2", *SAMPLE_MEASURES
 )  # fmt: skip
+#: across tokenizers: ITDA labels anchored to the text (no equal-size crop: sizes differ by
+#: tokenizer), then the same baselines
+CROSS_MEASURES = (
+    "ITDA span Jaccard", "ITDA transfer", "ITDA probe support Jaccard", *MEASURES[len(ITDA_MEASURES):]
+)  # fmt: skip
+ACC = "accuracy, no self-pairs"
 KNN = 10
 #: layers of each family (cross-size rows pair families of different depth)
 FAMILY_DEPTH = {"4 x 128": 4, "6 x 160": 6, "8 x 128": 8}
@@ -187,8 +202,25 @@ FAMILIES = {
 
 
 def main() -> None:
-    args = bench_parser(__doc__, "bench_out/layer_matching").parse_args()
+    parser = bench_parser(__doc__, "bench_out/layer_matching")
+    parser.add_argument(
+        "--part",
+        choices=("all", "main", "reference"),
+        default="all",
+        help="main: layer_matching.json; reference: the reference code's protocol and its "
+        "ablations, layer_matching_reference.json (the two can run as separate processes)",
+    )
+    reference.add_options(parser)
+    args = parser.parse_args()
     out = prepare(args)
+    if args.part in ("all", "main"):
+        run_main(args, out)
+    if args.part in ("all", "reference"):
+        reference.run(args)
+
+
+def run_main(args: argparse.Namespace, out: Path) -> None:
+    """Every measure on our builds; writes ``layer_matching.json``."""
     t0 = time.perf_counter()
     # seeds only: not the fine-tunes of s0 (kjv-4l128-s0-planted, ...)
     families = {
@@ -350,12 +382,29 @@ def main() -> None:
     print("path dependence of the exact rule's labels (Jaccard with the default build, per layer):")
     print(table(paths["rows"], path_cols))
     phases["path dependence"] = time.perf_counter() - t0 - sum(phases.values())
-    span_result = {}
+    span_result: dict[str, Any] = {}
     if cross_tok:
-        span_result = cross_tokenizer(small[0], cross_tok[0], 16 if args.quick else 256, out)
+        seeds = small if args.quick else families["4 x 128"]
+        sizes = (16 if args.quick else 256, act_windows, n_sample, n_anchors)
+        span_result = cross_tokenizer(seeds, cross_tok[0], *sizes, out)
+        # control: the same span path between seeds of one tokenizer (all but the last vs it)
+        control = cross_tokenizer(seeds[:-1], seeds[-1], *sizes, None)
+        span_result["control"] = {k: control[k] for k in ("pairs", "accuracy", "matrices")}
+        across = f"across tokenizers ({len(span_result['pairs'])} pairs)"
+        same = f"control: one tokenizer, the same span path ({len(control['pairs'])} pairs)"
+        span_result["accuracy_rows"] = [
+            {"measure": x["measure"], across: x[ACC], same: y[ACC]}
+            for x, y in zip(span_result["accuracy"], control["accuracy"], strict=True)
+        ]
         print(
-            f"cross-tokenizer span Jaccard ({span_result['windows']} windows; the diagonal is "
-            f"every row's maximum: {span_result['diagonal_is_row_max']}):"
+            f"layer matching accuracy without self-pairs across tokenizers "
+            f"({', '.join(span_result['pairs'])}; windows {span_result['windows']}, "
+            f"{span_result['aligned_heldout_tokens']} aligned held-out tokens):"
+        )
+        print(table(span_result["accuracy_rows"], list(span_result["accuracy_rows"][0])))
+        print(
+            "span Jaccard of the first pair (the diagonal is every row's maximum: "
+            f"{span_result['diagonal_is_row_max']}):"
         )
         print(table(span_result["rows"], span_result["columns"]))
     phases["cross-tokenizer"] = time.perf_counter() - t0 - sum(phases.values())
@@ -392,6 +441,9 @@ def main() -> None:
     }
     if span_result:
         tables["cross_tokenizer"] = table_spec(span_result["rows"], span_result["columns"])
+        tables["cross_tokenizer_accuracy"] = table_spec(
+            span_result["accuracy_rows"], list(span_result["accuracy_rows"][0])
+        )
     record(
         "layer_matching",
         args,
@@ -505,56 +557,147 @@ def path_dependence(
     }
 
 
-def cross_tokenizer(name_a: str, name_b: str, n_windows: int, out: Path) -> dict[str, Any]:
-    """Span-anchored overlap of two models with different tokenizers, built on the same documents."""
-    tok_a, tok_b = zoo.model_card(name_a)["tokenizer"], zoo.model_card(name_b)["tokenizer"]
-    toks_a = zoo.load_tokens("train", n_windows, tokenizer=tok_a, shuffle=False)
-    spans_a = zoo.load_token_spans("train", n_windows, tokenizer=tok_a, shuffle=False)
+def _same_documents(split: str, n_windows: int, tok_a: str, tok_b: str) -> dict[str, Any]:
+    """Canonical-order windows of two tokenizers over the same documents: A's ``n_windows`` and
+    as many of B's as end within A's last document (so B covers all of A's text)."""
+    toks_a = zoo.load_tokens(split, n_windows, tokenizer=tok_a, shuffle=False)
+    spans_a = zoo.load_token_spans(split, n_windows, tokenizer=tok_a, shuffle=False)
     last_doc = int(spans_a[:, :, 0].max())
-    spans_b_all = zoo.load_token_spans("train", None, tokenizer=tok_b, shuffle=False)
-    n_b = int(
-        (spans_b_all[:, :, 0].amax(1) <= last_doc).sum()
-    )  # windows of b over the same documents
-    toks_b = zoo.load_tokens("train", n_b, tokenizer=tok_b, shuffle=False)
-    itdas = {}
-    for name, toks in ((name_a, toks_a), (name_b, toks_b)):
-        model = zoo.load_model(name)
+    spans_b = zoo.load_token_spans(split, None, tokenizer=tok_b, shuffle=False)
+    n_b = int((spans_b[:, :, 0].amax(1) <= last_doc).sum()) + 1  # + the window that crosses
+    n_b = min(n_b, spans_b.shape[0])
+    toks_b = zoo.load_tokens(split, n_b, tokenizer=tok_b, shuffle=False)
+    return {"a": (toks_a, spans_a), "b": (toks_b, spans_b[:n_b]), "windows": [n_windows, n_b]}
+
+
+def cross_tokenizer(
+    seeds: list[str],
+    name_b: str,
+    n_windows: int,
+    act_windows: int,
+    n_sample: int,
+    n_anchors: int,
+    out: Path | None,
+) -> dict[str, Any]:
+    """Every measure across tokenizers: each of ``seeds`` against ``name_b`` (another tokenizer),
+    dictionaries built on the same documents in canonical order. ITDA labels are anchored to the
+    text (document, character where the atom's token ends): span Jaccard, probe support Jaccard
+    on those anchors, and ITDA transfer with each atom read in the other model at the token that
+    covers its last character. The baselines and probe measures see held-out tokens at which both
+    tokenizers end a token (the same text read by both). Heatmaps of the first pair in ``out``."""
+    tok_a, tok_b = zoo.model_card(seeds[0])["tokenizer"], zoo.model_card(name_b)["tokenizer"]
+    build = _same_documents("train", n_windows, tok_a, tok_b)
+    held = _same_documents("heldout", act_windows, tok_a, tok_b)
+    at_a, at_b = aligned_positions(held["a"][1], held["b"][1])
+    n_tok = at_a.shape[0]
+    anchors = torch.randperm(n_tok, generator=torch.Generator().manual_seed(42))[:n_anchors]
+    sample = torch.randperm(n_tok, generator=torch.Generator().manual_seed(7))[:n_sample]
+    names = [*seeds, name_b]
+    side = {n: "b" if n == name_b else "a" for n in names}
+    itdas, acts, models = {}, {}, {}
+    for name in names:
+        model = models[name] = zoo.load_model(name)
+        toks = build[side[name]][0]
         built = build_itda(
             model, toks, hooks_of(model), k=K, cos_threshold=COS, batch_size=BATCH, progress=False
         )
         itdas[name] = [built[h] for h in hooks_of(model)]
-    mat = torch.tensor(
-        [
-            [span_jaccard(x, spans_a, y, spans_b_all[:n_b]) for y in itdas[name_b]]
-            for x in itdas[name_a]
-        ]
-    )
-    layers = [f"L{i}" for i in range(mat.shape[0])]
-    heatmap(
-        mat.tolist(),
-        out / "heatmap_cross_tokenizer_span_jaccard.png",
-        rows=layers,
-        cols=layers,
-        title=f"span Jaccard: {name_a} vs {name_b}",
-        xlabel=name_b,
-        ylabel=name_a,
-    )
-    atoms = {name: [it.cfg.d_sae for it in itdas[name]] for name in itdas}
-    head = [f"{name_b} L{j} ({n} atoms)" for j, n in enumerate(atoms[name_b])]
-    cols = [f"{name_a} layer (atoms)", *head]
+        got = activations_at_labels(
+            model, held[side[name]][0], hooks_of(model), at_a if side[name] == "a" else at_b
+        )
+        acts[name] = [got[h].float() for h in hooks_of(model)]
+    views = {n: [SampleView(x[sample]) for x in acts[n]] for n in names}
+    probe = {n: [x[sample] for x in acts[n]] for n in names}
+    rel = {
+        n: [relative_representation(x.double(), x[anchors].double()) for x in acts[n]]
+        for n in names
+    }
+    spans = {n: build[side[n]][1] for n in names}
+    supports = {
+        n: [support_labels(i, p, spans=spans[n]) for i, p in zip(itdas[n], probe[n], strict=True)]
+        for n in names
+    }
+    codes = {
+        n: [i.encode_sparse(p) for i, p in zip(itdas[n], probe[n], strict=True)] for n in names
+    }
+
+    # where each model reads the other's atoms: its own windows a little past the build's, so
+    # they cover every text point of the other tokenizer's windows
+    extra = {
+        v: (
+            zoo.load_tokens("train", len(build[v][0]) + 8, tokenizer=t, shuffle=False),
+            zoo.load_token_spans("train", len(build[v][0]) + 8, tokenizer=t, shuffle=False),
+        )
+        for v, t in (("a", tok_a), ("b", tok_b))
+    }
+
+    def atoms_in(x: Any, src: str, dst: str) -> list[torch.Tensor]:
+        """Model ``dst``'s activations (every layer) at ``x``'s atoms, carried over by text."""
+        toks, where_spans = extra[side[dst]]
+        where = labels_by_span(x.atom_labels, spans[src], where_spans)
+        got = activations_at_labels(models[dst], toks, hooks_of(models[dst]), where)
+        return [got[h].float() for h in hooks_of(models[dst])]
+
+    in_b = {a: [atoms_in(x, a, name_b) for x in itdas[a]] for a in seeds}
+    in_a = {a: [atoms_in(y, name_b, a) for y in itdas[name_b]] for a in seeds}
+    matrices: dict[str, dict[tuple[str, str], torch.Tensor]] = {m: {} for m in CROSS_MEASURES}
+    b = name_b
+    for a in seeds:
+        la, lb = len(itdas[a]), len(itdas[b])
+        mats = {m: torch.zeros(la, lb) for m in CROSS_MEASURES[:3]}
+        for i, j in itertools.product(range(la), range(lb)):
+            x, y = itdas[a][i], itdas[b][j]
+            mats["ITDA span Jaccard"][i, j] = span_jaccard(x, spans[a], y, spans[b])
+            mats["ITDA transfer"][i, j] = 0.5 * (
+                decomposition_transfer(x, probe[a][i], probe[b][j], in_b[a][i][j], code=codes[a][i])
+                + decomposition_transfer(y, probe[b][j], probe[a][i], in_a[a][j][i], code=codes[b][j])
+            )  # fmt: skip
+            mats["ITDA probe support Jaccard"][i, j] = support_jaccard(
+                supports[a][i], supports[b][j]
+            )
+        base, reverse = baseline_matrices(acts[a], acts[b], views[a], views[b], rel[a], rel[b])
+        for m, mat in (mats | base).items():
+            matrices[m][(a, b)] = mat
+            matrices[m][(b, a)] = reverse.T if m == "linear regression R2" else mat.T
+    accuracy = [
+        {"measure": m, ACC: f"{layer_matching_accuracy(matrices[m]):.2f}"} for m in CROSS_MEASURES
+    ]
+    span = matrices["ITDA span Jaccard"][(seeds[0], b)]
+    layers = [f"L{i}" for i in range(span.shape[0])]
+    for measure, slug in (("ITDA span Jaccard", "span_jaccard"), ("ITDA transfer", "transfer")):
+        if out is not None:
+            heatmap(
+                matrices[measure][(seeds[0], b)].tolist(),
+                out / f"heatmap_cross_tokenizer_{slug}.png",
+                rows=layers,
+                cols=[f"L{j}" for j in range(span.shape[1])],
+                title=f"{measure}: {seeds[0]} vs {b}",
+                xlabel=b,
+                ylabel=seeds[0],
+            )
+    atoms = {n: [it.cfg.d_sae for it in itdas[n]] for n in (seeds[0], b)}
+    head = [f"{b} L{j} ({n} atoms)" for j, n in enumerate(atoms[b])]
+    cols = [f"{seeds[0]} layer (atoms)", *head]
     return {
-        "matrix": [[round(v, 3) for v in r] for r in mat.tolist()],
-        "diagonal_is_row_max": bool((mat.argmax(1) == torch.arange(mat.shape[0])).all()),
-        "windows": [n_windows, n_b],
+        "pairs": [f"{a} | {b}" for a in seeds],
+        "accuracy": accuracy,
+        "matrix": [[round(v, 3) for v in r] for r in span.tolist()],
+        "diagonal_is_row_max": bool((span.argmax(1) == torch.arange(span.shape[0])).all()),
+        "windows": build["windows"],
+        "heldout_windows": held["windows"],
+        "aligned_heldout_tokens": n_tok,
         "atoms": atoms,
         "columns": cols,
         "rows": [
             {
-                cols[0]: f"L{i} ({atoms[name_a][i]})",
+                cols[0]: f"L{i} ({atoms[seeds[0]][i]})",
                 **{c: f"{v:.3f}" for c, v in zip(head, r, strict=True)},
             }
-            for i, r in enumerate(mat.tolist())
+            for i, r in enumerate(span.tolist())
         ],
+        "matrices": {
+            m: {f"{x}|{y}": v.tolist() for (x, y), v in mm.items()} for m, mm in matrices.items()
+        },
     }
 
 

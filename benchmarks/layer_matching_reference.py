@@ -14,12 +14,14 @@ batches of 128 windows. Then one change at a time: the dictionary *size* alone a
 dictionary, batches of 32 windows, cos 0.9, k = 16, and our batch rule (in-batch near-duplicates
 removed). Accuracy is given as the reference counts it and without self-pairs.
 
-    python benchmarks/layer_matching_reference.py          # full run (see benchmarks/README.md)
+    python benchmarks/layer_matching.py --part reference   # full run (see benchmarks/README.md)
+    python benchmarks/layer_matching_reference.py          # the same, this part alone
     python benchmarks/layer_matching_reference.py --quick --out bench_out/layer_matching_reference_q
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import re
 import time
@@ -32,7 +34,7 @@ from itda_lens import zoo
 from itda_lens.activations import hook_activations
 from itda_lens.builder.config import BuildConfig
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
-from itda_lens.similarity import layer_matching_accuracy
+from itda_lens.similarity import layer_matching_accuracy, set_jaccard
 
 Labels = list[set[tuple[int, int]]]
 
@@ -88,10 +90,6 @@ def reference_build(
     return [{(int(s), int(p)) for s, p in b.store.labels.tolist()} for b in builders]
 
 
-def _jaccard(a: set, b: set) -> float:
-    return len(a & b) / max(1, len(a | b))
-
-
 def _size_ratio(a: set, b: set) -> float:
     return min(len(a), len(b)) / max(len(a), len(b), 1)
 
@@ -115,18 +113,20 @@ def accuracies(
     }
 
 
-def main() -> None:
-    parser = bench_parser(__doc__, "bench_out/layer_matching_reference")
-    parser.add_argument("--windows", type=int, default=512)
-    parser.add_argument("--families", nargs="+", default=["8l128", "4l128"])
-    args = parser.parse_args()
-    prepare(args)
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """This part's options (also taken by ``layer_matching.py --part reference``)."""
+    parser.add_argument("--reference-windows", type=int, default=512)
+    parser.add_argument("--reference-families", nargs="+", default=["8l128", "4l128"])
+
+
+def run(args: argparse.Namespace) -> None:
+    """The reproduction and its ablations; writes ``layer_matching_reference.json``."""
     t0 = time.perf_counter()
-    windows = 64 if args.quick else args.windows
+    windows = 64 if args.quick else args.reference_windows
     tokens = zoo.load_tokens("train", windows)
     rows: list[dict[str, Any]] = []
     data: dict[str, Any] = {"windows": windows, "reference": REFERENCE, "families": {}}
-    for family in args.families:
+    for family in args.reference_families:
         names = [n for n in zoo.list_models() if re.fullmatch(rf"kjv-{family}-s\d+", n)]
         names = names[:2] if args.quick else names
         if len(names) < 2:
@@ -147,10 +147,10 @@ def main() -> None:
             }
             atoms = [len(x) for v in sets.values() for x in v]
             first = sum(sum(1 for lab in x if lab[0] < batch) for v in sets.values() for x in v)
-            measured = {setting: accuracies(sets, _jaccard)}
+            measured = {setting: accuracies(sets, set_jaccard)}
             if setting == "reference protocol":
                 measured["size alone (min / max atoms)"] = accuracies(sets, _size_ratio)
-                measured["first batch's atoms removed"] = accuracies(sets, _jaccard, batch)
+                measured["first batch's atoms removed"] = accuracies(sets, set_jaccard, batch)
             for label, acc in measured.items():
                 rows.append(
                     {
@@ -178,6 +178,14 @@ def main() -> None:
         data,
         time.perf_counter() - t0,
     )
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, "bench_out/layer_matching_reference")
+    add_options(parser)
+    args = parser.parse_args()
+    prepare(args)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from simple_parsing import field
 
+from itda_lens.similarity import LayerMeasure
 from itda_lens.warmstart import Rule
 
 MODEL_HELP = (
@@ -137,7 +138,7 @@ class SimilarityCommand:
 
     dirs: list[str] = field(positional=True, nargs="+")
     """ITDA folders, or folders holding one ITDA per hook (a multi-hook build)."""
-    measure: str = "jaccard"
+    measure: LayerMeasure = "jaccard"
     """jaccard (atom labels; fast, path-dependent) | transfer (the ITDA measure for layer matching) | support | mutual-knn | cknna | debiased-cka | procrustes; all but jaccard read both models (two builds only)."""
     models: list[str] = field(default_factory=list, nargs="*")
     """The two builds' models (default: each build's metadata model_name)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -125,6 +125,85 @@ def span_jaccard(a: ITDA, spans_a: Tensor, b: ITDA, spans_b: Tensor) -> float:
     return set_jaccard(span_labels(a, spans_a), span_labels(b, spans_b))
 
 
+def _span_keys(spans: Int[Tensor, "n_seq seq 3"]) -> tuple[Tensor, Tensor]:
+    """(document, end) of every token with source text as one int each, and its flat position."""
+    flat = spans.reshape(-1, 3).long()
+    where = (flat[:, 0] >= 0).nonzero().flatten()
+    return flat[where, 0] * 2**32 + flat[where, 2], where
+
+
+def aligned_positions(
+    spans_a: Int[Tensor, "na_seq seq_a 3"], spans_b: Int[Tensor, "nb_seq seq_b 3"]
+) -> tuple[Int[Tensor, "m 2"], Int[Tensor, "m 2"]]:
+    """Tokens of two streams (e.g. two tokenizers over the same documents) that end at the same
+    character of the same document: their (sequence, position) in A and in B, in A's order (the
+    first occurrence of each text point in each stream), so both models are read after exactly
+    the same text."""
+    ka, wa = _span_keys(spans_a)
+    kb, wb = _span_keys(spans_b)
+    kb, first = _first_of_each(kb)
+    wb = wb[first]
+    order = kb.argsort()
+    at = torch.searchsorted(kb[order], ka).clamp(max=max(len(kb) - 1, 0))
+    hit = (kb[order][at] == ka) if len(kb) else torch.zeros_like(ka, dtype=torch.bool)
+    _, first_a = _first_of_each(ka[hit])
+    pa, pb = wa[hit][first_a], wb[order][at[hit]][first_a]
+    return (
+        torch.stack([pa // spans_a.shape[1], pa % spans_a.shape[1]], 1),
+        torch.stack([pb // spans_b.shape[1], pb % spans_b.shape[1]], 1),
+    )
+
+
+def _first_of_each(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the first occurrence of each distinct value of ``keys``, in their order."""
+    _, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1 if len(keys) else 0,), len(keys), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(keys)), "amin").sort().values
+    return keys[first], first
+
+
+def labels_by_span(
+    labels: Int[Tensor, "n 2"],
+    spans_from: Int[Tensor, "na_seq seq_a 3"],
+    spans_to: Int[Tensor, "nb_seq seq_b 3"],
+) -> Int[Tensor, "n 2"]:
+    """Carries (sequence, position) labels of one stream to another over the same documents: the
+    token of the other stream whose text covers the last character of the labelled token (the
+    first token after which a causal model has read it). Raises if a label has no source text or
+    the other stream does not cover it."""
+    if labels.ndim != 2 or labels.shape[1] != 2:
+        raise ValueError(f"labels must be [n, 2] (sequence, position), got {tuple(labels.shape)}")
+    if labels.numel() and (
+        int(labels.min()) < 0
+        or int(labels[:, 0].max()) >= spans_from.shape[0]
+        or int(labels[:, 1].max()) >= spans_from.shape[1]
+    ):
+        raise IncompatibleLabels(
+            f"labels reach outside the spans {tuple(spans_from.shape[:2])} (or are -1)"
+        )
+    src = spans_from[labels[:, 0], labels[:, 1]].long()
+    if bool((src[:, 0] < 0).any()):
+        raise IncompatibleLabels("a label points at a token with no source text (BOS)")
+    keys_to, where = _span_keys(spans_to)
+    keys_to, first = _first_of_each(keys_to)
+    where = where[first]
+    order = keys_to.argsort()
+    want = src[:, 0] * 2**32 + src[:, 2]
+    at = torch.searchsorted(keys_to[order], want)  # the first token ending at or after the char
+    ok = at < len(keys_to)
+    pick = where[order][at.clamp(max=max(len(keys_to) - 1, 0))]
+    flat = spans_to.reshape(-1, 3).long()
+    got = flat[pick] if len(keys_to) else torch.zeros(len(want), 3, dtype=torch.long)
+    ok &= (got[:, 0] == src[:, 0]) & (got[:, 1] < src[:, 2])
+    if not bool(ok.all()):
+        missing = src[~ok][0].tolist()
+        raise IncompatibleLabels(
+            f"the other stream does not cover the text of every label (first missing: document "
+            f"{missing[0]}, characters {missing[1]}-{missing[2]}): build it over the same documents"
+        )
+    return torch.stack([pick // spans_to.shape[1], pick % spans_to.shape[1]], 1)
+
+
 # --- ITDA measures on a probe sample -----------------------------------------------------------
 #
 # Label Jaccard needs the two dictionaries to pick the same tokens, which the greedy rule does only
@@ -206,14 +285,28 @@ def transfer_similarity(
 
 
 def support_labels(
-    itda: ITDA, probe: Float[Tensor, "n d"], k: int | None = None
+    itda: ITDA,
+    probe: Float[Tensor, "n d"],
+    k: int | None = None,
+    spans: Int[Tensor, "n_seq seq 3"] | None = None,
 ) -> Int[Tensor, "n k"]:
     """Each probe token's support under ``itda`` as atom labels (one int per (sequence,
-    position)), for :func:`support_jaccard`."""
+    position)), for :func:`support_jaccard`; with ``spans`` (of the build stream, as for
+    :func:`span_labels`) anchored to the text instead, one int per (document, end character), so
+    supports compare across tokenizers."""
     labels = _provenance(itda)
     code = itda.encode_sparse(_finite_2d(probe, "probe activations").to(itda.W_dec.dtype), k)
     picked = labels[code.indices]
-    return picked[..., 0] * 2**32 + picked[..., 1]
+    if spans is None:
+        return picked[..., 0] * 2**32 + picked[..., 1]
+    if labels.numel() and (
+        int(labels[:, 0].max()) >= spans.shape[0] or int(labels[:, 1].max()) >= spans.shape[1]
+    ):
+        raise IncompatibleLabels(
+            f"atom labels reach beyond the given spans ({tuple(spans.shape[:2])})"
+        )
+    text = spans[picked[..., 0], picked[..., 1]].long()
+    return text[..., 0] * 2**32 + text[..., 2]
 
 
 def _distinct(keys: Tensor) -> Tensor:
@@ -502,9 +595,10 @@ def procrustes_similarity(x: Sample, y: Sample) -> float:
 
 #: what :func:`compare_layers` (and ``itda-lens similarity --measure``) computes: label Jaccard,
 #: the two ITDA probe measures, and the sample baselines
-LAYER_MEASURES = (
+LayerMeasure = Literal[
     "jaccard", "transfer", "support", "mutual-knn", "cknna", "debiased-cka", "procrustes"
-)  # fmt: skip
+]  # fmt: skip
+LAYER_MEASURES: tuple[str, ...] = get_args(LayerMeasure)
 
 
 def _hooks(itdas: Sequence[ITDA], side: str) -> list[str]:
@@ -528,7 +622,7 @@ def _check_stream(itdas: Sequence[ITDA], tokens: Tensor) -> None:
 def compare_layers(
     a: Sequence[ITDA],
     b: Sequence[ITDA],
-    measure: str = "transfer",
+    measure: LayerMeasure = "transfer",
     *,
     model_a: Any = None,
     model_b: Any = None,

@@ -399,6 +399,17 @@ def test_train_flags_belong_to_the_architecture() -> None:
         main(["train", "kmeans", "--hook", "h", "--out", "o", "--epochs", "2"])
 
 
+def test_similarity_measure_is_checked_before_any_model_loads(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from itda_lens.similarity import LAYER_MEASURES
+
+    with pytest.raises(SystemExit):  # argparse refuses it: nothing is read
+        main(["similarity", "no-such-dir", "other", "--measure", "cka"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'cka'" in err and all(m in err for m in LAYER_MEASURES)
+
+
 def test_train_command_refuses_unknown_hooks(tmp_path: Path) -> None:
     args = ["train", "kmeans", "--hook", "blocks.9.hook_resid_post", "--out", str(tmp_path / "x")]
     assert main(args) != 0

@@ -12,7 +12,9 @@ from itda_lens import ITDA, build_itda
 from itda_lens.similarity import (
     IncompatibleLabels,
     PairStats,
+    aligned_positions,
     jaccard,
+    labels_by_span,
     layer_matching_accuracy,
     model_jaccard,
     relative_agreement,
@@ -186,6 +188,62 @@ def test_span_labels_anchor_atoms_to_text() -> None:
     assert span_jaccard(itda, spans, other, other_spans) == pytest.approx(1 / 2)
     with pytest.raises(IncompatibleLabels, match="beyond"):
         span_labels(itda, spans[:1])
+
+
+def _zoo_spans() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tokenizers over the same canonical-order documents (B's windows reach at least as far)."""
+    from itda_lens import zoo
+
+    a = zoo.load_token_spans("heldout", 6, tokenizer="bpe2048", shuffle=False)
+    b = zoo.load_token_spans("heldout", 8, tokenizer="bpe4096", shuffle=False)
+    return a, b
+
+
+def test_aligned_positions_match_a_plain_transcription() -> None:
+    a, b = _zoo_spans()
+    first_b: dict[tuple[int, int], tuple[int, int]] = {}
+    for s, row in enumerate(b.tolist()):
+        for p, (doc, _, end) in enumerate(row):
+            if doc >= 0:
+                first_b.setdefault((doc, end), (s, p))
+    want_a, want_b, seen = [], [], set()
+    for s, row in enumerate(a.tolist()):
+        for p, (doc, _, end) in enumerate(row):
+            if doc >= 0 and (doc, end) in first_b and (doc, end) not in seen:
+                seen.add((doc, end))
+                want_a.append((s, p))
+                want_b.append(first_b[(doc, end)])
+    pa, pb = aligned_positions(a, b)
+    assert 0 < len(want_a) < (a[..., 0] >= 0).sum()  # some text points are shared, not all
+    assert pa.tolist() == [list(x) for x in want_a]
+    assert pb.tolist() == [list(x) for x in want_b]
+    assert torch.equal(a[pa[:, 0], pa[:, 1]][:, [0, 2]], b[pb[:, 0], pb[:, 1]][:, [0, 2]])
+
+
+def test_labels_by_span_picks_the_covering_token() -> None:
+    a, b = _zoo_spans()
+    labels = torch.stack(
+        torch.meshgrid(torch.arange(a.shape[0]), torch.arange(1, a.shape[1]), indexing="ij"), -1
+    ).reshape(-1, 2)
+    got = labels_by_span(labels, a, b)
+    tokens_b = [
+        (doc, start, end, s, p)
+        for s, row in enumerate(b.tolist())
+        for p, (doc, start, end) in enumerate(row)
+        if doc >= 0
+    ]
+    for (s, p), (gs, gp) in zip(labels.tolist(), got.tolist(), strict=True):
+        doc, _, end = a[s, p].tolist()
+        cover = next(t for t in tokens_b if t[0] == doc and t[1] < end <= t[2])
+        assert (gs, gp) == (cover[3], cover[4])
+    with pytest.raises(IncompatibleLabels, match="no source text"):
+        labels_by_span(torch.tensor([[0, 0]]), a, b)
+    with pytest.raises(IncompatibleLabels, match="does not cover"):
+        labels_by_span(labels, a, b[:1])
+    with pytest.raises(IncompatibleLabels, match="outside"):
+        labels_by_span(torch.tensor([[99, 1]]), a, b)
+    with pytest.raises(ValueError, match=r"\[n, 2\]"):
+        labels_by_span(torch.zeros(3, dtype=torch.long), a, b)
 
 
 def test_layer_matching_accuracy_excludes_self_pairs() -> None:
@@ -564,3 +622,34 @@ def test_support_jaccard_counts_each_atom_once() -> None:
     assert support_jaccard(a, a) == 1.0
     with pytest.raises(ValueError, match="same n > 0 tokens"):
         support_jaccard(a, b[:1])
+
+
+def test_support_labels_anchored_to_text_match_a_plain_transcription() -> None:
+    from itda_lens.similarity import support_labels
+
+    torch.manual_seed(0)
+    labels = torch.tensor([[0, 1], [0, 2], [1, 1], [1, 2], [0, 3]])
+    itda = ITDA.from_atoms(torch.randn(5, 6), k=2, labels=labels)
+    spans = torch.tensor(
+        [
+            [[-1, -1, -1], [4, 0, 3], [4, 3, 5], [4, 5, 9]],
+            [[-1, -1, -1], [4, 9, 12], [7, 0, 2], [7, 2, 6]],
+        ]
+    )
+    probe = torch.randn(9, 6)
+    got = support_labels(itda, probe, spans=spans)
+    idx = itda.encode_sparse(probe).indices
+    for row, picked in zip(got.tolist(), idx.tolist(), strict=True):
+        want = []
+        for atom in picked:
+            s, p = labels[atom].tolist()
+            doc, _, end = spans[s, p].tolist()
+            want.append(doc * 2**32 + end)
+        assert row == want
+    # without spans: (sequence, position) keys, which two tokenizers never share
+    plain = support_labels(itda, probe)
+    assert plain.tolist() == [
+        [labels[a, 0].item() * 2**32 + labels[a, 1].item() for a in r] for r in idx.tolist()
+    ]
+    with pytest.raises(IncompatibleLabels, match="beyond the given spans"):
+        support_labels(itda, probe, spans=spans[:, :2])

@@ -20,7 +20,7 @@ def test_layer_matching_benchmark_quick(tmp_path: Path) -> None:
         assert f"| {measure} |" in text
     assert (
         "no self-pairs" in text
-        and "cross-tokenizer span Jaccard" in text
+        and "accuracy without self-pairs across tokenizers" in text
         and "dictionary convergence" in text
     )
     assert "| model | tokens read | atoms per layer | from the first batch |" in text
@@ -31,8 +31,17 @@ def test_layer_matching_benchmark_quick(tmp_path: Path) -> None:
         "model_level",
         "path_dependence",
         "cross_tokenizer",
+        "cross_tokenizer_accuracy",
         "convergence",
     }
+    # across tokenizers every measure is scored, and the control (one tokenizer through the same
+    # span path) too
+    cross = saved["data"]["cross_tokenizer"]
+    assert [r["measure"] for r in cross["accuracy"]][:3] == [
+        "ITDA span Jaccard", "ITDA transfer", "ITDA probe support Jaccard"
+    ]  # fmt: skip
+    assert len(cross["accuracy"]) == len(cross["control"]["accuracy"]) == 11
+    assert cross["aligned_heldout_tokens"] > 0
     assert (tmp_path / "convergence.png").is_file()
     # the window-by-window build behind the flipped verdict is build_itda's, label for label
     assert saved["data"]["path_dependence"]["window_by_window_equals_build_itda"] is True
