@@ -197,6 +197,18 @@ def hook_activations(
     return {name: cache[name] for name in hook_names}
 
 
+def check_labels(labels: Tensor, shape: Sequence[int], what: str) -> None:
+    """Raises unless ``labels`` is [n, 2] (sequence, position) inside ``shape`` (n_seq, seq)."""
+    if labels.ndim != 2 or labels.shape[1] != 2:
+        raise ValueError(f"labels must be [n, 2] (sequence, position), got {tuple(labels.shape)}")
+    if labels.numel() and (
+        int(labels.min()) < 0
+        or int(labels[:, 0].max()) >= shape[0]
+        or int(labels[:, 1].max()) >= shape[1]
+    ):
+        raise ValueError(f"labels reach outside {what} {tuple(shape)} (or are -1: no provenance)")
+
+
 def activations_at_labels(
     model: HookedRootModule,
     tokens: Int[Tensor, "n_seq seq"],
@@ -207,16 +219,7 @@ def activations_at_labels(
     """Each hook's activation at ``labels`` ((sequence index into ``tokens``, position), e.g. an
     ITDA's ``atom_labels``), running the model only on the sequences they name."""
     check_hook_names(model, hook_names)
-    if labels.ndim != 2 or labels.shape[1] != 2:
-        raise ValueError(f"labels must be [n, 2] (sequence, position), got {tuple(labels.shape)}")
-    if labels.numel() and (
-        int(labels.min()) < 0
-        or int(labels[:, 0].max()) >= tokens.shape[0]
-        or int(labels[:, 1].max()) >= tokens.shape[1]
-    ):
-        raise ValueError(
-            f"labels reach outside the tokens {tuple(tokens.shape)} (or are -1: no provenance)"
-        )
+    check_labels(labels, tokens.shape[:2], "the tokens")
     seqs, where = torch.unique(labels[:, 0], return_inverse=True)
     out: dict[str, list[Tensor]] = {h: [] for h in hook_names}
     for start in range(0, len(seqs), batch_size):

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from itda_lens.activations import activations_at_labels, probe_activations
+from itda_lens.activations import activations_at_labels, check_labels, probe_activations
 from itda_lens.builder.stream import prefix_digest
 from itda_lens.pursuit import SparseCode
 from itda_lens.saes import ITDA
@@ -171,16 +171,7 @@ def labels_by_span(
     token of the other stream whose text covers the last character of the labelled token (the
     first token after which a causal model has read it). Raises if a label has no source text or
     the other stream does not cover it."""
-    if labels.ndim != 2 or labels.shape[1] != 2:
-        raise ValueError(f"labels must be [n, 2] (sequence, position), got {tuple(labels.shape)}")
-    if labels.numel() and (
-        int(labels.min()) < 0
-        or int(labels[:, 0].max()) >= spans_from.shape[0]
-        or int(labels[:, 1].max()) >= spans_from.shape[1]
-    ):
-        raise IncompatibleLabels(
-            f"labels reach outside the spans {tuple(spans_from.shape[:2])} (or are -1)"
-        )
+    check_labels(labels, spans_from.shape[:2], "the spans")
     src = spans_from[labels[:, 0], labels[:, 1]].long()
     if bool((src[:, 0] < 0).any()):
         raise IncompatibleLabels("a label points at a token with no source text (BOS)")
