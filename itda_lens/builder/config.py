@@ -137,14 +137,3 @@ class BuildConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def cos_threshold_from_tau(tau: float, d_model: int) -> float:
-    """Convert the reference code's ``loss_threshold`` tau (normalised per-dimension MSE) to ours:
-    it adds x when ``mean((x/|x| - x_hat/|x_hat|)^2) = (2 - 2 cos) / d > tau``."""
-    cos = 1.0 - tau * d_model / 2.0
-    if cos <= -1.0:
-        raise ValueError(
-            f"tau={tau} with d_model={d_model} can never add an atom (needs tau < {4 / d_model:.3g})"
-        )
-    return cos

@@ -49,9 +49,9 @@ from itda_lens.builder.refine import prune_by_energy
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 from itda_lens.builder.target import ThresholdSearch, find_threshold
 from itda_lens.saes import BUILD_RECORD_KEY, ITDA, SearchRecord, StreamRecord
+from itda_lens.saes.record import PREFIX_SEQUENCES, chain_digest, prefix_digest
 
 #: Sequences whose hash identifies a token stream (``token_stream.prefix_sha256``), for similarity.
-PREFIX_SEQUENCES = 16
 
 #: (raw batch, sequences before it) -> ({hook: ActivationBatch}, sequences in it, forward seconds)
 ToUpdates = Callable[[Any, int], tuple[dict[str, ActivationBatch], int, float]]
@@ -88,16 +88,6 @@ class Stream:
     first_tokens: Callable[[Any], list[int]] | None = None  # token inputs: first token per row
     size: Callable[[Any], int] = len  # rows (sequences, or activations) in a raw batch
     rows: Callable[[Any, int, int], Any] = lambda raw, lo, hi: raw[lo:hi]  # a shard of one
-
-
-def _digest(prev: str, t: Tensor) -> str:
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(prev.encode() + hashlib.sha256(data).digest()).hexdigest()
-
-
-def prefix_digest(tokens: Tensor) -> str:
-    """The fingerprint a build records of a token stream's first sequences (``prefix_sha256``)."""
-    return _digest("", tokens[:PREFIX_SEQUENCES])
 
 
 def _cut(updates: dict[str, ActivationBatch], n: int) -> dict[str, ActivationBatch]:
@@ -144,7 +134,7 @@ def run_stream(
         for i, raw in enumerate(stream.raw):
             if stream.first_tokens is not None and sum(map(len, prefix)) < PREFIX_SEQUENCES:
                 prefix.append(raw[: PREFIX_SEQUENCES - sum(map(len, prefix))])
-            running_sha = _digest(running_sha, stream.key(raw))
+            running_sha = chain_digest(running_sha, stream.key(raw))
             if i < skip:  # read by the checkpointed build: only check it is the same input
                 if i == skip - 1 and running_sha != target_sha:
                     raise ValueError(

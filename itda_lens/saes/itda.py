@@ -341,6 +341,30 @@ class ITDA(SAE[ITDAConfig]):
         return itda
 
     @classmethod
+    def from_reference(
+        cls,
+        folder: str | Path,
+        *,
+        tokens: Int[Tensor, "n_seq seq"] | None = None,
+        hook_name: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+    ) -> ITDA:
+        """An ITDA from the reference code's files (``atoms.pt``, ``atom_indices.pt``,
+        ``metadata.yaml``): :func:`itda_lens.saes.reference.read_reference`."""
+        from itda_lens.saes.reference import read_reference
+
+        return read_reference(
+            folder, tokens=tokens, hook_name=hook_name, device=device, dtype=dtype
+        )
+
+    def to_reference(self, folder: str | Path, *, loss_threshold: float | None = None) -> Path:
+        """Write the reference code's three files: :func:`itda_lens.saes.reference.write_reference`."""
+        from itda_lens.saes.reference import write_reference
+
+        return write_reference(self, folder, loss_threshold=loss_threshold)
+
+    @classmethod
     def from_random_activations(
         cls,
         acts: Float[Tensor, "n d"],

@@ -10,22 +10,42 @@ from a newer itda_lens is refused with a request to upgrade.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+import torch
+from torch import Tensor
+
 __all__ = [
     "BUILD_RECORD_KEY",
+    "PREFIX_SEQUENCES",
     "SCHEMA",
     "BuildRecord",
     "SearchRecord",
     "StreamRecord",
+    "chain_digest",
+    "prefix_digest",
     "read_build_record",
 ]
 
 #: metadata key of the record, and the schema this itda_lens writes (1: the first typed record)
 BUILD_RECORD_KEY = "itda_build"
 SCHEMA = 1
+#: sequences of a token stream its fingerprint (``prefix_sha256``) covers
+PREFIX_SEQUENCES = 16
+
+
+def chain_digest(prev: str, t: Tensor) -> str:
+    """sha256 of ``prev`` and the bytes of ``t``: a stream's running fingerprint (``sha256``)."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(prev.encode() + hashlib.sha256(data).digest()).hexdigest()
+
+
+def prefix_digest(tokens: Tensor) -> str:
+    """The fingerprint a build records of a token stream's first sequences (``prefix_sha256``)."""
+    return chain_digest("", tokens[:PREFIX_SEQUENCES])
 
 
 @dataclass(frozen=True)
