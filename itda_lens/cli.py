@@ -38,6 +38,8 @@ from itda_lens.config import (
     DemoCommand,
     DiffCommand,
     EvalCommand,
+    ExportReferenceCommand,
+    ImportReferenceCommand,
     InspectCommand,
     SimilarityCommand,
     TrainCommand,
@@ -479,6 +481,42 @@ def _cmd_diff(args: Any) -> int:
     return 0
 
 
+def _token_file(path: str) -> torch.Tensor:
+    """A [sequences, seq_len] token id file (.pt or .npy)."""
+    tokens, _ = resolve_tokens(path, None)
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
+        raise ValueError(f"{path} must be a .pt or .npy file of [sequences, seq_len] token ids")
+    return tokens
+
+
+def _cmd_import_reference(args: Any) -> int:
+    cmd: ImportReferenceCommand = args.cmd
+    out = output_folder(cmd.out, cmd.overwrite)
+    tokens = _token_file(cmd.tokens) if cmd.tokens else None
+    itda = ITDA.from_reference(cmd.dir, tokens=tokens, hook_name=cmd.hook)
+    itda.save_model(out)
+    meta = itda.cfg.metadata
+    record = itda.require_build_record()
+    print(
+        f"imported {itda.cfg.d_sae} atoms (d = {itda.cfg.d_in}, k = {itda.cfg.k}, "
+        f"cos_threshold = {record.cos_threshold:.4f}) of {meta.model_name} at {meta.hook_name} "
+        f"into {out}"
+    )
+    if tokens is None:
+        print("the atoms' tokens are unknown: pass --tokens (the stream the reference read)")
+    print(f"next: itda-lens inspect {out} --model MODEL --data DATA")
+    return 0
+
+
+def _cmd_export_reference(args: Any) -> int:
+    cmd: ExportReferenceCommand = args.cmd
+    out = output_folder(cmd.out, cmd.overwrite)
+    itda = ITDA.load_from_disk(cmd.dir)
+    itda.to_reference(out, loss_threshold=cmd.loss_threshold)
+    print(f"wrote {itda.cfg.d_sae} atoms as atoms.pt, atom_indices.pt and metadata.yaml to {out}")
+    return 0
+
+
 def _cmd_demo(args: Any) -> int:
     cmd: DemoCommand = args.cmd
     cfg: BuildConfig = args.build
@@ -523,6 +561,10 @@ def build_parser() -> ArgumentParser:
     p = _parser(sub, "diff", "diff a base model and its fine-tune through their ITDA dictionaries")
     p.add_arguments(DiffCommand, dest="cmd")
     p.add_arguments(BuildConfig, dest="build", default=DIFF_CONFIG)
+    p = _parser(sub, "import-reference", "read the reference code's dictionary files into an ITDA")
+    p.add_arguments(ImportReferenceCommand, dest="cmd")
+    p = _parser(sub, "export-reference", "write a saved ITDA as the reference code's files")
+    p.add_arguments(ExportReferenceCommand, dest="cmd")
     p = _parser(sub, "demo", "the main job: build, evaluate and report on the default zoo model")
     p.add_arguments(DemoCommand, dest="cmd")
     p.add_arguments(BuildConfig, dest="build", default=DEMO_CONFIG)
@@ -538,6 +580,8 @@ COMMANDS: dict[str, Callable[[Any], int]] = {
     "similarity": _cmd_similarity,
     "diff": _cmd_diff,
     "demo": _cmd_demo,
+    "import-reference": _cmd_import_reference,
+    "export-reference": _cmd_export_reference,
 }
 
 

@@ -155,6 +155,37 @@ class SimilarityCommand:
 
 
 @dataclass
+class ImportReferenceCommand:
+    """Read a dictionary saved by the reference code (atoms.pt, atom_indices.pt, metadata.yaml)
+    into an ITDA folder."""
+
+    dir: str = field(positional=True)
+    """The reference's folder of three files."""
+    out: str = "itda_reference"
+    """The ITDA folder to write (sae_lens format)."""
+    tokens: str | None = None
+    """The token stream the reference read, as a .pt/.npy [sequences, seq_len] file: fills in the atoms' tokens."""
+    hook: str | None = None
+    """Hook name to record (default: blocks.{layer}.hook_resid_post, the reference's)."""
+    overwrite: bool = False
+    """Replace a non-empty --out folder."""
+
+
+@dataclass
+class ExportReferenceCommand:
+    """Write a saved ITDA as the reference code's three files."""
+
+    dir: str = field(positional=True)
+    """A saved ITDA folder."""
+    out: str = "itda_reference_files"
+    """The folder for atoms.pt, atom_indices.pt and metadata.yaml."""
+    loss_threshold: float | None = None
+    """The reference's tau, for an ITDA that records no threshold (default: from its build record)."""
+    overwrite: bool = False
+    """Replace a non-empty --out folder."""
+
+
+@dataclass
 class DiffCommand:
     """Diff a base model and its fine-tune: ITDA dictionaries of both over the same tokens."""
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sae_lens import SAE
 
 from itda_lens import ITDA, zoo
 from itda_lens.cli import main
@@ -623,3 +624,47 @@ def test_diff_command_reuses_a_previous_diffs_dictionaries(
     argv = ["diff", "kjv-4l128-s0", "kjv-4l128-s0-planted", "--hook", other, "--seqs", "24"]
     assert main([*argv, "--out", str(first), "--overwrite"]) == 0
     assert sorted(p.name for p in (first / "itdas" / "base").iterdir()) == [other]
+
+
+def test_import_and_export_reference(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from tests.saes.test_reference import META, write_like_reference
+
+    ref = write_like_reference(tmp_path / "ref")
+    out = tmp_path / "itda"
+    assert main(["import-reference", str(ref), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "imported 50 atoms" in text and "--tokens" in text and "next: itda-lens inspect" in text
+    itda = SAE.load_from_disk(out)
+    assert isinstance(itda, ITDA) and itda.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert torch.equal(itda.atom_labels, torch.load(ref / "atom_indices.pt"))
+    # with the stream the reference read, each atom's token is known
+    stream = torch.randint(0, 100, (1280, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(stream, tmp_path / "stream.pt")
+    assert (
+        main(
+            [
+                "import-reference",
+                str(ref),
+                "--out",
+                str(out),
+                "--tokens",
+                str(tmp_path / "stream.pt"),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    labels = itda.atom_labels
+    assert torch.equal(SAE.load_from_disk(out).atom_token_ids, stream[labels[:, 0], labels[:, 1]])
+    back = tmp_path / "back"
+    assert main(["export-reference", str(out), "--out", str(back)]) == 0
+    assert yaml.safe_load((back / "metadata.yaml").read_text()) == META
+    assert torch.equal(torch.load(back / "atoms.pt"), torch.load(ref / "atoms.pt"))
+    capsys.readouterr()
+    (ref / "atoms.pt").unlink()
+    assert main(["import-reference", str(ref), "--out", str(tmp_path / "x")]) == 2
+    assert "atoms.pt is missing" in capsys.readouterr().err
+    assert main(["import-reference", str(back), "--out", str(out)]) == 2  # not empty
+    assert "--overwrite" in capsys.readouterr().err
