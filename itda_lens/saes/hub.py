@@ -20,7 +20,7 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 
 from itda_lens.saes.itda import ARCHITECTURE, ITDA, check_itda_folder
-from itda_lens.saes.reference import ATOMS_FILE, LABELS_FILE, METADATA_FILE, read_reference
+from itda_lens.saes.reference import ATOMS_FILE, LABELS_FILE, METADATA_FILE
 
 
 def _fetch(repo_id: str, folder_name: str, filename: str, force_download: bool) -> Path | None:
@@ -71,7 +71,7 @@ def itda_hub_loader(
     for name in (ATOMS_FILE, LABELS_FILE):
         if _fetch(repo_id, folder_name, name, force_download) is None:
             raise FileNotFoundError(f"{repo_id}/{folder_name} has {METADATA_FILE} but no {name}")
-    itda = read_reference(meta.parent, device=device, dtype=overrides.get("dtype"))
+    itda = ITDA.from_reference(meta.parent, device=device, dtype=overrides.get("dtype"))
     cfg_dict = itda.cfg.to_dict() | overrides
     state = {key: value.detach().clone() for key, value in itda.state_dict().items()}
     itda.process_state_dict_for_saving(state)

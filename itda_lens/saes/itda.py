@@ -51,6 +51,7 @@ from itda_lens.pursuit import (
 )
 from itda_lens.saes._io import atomic_write, check_sae_folder
 from itda_lens.saes.record import BuildRecord, read_build_record
+from itda_lens.saes.reference import read_reference, write_reference
 
 ARCHITECTURE = "itda"
 #: the save-folder layout this itda_lens writes (1: no version recorded, no checksum; 2: sha256)
@@ -351,17 +352,28 @@ class ITDA(SAE[ITDAConfig]):
         dtype: torch.dtype | str | None = None,
     ) -> ITDA:
         """An ITDA from the reference code's files (``atoms.pt``, ``atom_indices.pt``,
-        ``metadata.yaml``): :func:`itda_lens.saes.reference.read_reference`."""
-        from itda_lens.saes.reference import read_reference
-
-        return read_reference(
-            folder, tokens=tokens, hook_name=hook_name, device=device, dtype=dtype
+        ``metadata.yaml``; :func:`itda_lens.saes.reference.read_reference`), its atoms exactly as
+        stored (so export then import is the identity)."""
+        ref = read_reference(folder, tokens=tokens, hook_name=hook_name)
+        itda = cls.from_atoms(
+            ref.atoms,
+            ref.k,
+            labels=ref.labels,
+            token_ids=ref.token_ids,
+            hook_name=ref.hook_name,
+            model_name=ref.model_name,
+            context_size=ref.context_size,
+            prepend_bos=False,
+            dataset_path=ref.dataset_path,
+            metadata=ref.metadata,
+            device=device,
+            dtype=dtype,
         )
+        itda.W_dec.data.copy_(ref.atoms.to(itda.W_dec.dtype))  # from_atoms renormalised them
+        return itda
 
     def to_reference(self, folder: str | Path, *, loss_threshold: float | None = None) -> Path:
         """Write the reference code's three files: :func:`itda_lens.saes.reference.write_reference`."""
-        from itda_lens.saes.reference import write_reference
-
         return write_reference(self, folder, loss_threshold=loss_threshold)
 
     @classmethod

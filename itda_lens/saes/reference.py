@@ -23,10 +23,10 @@ import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from itda_lens.pursuit import UNIT_NORM_TOL
@@ -37,9 +37,6 @@ from itda_lens.saes.record import (
     StreamRecord,
     prefix_digest,
 )
-
-if TYPE_CHECKING:
-    from itda_lens.saes.itda import ITDA
 
 ATOMS_FILE, LABELS_FILE, METADATA_FILE = "atoms.pt", "atom_indices.pt", "metadata.yaml"
 #: metadata key holding the reference's own metadata.yaml, kept verbatim for export
@@ -122,22 +119,34 @@ def _stream_tag(meta: Mapping[str, Any]) -> str:
     return "reference:" + hashlib.sha256(key.encode()).hexdigest()
 
 
+class ReferenceDictionary(NamedTuple):
+    """A reference folder's content, checked: what :meth:`ITDA.from_reference
+    <itda_lens.ITDA.from_reference>` makes an ITDA of (``from_atoms`` arguments)."""
+
+    atoms: Float[Tensor, "n d"]
+    k: int
+    labels: Int[Tensor, "n 2"]
+    token_ids: Int[Tensor, " n"] | None
+    hook_name: str
+    model_name: str | None
+    context_size: int
+    dataset_path: str | None
+    metadata: dict[str, Any]
+    """The build record (as a dict) and the reference's own metadata (``REFERENCE_KEY``)."""
+
+
 def read_reference(
     folder: str | Path,
     *,
     tokens: Int[Tensor, "n_seq seq"] | None = None,
     hook_name: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str | None = None,
-) -> ITDA:
-    """An ITDA from a reference folder (module doc): its atoms, ``k`` (40 when missing, as the
-    reference loader does), the threshold converted with :func:`cos_threshold_from_tau`, the
-    labels as provenance and the rest of ``metadata.yaml`` kept for export. ``hook_name``
-    defaults to ``blocks.{layer}.hook_resid_post`` (the reference's TransformerLens hook);
-    ``tokens`` (the reference's token stream, [sequences, seq_len]) fills in the atoms' token ids
-    and fingerprints the stream."""
-    from itda_lens.saes.itda import ITDA
-
+) -> ReferenceDictionary:
+    """A reference folder (module doc), checked: its atoms as stored, ``k`` (40 when missing, as
+    the reference loader does), the threshold converted with :func:`cos_threshold_from_tau` (in a
+    build record), the labels as provenance and the rest of ``metadata.yaml`` kept for export.
+    ``hook_name`` defaults to ``blocks.{layer}.hook_resid_post`` (the reference's TransformerLens
+    hook); ``tokens`` (the reference's token stream, [sequences, seq_len]) fills in the atoms'
+    token ids and fingerprints the stream."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no reference ITDA folder at {folder}")
@@ -234,27 +243,20 @@ def read_reference(
             prefix_sequences=PREFIX_SEQUENCES if tokens is not None else None,
         ),
     )
-    itda = ITDA.from_atoms(
-        atoms,
-        k,
+    return ReferenceDictionary(
+        atoms=atoms,
+        k=k,
         labels=labels,
         token_ids=token_ids,
-        hook_name=record.hook_name,
+        hook_name=str(record.hook_name),
         model_name=meta.get("lm_name"),
         context_size=seq_len,
-        prepend_bos=False,
         dataset_path=meta.get("dataset"),
         metadata={BUILD_RECORD_KEY: record.to_dict(), REFERENCE_KEY: _jsonable(meta)},
-        device=device,
-        dtype=dtype,
     )
-    # the stored rows as they are (from_atoms renormalises, which moves the last bits): export
-    # then import gives the same atoms
-    itda.W_dec.data.copy_(atoms.to(itda.W_dec.dtype))
-    return itda
 
 
-def write_reference(itda: ITDA, folder: str | Path, *, loss_threshold: float | None = None) -> Path:
+def write_reference(itda: Any, folder: str | Path, *, loss_threshold: float | None = None) -> Path:
     """Write ``itda`` as a reference folder (the three files), so the reference code's
     ``ITDA.from_pretrained`` reads it. Settings come from the imported ``metadata.yaml`` when the
     ITDA was read from one, else from its build record (tau from its threshold; give
@@ -305,6 +307,7 @@ def write_reference(itda: ITDA, folder: str | Path, *, loss_threshold: float | N
 
 __all__ = [
     "REFERENCE_KEY",
+    "ReferenceDictionary",
     "cos_threshold_from_tau",
     "read_reference",
     "tau_from_cos_threshold",

@@ -15,7 +15,6 @@ from itda_lens import ITDA, build_itda
 from itda_lens.saes.reference import (
     REFERENCE_KEY,
     cos_threshold_from_tau,
-    read_reference,
     tau_from_cos_threshold,
 )
 from itda_lens.similarity import jaccard
@@ -106,7 +105,7 @@ def test_k_defaults_to_the_reference_loaders_40(tmp_path: Path) -> None:
 
 def test_export_then_import_is_identical(tmp_path: Path) -> None:
     folder = write_like_reference(tmp_path / "ref")
-    itda = read_reference(folder)
+    itda = ITDA.from_reference(folder)
     out = itda.to_reference(tmp_path / "out")
     assert yaml.safe_load((out / "metadata.yaml").read_text()) == META
     for name in ("atoms.pt", "atom_indices.pt"):
