@@ -1,7 +1,8 @@
 # The README's two commands: `make demo` (main job, offline) and `make test` (the suite).
 # Both create .venv on first use: CPU torch pinned by constraints.txt (so no dependency can
-# swap in a multi-GB CUDA build), the package with its dev + SAEBench extras, and no torchvision
-# (the PyPI wheel is built against CUDA torch and breaks `transformers` on CPU torch).
+# swap in a multi-GB CUDA build), the package with its dev + SAEBench + nnsight (nnsight, accelerate)
+# extras, and no torchvision (the PyPI wheel is built against CUDA torch and breaks `transformers` on
+# CPU torch).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,saebench]"
+	$(BIN)/pip install -q -e ".[dev,saebench,nnsight]"
 	$(BIN)/pip uninstall -y -q torchvision || true
 	touch $@
 

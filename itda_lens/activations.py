@@ -26,6 +26,8 @@ from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name, get_specia
 from torch import Tensor
 from transformer_lens import HookedRootModule
 
+from itda_lens.sources import as_source
+
 TOKEN_COLUMNS = ("tokens", "input_ids")
 TokenInput = Tensor | Iterable[Tensor] | Any  # Any: datasets.Dataset / IterableDataset
 
@@ -218,6 +220,7 @@ def activations_at_labels(
 ) -> dict[str, Float[Tensor, "n d"]]:
     """Each hook's activation at ``labels`` ((sequence index into ``tokens``, position), e.g. an
     ITDA's ``atom_labels``), running the model only on the sequences they name."""
+    model = as_source(model)
     check_hook_names(model, hook_names)
     check_labels(labels, tokens.shape[:2], "the tokens")
     seqs, where = torch.unique(labels[:, 0], return_inverse=True)
@@ -243,6 +246,7 @@ def probe_activations(
     """Each hook's activations at ``n_tokens`` probe tokens: positions drawn at random (``seed``)
     among the non-special tokens of as many leading sequences of ``tokens`` as it takes (so two
     models with the same tokenizer get the same probe tokens)."""
+    model = as_source(model)
     check_hook_names(model, hook_names)
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
@@ -319,6 +323,7 @@ def iter_hook_activations(
 ) -> Iterator[HookBatch]:
     """:func:`read_batch` over every token batch of ``tokens``, in stream order. By default the
     tokenizer's special tokens (BOS, EOS, PAD) are marked as not kept."""
+    model = as_source(model)
     check_hook_names(model, hook_names)
     skip = special_token_ids(model) if skip_token_ids is None else list(skip_token_ids)
     tokenizer = getattr(model, "tokenizer", None)

@@ -1,7 +1,8 @@
 """Activation sources beyond HookedTransformer, offline on a tiny GPT-2 made from a config and saved
-locally: the same weights read as a Hugging Face model by module path, as a TransformerLens model
-and as a TransformerBridge give the same dictionary; the CLI builds from ``hf:DIR`` (and under
-``torchrun``), and the folders load in ``itda-lens inspect`` and sae_lens."""
+locally: the same weights read as a Hugging Face model by module path, as a TransformerLens model,
+as a TransformerBridge, as an nnsight model and offloaded to disk by accelerate give the same
+dictionary; the CLI builds from ``hf:DIR`` (and under ``torchrun``), and the folders load in
+``itda-lens inspect`` and sae_lens."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from itda_lens import ITDA, build_itda, zoo
 from itda_lens.cli import main
-from itda_lens.sources import ModuleSource, load_hf
+from itda_lens.sources import ModuleSource, NNsightSource, as_source, load_hf
 
 SETTINGS = {"k": 8, "cos_threshold": 0.8, "batch_size": 8, "progress": False}
 
@@ -77,7 +80,10 @@ def same_dictionary(a: ITDA, b: ITDA) -> None:
 def test_hf_module_path_and_tl_hook_give_the_same_dictionary(hf_dir: Path) -> None:
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     source = ModuleSource(hf, zoo.load_model().tokenizer)
+    calls: list[dict[str, Any]] = []
+    hf.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
     from_hf = build_itda(source, tokens(), "transformer.h.1", **SETTINGS)["transformer.h.1"]
+    assert calls and all(kw.get("use_cache") is False for kw in calls)  # no key/value cache kept
     from_tl = build_itda(tl_over(hf_dir, hf), tokens(), "blocks.1.hook_resid_post", **SETTINGS)[
         "blocks.1.hook_resid_post"
     ]
@@ -130,6 +136,113 @@ def test_not_residual_activations_are_refused(hf_dir: Path) -> None:
     # attention dropout is skipped by the fused (sdpa) attention
     with pytest.raises(ValueError, match="never ran"):
         source.run_with_cache(tokens()[:2], ["transformer.h.0.attn.attn_dropout"])
+
+
+def nnsight_or_skip() -> Any:
+    """nnsight, or a skip saying how to install it (it is the optional ``nnsight`` extra)."""
+    return pytest.importorskip(
+        "nnsight", reason='nnsight is not installed (pip install -e ".[nnsight]")'
+    )
+
+
+def test_nnsight_model_builds_the_module_source_dictionary(
+    hf_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An nnsight LanguageModel given to build_itda as is (wrapped in NNsightSource) reads the same
+    activations as ModuleSource at a module's output and at an ``:input``, stopping after the last
+    requested module; bad names get ModuleSource's errors."""
+    nnsight = nnsight_or_skip()
+    tok = zoo.load_model().tokenizer
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with warnings.catch_warnings():  # 0.8.1 names it TransformersModel; LanguageModel still works
+        warnings.simplefilter("ignore", nnsight.NNsightDeprecationWarning)
+        lm = nnsight.LanguageModel(hf, tokenizer=tok)
+    hooks = ["transformer.h.1", "transformer.h.0:input"]
+    from_nnsight = build_itda(lm, tokens(), hooks, **SETTINGS)
+    from_hf = build_itda(ModuleSource(hf, tok), tokens(), hooks, **SETTINGS)
+    for hook in hooks:
+        assert from_nnsight[hook].cfg.d_sae > 20
+        same_dictionary(from_nnsight[hook], from_hf[hook])
+    assert from_nnsight["transformer.h.1"].cfg.metadata.model_name == str(hf_dir)
+
+    # the forward pass stops after the last module read: the final norm never runs; and it
+    # keeps no key/value cache
+    final_norm: list[int] = []
+    handle = hf.transformer.ln_f.register_forward_hook(lambda m, i, o: final_norm.append(1))
+    calls: list[dict[str, Any]] = []
+    hf.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    source = as_source(lm)
+    assert isinstance(source, NNsightSource)
+    x = tokens()[:2]
+    _, acts = source.run_with_cache(x, ["transformer.h.1", "transformer.h.0.mlp"])
+    assert final_norm == [] and set(acts) == {"transformer.h.1", "transformer.h.0.mlp"}
+    assert [kw["use_cache"] for kw in calls] == [False]
+    hf(input_ids=x)
+    handle.remove()
+    assert final_norm == [1]  # the counter counts a full pass
+    # nnsight's dry run of the remote path (the trace serialised, run with local modules hidden;
+    # it hides them by editing sys.path, which it restores in another order)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    _, shipped = NNsightSource(lm, remote="local").run_with_cache(x, hooks)
+    _, local = source.run_with_cache(x, hooks)
+    for hook in hooks:
+        assert torch.equal(shipped[hook], local[hook])
+
+    with pytest.raises(ValueError, match=r"Did you mean \['transformer\.h\.1'"):
+        build_itda(lm, tokens(), "transformer.h1", **SETTINGS)
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel has no module 'transformer\.h1'"):
+        source.run_with_cache(x, ["transformer.h1:input"])
+    with pytest.raises(ValueError, match="never ran"):  # sdpa attention skips its dropout module
+        source.run_with_cache(x, ["transformer.h.0", "transformer.h.0.attn.attn_dropout"])
+    with pytest.raises(ValueError, match=r"not \[batch, seq, d\] activations"):
+        source.run_with_cache(x, ["transformer"])
+    with pytest.raises(TypeError, match="use ModuleSource"):
+        NNsightSource(hf)
+    with pytest.raises(ValueError, match="needs an nnsight model NDIF can run"):
+        NNsightSource(nnsight.NNsight(hf), remote=True)
+
+
+def test_package_works_without_nnsight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnsight is optional: the package imports without it, other models pass through as_source,
+    and NNsightSource says how to install it."""
+    blocked = "import sys; sys.modules['nnsight'] = None; import itda_lens.cli, itda_lens.sources"
+    run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "nnsight", None)
+    model = zoo.load_model()
+    assert as_source(model) is model
+    with pytest.raises(ImportError, match=r'pip install "itda_lens\[nnsight\]"'):
+        NNsightSource(model)
+
+
+def test_disk_offloaded_model_builds_the_in_memory_dictionary(hf_dir: Path, tmp_path: Path) -> None:
+    """A model accelerate offloads to disk (a CPU budget smaller than the model) builds the
+    dictionary of the model in memory: reads run on accelerate's execution device (not the meta
+    device of the placeholders), and the weights the build fingerprints are read from disk."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    hooks = ["transformer.h.1", "transformer.h.0:input"]
+    in_memory = load_hf(hf_dir)
+    expected = build_itda(in_memory, tokens(), hooks, **SETTINGS)
+    weights = in_memory.model.state_dict()
+    size = (hf_dir / "model.safetensors").stat().st_size
+    for share, on_disk in ((0.3, {"disk"}), (0.8, {"cpu", "disk"})):
+        source = load_hf(
+            hf_dir,
+            device_map="auto",
+            max_memory={"cpu": int(share * size)},
+            offload_folder=tmp_path / f"offload_{share}",
+        )
+        assert set(source.model.hf_device_map.values()) == on_disk
+        assert any(p.is_meta for p in source.model.parameters())
+        assert source.cfg.device == torch.device("cpu")
+        built = build_itda(source, tokens(), hooks, **SETTINGS)
+        for hook in hooks:
+            same_dictionary(built[hook], expected[hook])
+        offloaded = source.state_dict()
+        assert set(offloaded) == set(weights)
+        assert all(torch.equal(offloaded[k], w) for k, w in weights.items())
+    with pytest.raises(ValueError, match="pass device_map"):
+        load_hf(hf_dir, max_memory={"cpu": size})
 
 
 def test_cli_builds_from_an_hf_folder(hf_dir: Path, tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 from itda_lens.builder.target import ThresholdSearch, find_threshold
 from itda_lens.saes import BUILD_RECORD_KEY, ITDA, SearchRecord, StreamRecord
 from itda_lens.saes.record import PREFIX_SEQUENCES, chain_digest, prefix_digest
+from itda_lens.sources import as_source
 
 #: Sequences whose hash identifies a token stream (``token_stream.prefix_sha256``), for similarity.
 
@@ -402,8 +403,10 @@ def build_itda(
     dataset_path: str | None = None,
     **overrides: Any,
 ) -> dict[str, ITDA]:
-    """Build ITDA dictionaries at one or more hook points of a TransformerLens model; returns
-    ``{hook: ITDA}`` (one entry per hook, also for a single hook name).
+    """Build ITDA dictionaries at one or more hook points of a TransformerLens model (or a model
+    read at module paths: :class:`~itda_lens.sources.ModuleSource`, an nnsight model, which is
+    wrapped in :class:`~itda_lens.sources.NNsightSource`); returns ``{hook: ITDA}`` (one entry per
+    hook, also for a single hook name).
 
     ``cfg`` holds every build setting (:class:`BuildConfig`); keyword arguments override its
     fields (``build_itda(model, tokens, hook, k=16, cos_threshold=0.9)``). ``tokens``: a LongTensor
@@ -415,8 +418,8 @@ def build_itda(
     comm = Comm.current()
     with locked(checkpoint_dir, comm):
         return _build_itda(
-            model, tokens, hook_name, _config(cfg, overrides), comm, checkpoint_dir, resume,
-            progress, model_name, dataset_path,
+            as_source(model), tokens, hook_name, _config(cfg, overrides), comm, checkpoint_dir,
+            resume, progress, model_name, dataset_path,
         )  # fmt: skip
 
 
