@@ -103,7 +103,12 @@ def _cmd_build(args: Any) -> int:
 
 
 def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = True) -> int:
-    model = resolve_model(cmd.model, device=cfg.device or default_device())
+    model = resolve_model(
+        cmd.model,
+        device=cfg.device or default_device(),
+        max_cpu_memory=cmd.max_cpu_memory,
+        offload_folder=cmd.offload_folder,
+    )
     tokens, dataset_path = resolve_tokens(
         cmd.data, model, split=cmd.split, context_size=cfg.context_size
     )

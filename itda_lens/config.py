@@ -40,6 +40,10 @@ class BuildCommand:
     """Dataset split (hub and save_to_disk data)."""
     resume: bool = False
     """Continue an interrupted build from OUT/checkpoint."""
+    max_cpu_memory: str | None = None
+    """hf: models larger than memory: load with accelerate (device_map=auto) keeping at most this much on the CPU, e.g. 8GiB; the rest goes to --offload-folder."""
+    offload_folder: str | None = None
+    """Where accelerate offloads what does not fit --max-cpu-memory (hf: models)."""
 
 
 @dataclass

@@ -32,9 +32,34 @@ def model_card(spec: str) -> dict[str, Any]:
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
-def resolve_model(spec: str | None, device: str = "cpu") -> HookedSAETransformer | ModuleSource:
+def resolve_model(
+    spec: str | None,
+    device: str = "cpu",
+    *,
+    max_cpu_memory: str | None = None,
+    offload_folder: str | None = None,
+) -> HookedSAETransformer | ModuleSource:
+    """The model a CLI ``--model`` names; ``max_cpu_memory`` / ``offload_folder`` load an
+    ``hf:`` model with accelerate's disk offload."""
     spec = spec or zoo.DEFAULT_MODEL
+    offload = max_cpu_memory is not None or offload_folder is not None
+    if offload and not spec.startswith("hf:"):
+        raise ValueError(
+            f"--max-cpu-memory / --offload-folder apply to hf: models (accelerate), not {spec!r}"
+        )
     if spec.startswith("hf:"):
+        if offload:
+            if max_cpu_memory is None or offload_folder is None:
+                raise ValueError("disk offload needs both --max-cpu-memory and --offload-folder")
+            return load_hf(
+                spec.removeprefix("hf:"),
+                device,
+                device_map="auto",
+                max_memory={
+                    "cpu": int(max_cpu_memory) if max_cpu_memory.isdigit() else max_cpu_memory
+                },
+                offload_folder=offload_folder,
+            )
         return load_hf(spec.removeprefix("hf:"), device)
     if spec in zoo.list_models(include_checkpoints=True):
         return zoo.load_model(spec, device)

@@ -254,6 +254,32 @@ def test_cli_builds_from_an_hf_folder(hf_dir: Path, tmp_path: Path) -> None:
     assert main(["inspect", str(out), "--top", "3"]) == 0
 
 
+def test_cli_builds_an_offloaded_hf_model(hf_dir: Path, tmp_path: Path) -> None:
+    """`--max-cpu-memory` / `--offload-folder` build through accelerate's disk offload: the same
+    dictionary as the model in memory."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    argv = ["build", "--model", f"hf:{hf_dir}", "--hook", "transformer.h.1", "--max-tokens", "2048"]
+    budget = str(int(0.3 * (hf_dir / "model.safetensors").stat().st_size))
+    assert main([*argv, "--out", str(tmp_path / "plain"), "--k", "8"]) == 0
+    offload = ["--max-cpu-memory", budget, "--offload-folder", str(tmp_path / "offload")]
+    assert main([*argv, *offload, "--out", str(tmp_path / "disk"), "--k", "8"]) == 0
+    from itda_lens.resolve import resolve_model
+
+    source = resolve_model(
+        f"hf:{hf_dir}", max_cpu_memory=budget, offload_folder=str(tmp_path / "offload")
+    )
+    assert "disk" in set(source.model.hf_device_map.values())  # what the CLI build ran on
+    same_dictionary(SAE.load_from_disk(tmp_path / "disk"), SAE.load_from_disk(tmp_path / "plain"))
+    bad = [*argv, "--max-cpu-memory", budget, "--out", str(tmp_path / "x")]
+    assert main(bad) == 2  # a budget without a folder to offload to
+    assert (
+        main(
+            ["build", "--hook", "blocks.0.hook_resid_post", *offload, "--out", str(tmp_path / "y")]
+        )
+        == 2
+    )
+
+
 def test_cli_diffs_two_hf_folders(hf_dir: Path, tmp_path: Path) -> None:
     """Model diffing on module-path sources: a copy of the tiny GPT-2 whose embedding of one token
     moved differs from it exactly at that token's positions (read before the first block)."""
