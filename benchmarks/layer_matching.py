@@ -205,10 +205,11 @@ def main() -> None:
     parser = bench_parser(__doc__, "bench_out/layer_matching")
     parser.add_argument(
         "--part",
-        choices=("all", "main", "reference"),
+        choices=("all", "main", "reference", "stability"),
         default="all",
         help="main: layer_matching.json; reference: the reference code's protocol and its "
-        "ablations, layer_matching_reference.json (the two can run as separate processes)",
+        "ablations, layer_matching_reference.json; stability: ITDA transfer with the windows in "
+        "other orders, layer_matching_stability.json (the parts can run as separate processes)",
     )
     reference.add_options(parser)
     args = parser.parse_args()
@@ -217,6 +218,8 @@ def main() -> None:
         run_main(args, out)
     if args.part in ("all", "reference"):
         reference.run(args)
+    if args.part in ("all", "stability"):
+        run_stability(args, out)
 
 
 def run_main(args: argparse.Namespace, out: Path) -> None:
@@ -464,6 +467,96 @@ def run_main(args: argparse.Namespace, out: Path) -> None:
             "phase_seconds": phases,
             "heldout_windows": act_windows,
         },
+        time.perf_counter() - t0,
+    )
+
+
+def run_stability(args: argparse.Namespace, out: Path) -> None:
+    """Does ITDA transfer's layer matching survive what should not matter? Every model's
+    dictionaries are rebuilt on the same windows in other orders (the labels then differ: see the
+    path dependence table) and the accuracy is recomputed on the same probe sample; writes
+    ``layer_matching_stability.json``."""
+    t0 = time.perf_counter()
+    families = {
+        label: [n for n in zoo.list_models() if re.fullmatch(FAMILIES[label], n)]
+        for label in ("4 x 128", "8 x 128")
+    }
+    orders = {"4 x 128": [1, 2], "8 x 128": [1]}
+    if args.quick:
+        families, orders = {"4 x 128": families["4 x 128"][:2]}, {"4 x 128": [1]}
+    build_windows, act_windows = (32, 16) if args.quick else (1024, 128)
+    n_sample = 256 if args.quick else 2048
+    build_tokens = zoo.load_tokens("train", build_windows)
+    act_tokens = zoo.load_tokens("heldout", act_windows)
+    rows: list[dict[str, Any]] = []
+    data: dict[str, Any] = {}
+    for family, names in families.items():
+        models = {n: zoo.load_model(n) for n in names}
+        acts = {n: layer_acts(m, act_tokens) for n, m in models.items()}
+        n_tok = acts[names[0]][0].shape[0]
+        sample = torch.randperm(n_tok, generator=torch.Generator().manual_seed(7))[:n_sample]
+        probe = {n: [a[sample] for a in acts[n]] for n in names}
+        base: dict[str, torch.Tensor] = {}
+        for seed in [0, *orders[family]]:
+            order = (
+                torch.arange(build_windows)
+                if seed == 0
+                else torch.randperm(build_windows, generator=torch.Generator().manual_seed(seed))
+            )
+            toks = build_tokens[order]
+            itdas = {}
+            for n, m in models.items():
+                built = build_itda(
+                    m, toks, hooks_of(m), k=K, cos_threshold=COS, batch_size=BATCH, progress=False
+                )
+                itdas[n] = [built[h] for h in hooks_of(m)]
+            prov = Provenance(itdas, toks)
+            for n, m in models.items():
+                prov.read(n, m)
+            codes = {
+                n: [i.encode_sparse(p) for i, p in zip(itdas[n], probe[n], strict=True)]
+                for n in names
+            }
+            supports = {
+                n: [support_labels(i, p) for i, p in zip(itdas[n], probe[n], strict=True)]
+                for n in names
+            }
+            transfer: dict[tuple[str, str], torch.Tensor] = {}
+            labels: dict[tuple[str, str], torch.Tensor] = {}
+            for a, b in itertools.combinations(names, 2):
+                mats = itda_probe_matrices(a, b, itdas, probe, codes, supports, prov)
+                transfer[(a, b)], transfer[(b, a)] = mats["ITDA transfer"], mats["ITDA transfer"].T
+                lab = similarity_matrix(itdas[a], itdas[b], jaccard)
+                labels[(a, b)], labels[(b, a)] = lab, lab.T
+            moved = (
+                max(float((transfer[k] - base[k]).abs().max()) for k in transfer) if base else 0.0
+            )
+            if not base:
+                base = transfer
+            rows.append(
+                {
+                    "family": f"{family} ({len(names)} seeds)",
+                    "windows": "as in the main table"
+                    if seed == 0
+                    else f"another order (seed {seed})",
+                    "ITDA transfer": f"{layer_matching_accuracy(transfer):.2f}",
+                    "ITDA Jaccard": f"{layer_matching_accuracy(labels):.2f}",
+                    "largest change of a transfer value": f"{moved:.3f}",
+                }
+            )
+            data[f"{family}|{seed}"] = {
+                "transfer": {f"{a}|{b}": v.tolist() for (a, b), v in transfer.items()},
+                "atoms": {n: [i.cfg.d_sae for i in itdas[n]] for n in names},
+            }
+            print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    cols = list(rows[0])
+    print("layer matching without self-pairs when the builds read the windows in other orders:")
+    print(table(rows, cols))
+    record(
+        "layer_matching_stability",
+        args,
+        {"stability": table_spec(rows, cols)},
+        {"rows": rows, "orders": data, "build_windows": build_windows, "probe_tokens": n_sample},
         time.perf_counter() - t0,
     )
 

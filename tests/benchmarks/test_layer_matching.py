@@ -61,3 +61,16 @@ def test_layer_matching_reference_quick(tmp_path: Path) -> None:
     assert 0.9 <= ref["first_batch_share"] <= 1
     for acc in ref["accuracy"].values():
         assert 0 <= acc["without self-pairs"] <= acc["with self-pairs (reference)"] <= 1
+
+
+@pytest.mark.slow
+def test_layer_matching_stability_quick(tmp_path: Path) -> None:
+    text = run_quick("layer_matching.py", "--part", "stability", "--out", str(tmp_path))
+    assert "| 4 x 128 (2 seeds) | another order (seed 1) |" in text
+    saved = json.loads((tmp_path / "layer_matching_stability.json").read_text())
+    rows = saved["data"]["rows"]
+    assert rows[0]["largest change of a transfer value"] == "0.000"  # the reference order
+    assert all(0 <= float(r["ITDA transfer"]) <= 1 for r in rows)
+    # the other order's dictionaries differ (else the check would be empty)
+    orders = saved["data"]["orders"]
+    assert orders["4 x 128|0"]["transfer"] != orders["4 x 128|1"]["transfer"]
