@@ -1,13 +1,16 @@
 """itda_lens: ITDA dictionaries as drop-in sae_lens SAEs.
 
-Importing the package registers the "itda", "kmeans" and "kmeans_pca" architectures with
-sae_lens (below, in one place; re-importing is safe), so that ``sae_lens.SAE.load_from_disk``
-returns :class:`ITDA`, :class:`KMeansSAE` and :class:`LocalPCASAE` objects.
+Importing the package registers the "itda", "itda_transcoder", "kmeans" and "kmeans_pca"
+architectures with sae_lens (below, in one place; re-importing is safe), so that
+``sae_lens.SAE.load_from_disk`` returns :class:`ITDA`, :class:`ITDATranscoder`, :class:`KMeansSAE`
+and :class:`LocalPCASAE` objects.
 """
 
 from itda_lens.saes import (
     ITDA,
     ITDAConfig,
+    ITDATranscoder,
+    ITDATranscoderConfig,
     KMeansSAE,
     KMeansSAEConfig,
     LocalPCASAE,
@@ -16,6 +19,7 @@ from itda_lens.saes import (
 )
 
 register_architecture("itda", ITDA, ITDAConfig)
+register_architecture("itda_transcoder", ITDATranscoder, ITDATranscoderConfig)
 register_architecture("kmeans", KMeansSAE, KMeansSAEConfig)
 register_architecture("kmeans_pca", LocalPCASAE, LocalPCASAEConfig)
 
@@ -24,6 +28,7 @@ from itda_lens.builder import (  # noqa: E402  (after registration)
     ITDABuilder,
     build_itda,
     build_itda_from_activations,
+    build_itda_transcoder,
     cos_threshold_from_tau,
 )
 from itda_lens.pursuit import (  # noqa: E402
@@ -39,11 +44,14 @@ __all__ = [
     "BuildConfig",
     "ITDABuilder",
     "ITDAConfig",
+    "ITDATranscoder",
+    "ITDATranscoderConfig",
     "KMeansSAE",
     "LocalPCASAE",
     "SparseCode",
     "build_itda",
     "build_itda_from_activations",
+    "build_itda_transcoder",
     "cos_threshold_from_tau",
     "matching_pursuit",
     "orthogonal_matching_pursuit",

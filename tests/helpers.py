@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
-from sae_lens import HookedSAETransformer
+from sae_lens import SAE, HookedSAETransformer
 from transformer_lens import HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
@@ -36,3 +39,11 @@ def make_tokens(n_seq: int, seed: int = 0) -> torch.Tensor:
     toks = torch.randint(4, VOCAB, (n_seq, SEQ), generator=g)
     toks[:, 0] = BOS
     return toks
+
+
+def truncated_save(sae: SAE[Any], folder: Path) -> Path:
+    """Save ``sae`` to ``folder`` and cut the last 100 bytes off its weights file (a damaged save)."""
+    sae.save_model(folder)
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return folder

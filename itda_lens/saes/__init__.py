@@ -1,6 +1,6 @@
 """The architectures itda_lens adds to sae_lens, one file each with its config: the ITDA
-(``itda``) and the cluster SAEs (``kmeans``, ``kmeans_pca``). They are registered with sae_lens in
-``itda_lens/__init__.py``."""
+(``itda``), the ITDA transcoder (``itda_transcoder``) and the cluster SAEs (``kmeans``,
+``kmeans_pca``). They are registered with sae_lens in ``itda_lens/__init__.py``."""
 
 from itda_lens.saes._io import (
     atomic_write,
@@ -9,7 +9,13 @@ from itda_lens.saes._io import (
     temporaries,
 )
 from itda_lens.saes.cluster import KMeansSAE, KMeansSAEConfig, LocalPCASAE, LocalPCASAEConfig
-from itda_lens.saes.itda import ITDA, ITDAConfig, check_itda_folder, load_itdas
+from itda_lens.saes.itda import ITDA, ITDABase, ITDAConfig, check_itda_folder, load_itdas
+from itda_lens.saes.itda_transcoder import (
+    TRANSCODER_BUILD_KEY,
+    ITDATranscoder,
+    ITDATranscoderConfig,
+    TranscoderBuildRecord,
+)
 from itda_lens.saes.record import (
     BUILD_RECORD_KEY,
     BuildRecord,
@@ -21,14 +27,19 @@ from itda_lens.saes.record import (
 __all__ = [
     "BUILD_RECORD_KEY",
     "ITDA",
+    "TRANSCODER_BUILD_KEY",
     "BuildRecord",
+    "ITDABase",
     "ITDAConfig",
+    "ITDATranscoder",
+    "ITDATranscoderConfig",
     "KMeansSAE",
     "KMeansSAEConfig",
     "LocalPCASAE",
     "LocalPCASAEConfig",
     "SearchRecord",
     "StreamRecord",
+    "TranscoderBuildRecord",
     "atomic_write",
     "check_itda_folder",
     "check_sae_folder",

@@ -12,6 +12,10 @@ newer version is refused with a request to upgrade itda_lens, an absent one read
 save id shared with the weights file (a cfg.json and weights from different saves never load
 together) and the sha256 of the weights as written (any changed byte of the weights is refused).
 
+All of this except the ITDA's constructors lives in :class:`ITDABase` / :class:`ITDAConfigBase`,
+which the ITDA transcoder (:mod:`itda_lens.saes.itda_transcoder`) shares: a subclass names its
+config class, which weight holds the pursuit atoms (``ATOMS``) and the cfg sizes of each weight.
+
 Registered with sae_lens (with the other architectures) in ``itda_lens/__init__.py``.
 """
 
@@ -26,7 +30,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -35,7 +39,7 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.util import dtype_to_str, extract_layer_from_tlens_hook_name, str_to_dtype
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from typing_extensions import override
+from typing_extensions import Self, TypedDict, Unpack, override
 
 from itda_lens.gram import GramRows
 from itda_lens.pursuit import (
@@ -57,7 +61,6 @@ ARCHITECTURE = "itda"
 #: the save-folder layout this itda_lens writes (1: no version recorded, no checksum; 2: sha256)
 FORMAT_VERSION = 2
 _INT_BUFFERS = ("atom_labels", "atom_token_ids")
-_FLOAT_KEYS = ("W_dec", "b_dec")
 _SAVE_ID_KEY = "itda_save_id"
 _FORMAT_KEY = "itda_format_version"
 _SHA_KEY = "itda_weights_sha256"
@@ -70,17 +73,14 @@ _VERIFIED_ON_DISK: ContextVar[bool] = ContextVar("itda_verified_on_disk", defaul
 
 
 @dataclass
-class ITDAConfig(SAEConfig):
-    """Config of an ITDA dictionary: ``k`` pursuit steps with encoder ``"mp"`` (ITDA) or ``"omp"``."""
+class ITDAConfigBase(SAEConfig):
+    """What every ITDA-style config holds and checks: ``k`` pursuit steps with encoder ``"mp"``
+    (ITDA) or ``"omp"``, at least one atom, no decoder bias applied to the input, no activation
+    normalisation, and a save format this itda_lens reads."""
 
     k: int = 40
     encoder: Literal["mp", "omp"] = "mp"
     apply_b_dec_to_input: bool = False
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
 
     @override
     def __post_init__(self) -> None:
@@ -102,6 +102,16 @@ class ITDAConfig(SAEConfig):
             )
 
 
+@dataclass
+class ITDAConfig(ITDAConfigBase):
+    """Config of an ITDA dictionary: ``k`` pursuit steps with encoder ``"mp"`` (ITDA) or ``"omp"``."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+
 def _to_bytes(t: Tensor) -> Tensor:
     """int64 -> uint8 planes [..., 8]: 0..255 is exact in every float dtype the loader casts to."""
     return t.to(torch.int64).contiguous().view(torch.uint8).reshape(*t.shape, 8)
@@ -111,22 +121,68 @@ def _from_bytes(t: Tensor) -> Tensor:
     return t.round().to(torch.uint8).contiguous().view(torch.int64).reshape(t.shape[:-1])
 
 
-class ITDA(SAE[ITDAConfig]):
-    """A dictionary of real activations used as a tied SAE with a pursuit encoder."""
+C = TypeVar("C", bound=ITDAConfigBase)
+
+
+class AtomOptions(TypedDict, total=False):
+    """Keyword options of every ITDA-style constructor (:meth:`ITDA.from_atoms`,
+    :meth:`~itda_lens.saes.itda_transcoder.ITDATranscoder.from_pairs`)."""
+
+    labels: Int[Tensor, "n 2"] | None
+    """``(sequence index, token position)`` per atom (default ``-1``: unknown)."""
+    token_ids: Int[Tensor, " n"] | None
+    """The token each atom was read at (default ``-1``: unknown)."""
+    encoder: Literal["mp", "omp"]
+    """Pursuit: ``"mp"`` (default, ITDA's) or ``"omp"``."""
+    hook_name: str | None
+    model_name: str | None
+    context_size: int | None
+    prepend_bos: bool
+    """sae_lens's usage metadata (``prepend_bos`` defaults to True)."""
+    dataset_path: str | None
+    metadata: Mapping[str, Any] | None
+    """Further metadata entries (they override the fields above)."""
+    device: str | torch.device | None
+    dtype: torch.dtype | str | None
+    """Where and in which dtype the SAE is made (default: the input's)."""
+
+
+class ITDABase(SAE[C]):
+    """An SAE over real activations with a pursuit encoder: the ITDA and the ITDA transcoder.
+
+    ``CONFIG`` is its config class (which names the architecture). Pursuit runs over the unit-norm
+    atoms in the weight named ``ATOMS`` (``W_enc`` is their tied transpose); codes decode through
+    ``W_dec``; ``WEIGHTS`` names every float weight with the cfg fields that size it (zeros until
+    filled, never trained). Each atom's provenance is an int64 buffer, saved as byte planes with
+    the save id and checksum described in the module doc.
+    """
+
+    CONFIG: ClassVar[type[ITDAConfigBase]]
+    ATOMS: ClassVar[str]
+    WEIGHTS: ClassVar[dict[str, tuple[str, ...]]]
 
     atom_labels: Int[Tensor, "d_sae 2"]
     atom_token_ids: Int[Tensor, " d_sae"]
 
-    def __init__(self, cfg: ITDAConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
+    def __init__(self, cfg: C, use_error_term: bool = False):
+        super().__init__(cfg)  # sae_lens's Transcoder takes no use_error_term
+        if use_error_term:
+            self.use_error_term = True
         self._gram_cache: tuple[tuple[Any, ...], GramRows] | None = None
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each float weight's shape, from the cfg (``WEIGHTS``)."""
+        return {
+            name: tuple(getattr(self.cfg, dim) for dim in dims)
+            for name, dims in self.WEIGHTS.items()
+        }
 
     @override
     def initialize_weights(self) -> None:
-        d_sae, d_in = self.cfg.d_sae, self.cfg.d_in
         kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw), requires_grad=False)
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, **kw), requires_grad=False)
+        for name, shape in self.weight_shapes().items():
+            setattr(self, name, nn.Parameter(torch.zeros(shape, **kw), requires_grad=False))
+        d_sae = self.cfg.d_sae
         self.register_buffer(
             "atom_labels", torch.full((d_sae, 2), -1, dtype=torch.long, device=self.device)
         )
@@ -135,15 +191,21 @@ class ITDA(SAE[ITDAConfig]):
         )
 
     @property
+    def pursuit_atoms(self) -> Float[Tensor, "d_sae d_in"]:
+        """The unit-norm atoms pursuit runs over (the weight named ``ATOMS``)."""
+        return getattr(self, self.ATOMS)
+
+    @property
     def W_enc(self) -> Float[Tensor, "d_in d_sae"]:  # type: ignore[override]
         """Tied encoder: the atoms as columns (what sae_lens / SAEBench weight metrics read)."""
-        return self.W_dec.T
+        return self.pursuit_atoms.T
 
     @override
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "W_enc":
             raise AttributeError(
-                "ITDA's W_enc is tied to W_dec.T; set W_dec (unit-norm atoms) instead"
+                f"{type(self).__name__}'s W_enc is tied to {self.ATOMS}.T; set {self.ATOMS} "
+                "(unit-norm atoms) instead"
             )
         super().__setattr__(name, value)
 
@@ -151,31 +213,15 @@ class ITDA(SAE[ITDAConfig]):
     def k(self) -> int:
         return self.cfg.k
 
-    @property
-    def build_record(self) -> BuildRecord | None:
-        """How this dictionary was built (settings, threshold, stream read, timing), or None for
-        one that was not built (``from_atoms``)."""
-        return read_build_record(self.cfg.metadata)
-
-    def require_build_record(self) -> BuildRecord:
-        """:attr:`build_record`, or a clear error for a dictionary that was not built."""
-        record = self.build_record
-        if record is None:
-            raise ValueError(
-                "this ITDA has no build record (made by ITDA.from_atoms, not by a build); "
-                "build it with build_itda or build_itda_from_activations"
-            )
-        return record
-
     # --- encoding -------------------------------------------------------------------------
 
     def gram_rows(self) -> GramRows | None:
         """The Gram rows pursuit uses for these atoms (every row when they fit the memory budget,
         else a cache that keeps the most used rows across calls). Planned, and the atoms checked
-        (finite, unit norm), once per version of ``W_dec``: replacing it or editing it in place
-        starts a new version; an edit through ``W_dec.data`` bypasses torch's version counter, so
-        assign a new tensor (``itda.W_dec.data = new``) instead."""
-        w = self.W_dec
+        (finite, unit norm), once per version of the atoms (``ATOMS``): replacing them or editing
+        them in place starts a new version; an edit through ``.data`` bypasses torch's version
+        counter, so assign a new tensor (``itda.W_dec.data = new``) instead."""
+        w = self.pursuit_atoms
         if w.device.type == "meta":
             return None
         dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -199,22 +245,23 @@ class ITDA(SAE[ITDAConfig]):
         )
         if not sae_in.is_floating_point() or width != self.cfg.d_in:
             raise ValueError(
-                f"d_in mismatch: this ITDA expects float activations of size {self.cfg.d_in} "
-                f"(hook {self.cfg.metadata.hook_name}), got {getattr(sae_in, 'dtype', type(sae_in))} "
-                f"of shape {tuple(sae_in.shape)}"
+                f"d_in mismatch: this {type(self).__name__} expects float activations of size "
+                f"{self.cfg.d_in} (hook {self.cfg.metadata.hook_name}), got "
+                f"{getattr(sae_in, 'dtype', type(sae_in))} of shape {tuple(sae_in.shape)}"
             )
         return super().process_sae_in(sae_in)
 
     def _pursue(self, sae_in: Tensor, k: int | None = None) -> SparseCode:
-        atoms = self.W_dec.detach()
+        atoms = self.pursuit_atoms.detach()
         k = check_k(self.cfg.k if k is None else k)
         if sae_in.device != atoms.device:
             raise ValueError(
-                f"activations are on {sae_in.device} but this ITDA is on {atoms.device}; move one"
+                f"activations are on {sae_in.device} but this {type(self).__name__} is on "
+                f"{atoms.device}; move one"
             )
         if not bool(torch.isfinite(sae_in).all()):
             raise ValueError("activations contain NaN or Inf")
-        rows = self.gram_rows()  # checks the atoms once per version of W_dec
+        rows = self.gram_rows()  # checks the atoms once per version of them
         code, _ = pursue(self.cfg.encoder, sae_in.detach(), atoms, k, gram=rows)
         if torch.is_grad_enabled() and sae_in.requires_grad:
             # Same picks, coefficients recomputed as a differentiable function of the input.
@@ -248,13 +295,14 @@ class ITDA(SAE[ITDAConfig]):
         return self.hook_sae_acts_post(code.to_dense(self.cfg.d_sae))
 
     @override
-    def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+    def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
+        """``codes @ W_dec`` (``b_dec`` is zero), with sae_lens's output hook."""
         out = feature_acts.to(self.W_dec.dtype) @ self.W_dec
         out = self.hook_sae_recons(out)
         out = self.run_time_activation_norm_fn_out(out)
         return self.reshape_fn_out(out, self.d_head)
 
-    def decode_sparse(self, code: SparseCode) -> Float[Tensor, "... d_in"]:
+    def decode_sparse(self, code: SparseCode) -> Float[Tensor, "... d_out"]:
         """Reconstruction from sparse codes (no hooks, no dense code matrix)."""
         return decode(code, self.W_dec)
 
@@ -283,63 +331,224 @@ class ITDA(SAE[ITDAConfig]):
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_atoms(
+    def _from_rows(
         cls,
-        atoms: Float[Tensor, "n d"],
-        k: int = 40,
-        *,
-        labels: Int[Tensor, "n 2"] | None = None,
-        token_ids: Int[Tensor, " n"] | None = None,
-        encoder: Literal["mp", "omp"] = "mp",
-        hook_name: str | None = None,
-        model_name: str | None = None,
-        context_size: int | None = None,
-        prepend_bos: bool = True,
-        dataset_path: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-    ) -> ITDA:
-        """An ITDA whose atoms are the given vectors, normalised to unit length on the way in.
-
-        ``labels`` are ``(sequence index, token position)`` per atom and ``token_ids`` the token
-        each atom was read at (``-1`` where unknown). Zero, NaN or Inf vectors are refused.
-        """
+        atoms: Float[Tensor, "n d_in"],
+        k: int,
+        outputs: Float[Tensor, "n d_out"] | None,
+        options: AtomOptions,
+        **usage: Any,
+    ) -> Self:
+        """A dictionary whose pursuit atoms are ``atoms`` normalised to unit length and whose
+        ``W_dec`` rows are ``outputs`` divided by the same norms (``outputs=None``: ``W_dec`` holds
+        the pursuit atoms). Zero, NaN or Inf atoms, NaN or Inf outputs and mismatched lengths are
+        refused. ``usage`` adds metadata entries of the architecture (e.g. ``hook_name_out``);
+        ``hook_layer`` comes from ``hook_name`` unless given."""
+        unknown = sorted(set(options) - set(AtomOptions.__annotations__))
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {unknown}; the options are {list(AtomOptions.__annotations__)}"
+            )
         check_atoms(atoms, unit=False)
         norms = atoms.double().norm(dim=1)
         zero = (norms == 0).nonzero().flatten()
         if len(zero):
             raise ValueError(f"zero vectors cannot be atoms (rows {zero[:10].tolist()})")
         n, d_in = atoms.shape
-        labels = _int_tensor(labels, (n, 2), "labels")
-        token_ids = _int_tensor(token_ids, (n,), "token_ids")
+        rows = {cls.ATOMS: atoms.double() / norms.unsqueeze(1)}
+        if outputs is not None:
+            if not isinstance(outputs, Tensor) or not outputs.is_floating_point():
+                raise TypeError(
+                    f"outputs must be a floating-point tensor, got {type(outputs).__name__}"
+                    + (f" of dtype {outputs.dtype}" if isinstance(outputs, Tensor) else "")
+                )
+            if outputs.ndim != 2 or outputs.shape[0] != n:
+                raise ValueError(
+                    f"outputs must have shape [{n}, d_out] (one row per input), got "
+                    f"{tuple(outputs.shape)}"
+                )
+            if not bool(torch.isfinite(outputs).all()):
+                raise ValueError("outputs contain NaN or Inf")
+            rows["W_dec"] = outputs.double() / norms.unsqueeze(1)
+        sizes = {"d_in": d_in, **({} if outputs is None else {"d_out": outputs.shape[1]})}
+        labels = _int_tensor(options.get("labels"), (n, 2), "labels")
+        token_ids = _int_tensor(options.get("token_ids"), (n,), "token_ids")
+        dtype = options.get("dtype")
         dtype = str_to_dtype(dtype) if dtype is not None else atoms.dtype
+        device = options.get("device")
         device = torch.device(device) if device is not None else atoms.device
         meta: dict[str, Any] = {
-            "hook_name": hook_name,
+            "hook_name": options.get("hook_name"),
             "hook_layer": None,
-            "model_name": model_name,
-            "context_size": context_size,
-            "prepend_bos": prepend_bos,
-            "dataset_path": dataset_path,
+            "model_name": options.get("model_name"),
+            "context_size": options.get("context_size"),
+            "prepend_bos": options.get("prepend_bos", True),
+            "dataset_path": options.get("dataset_path"),
             "hook_head_index": None,
             "model_from_pretrained_kwargs": {},
+            **usage,
+            **(options.get("metadata") or {}),
         }
-        meta.update(metadata or {})
         if meta.get("hook_layer") is None:
             name = meta.get("hook_name")
             meta["hook_layer"] = extract_layer_from_tlens_hook_name(name) if name else None
-        cfg = ITDAConfig(
-            d_in=d_in, d_sae=n, k=k, encoder=encoder, dtype=dtype_to_str(dtype), device=str(device)
+        cfg = cls.CONFIG(
+            d_sae=n,
+            k=k,
+            encoder=options.get("encoder", "mp"),
+            dtype=dtype_to_str(dtype),
+            device=str(device),
+            **sizes,
         )
         for key, value in meta.items():
             cfg.metadata[key] = value
-        itda = cls(cfg)
-        unit = (atoms.double() / norms.unsqueeze(1)).to(device=device, dtype=dtype)
-        itda.W_dec.data.copy_(unit)
-        itda.atom_labels.copy_(labels)
-        itda.atom_token_ids.copy_(token_ids)
-        return itda
+        sae = cls(cfg)
+        for name, value in rows.items():
+            getattr(sae, name).data.copy_(value.to(device=device, dtype=dtype))
+        sae.atom_labels.copy_(labels)
+        sae.atom_token_ids.copy_(token_ids)
+        return sae
+
+    # --- saving and loading ---------------------------------------------------------------
+
+    @override
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        for key in _INT_BUFFERS:
+            state_dict[key] = _to_bytes(state_dict[key])
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Check the weights belong to this cfg (keys, save id, shapes, checksum, unit-norm atoms)
+        and undo the loader's float cast of provenance."""
+        meta = self.cfg.metadata
+        _check_keys(state_dict, tuple(self.WEIGHTS))
+        saved_id = state_dict.pop(_SAVE_ID_KEY, None)
+        _check_save_id(meta, saved_id)
+        sha = meta.get(_SHA_KEY)
+        for key, shape in self.weight_shapes().items():
+            if tuple(state_dict[key].shape) != shape:
+                dims = dict.fromkeys(self.WEIGHTS[key])
+                said = ", ".join(f"{d}={getattr(self.cfg, d)}" for d in dims)
+                raise ValueError(
+                    f"{key} has shape {tuple(state_dict[key].shape)} but cfg.json says {said}"
+                )
+        for key in _INT_BUFFERS:
+            shape = tuple(getattr(self, key).shape)
+            allowed = [(*shape, 8)] if sha is not None else [(*shape, 8), shape]
+            if tuple(state_dict[key].shape) not in allowed:
+                raise ValueError(
+                    f"{key} has shape {tuple(state_dict[key].shape)} in the weights file; "
+                    f"cfg.json (d_sae={self.cfg.d_sae}) needs {allowed[0]}"
+                )
+        atoms = state_dict[self.ATOMS]
+        if sha is not None and not _VERIFIED_ON_DISK.get():
+            saved = _dtype_from_name(meta.get(_DTYPE_KEY))
+            # else the loader rounded: only the file can be checked
+            if _lossless(saved, atoms.dtype):
+                form = {
+                    **{k: state_dict[k].to(saved) for k in self.WEIGHTS},
+                    **{k: state_dict[k].to(torch.uint8) for k in _INT_BUFFERS},
+                }
+                if saved_id is not None:
+                    form[_SAVE_ID_KEY] = saved_id.to(torch.uint8)
+                if _weights_digest(form) != sha:
+                    raise ValueError(_CHECKSUM_ERROR)
+        for key in _INT_BUFFERS:
+            value = state_dict[key]
+            state_dict[key] = (
+                _from_bytes(value)
+                if value.ndim == getattr(self, key).ndim + 1
+                else value.round().long()
+            )
+        for key in self.WEIGHTS:
+            if key != "b_dec" and not bool(torch.isfinite(state_dict[key]).all()):
+                raise ValueError(f"corrupt ITDA weights: {key} contains NaN or Inf")
+        if (atoms.float().norm(dim=1) - 1).abs().max().item() > UNIT_NORM_TOL:
+            raise ValueError(f"corrupt ITDA weights: atoms in {self.ATOMS} are not unit-norm")
+        if bool((state_dict["b_dec"] != 0).any()):
+            raise ValueError(
+                "corrupt ITDA weights: b_dec must be zero (an ITDA has no decoder bias)"
+            )
+
+    @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Save as ``cfg.json`` + ``sae_weights.safetensors``; atomic per file, with a shared save id
+        so that a crash between the two writes can never load as a wrong dictionary, and the weights'
+        sha256 in ``cfg.json``. A failed write raises ``OSError`` and leaves no temporary file."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_id = uuid.uuid4().hex
+        state = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
+        self.process_state_dict_for_saving(state)
+        state[_SAVE_ID_KEY] = torch.tensor(list(bytes.fromhex(save_id)), dtype=torch.uint8)
+        dtype = state[self.ATOMS].dtype
+        for key in self.WEIGHTS:
+            state[key] = state[key].to(dtype)
+        cfg_dict = self.cfg.to_dict()
+        cfg_dict["metadata"] = {
+            **cfg_dict["metadata"],
+            _FORMAT_KEY: FORMAT_VERSION,
+            _SAVE_ID_KEY: save_id,
+            _SHA_KEY: _weights_digest(state),
+            _DTYPE_KEY: _dtype_name(dtype),
+        }
+        weights_path, cfg_path = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
+        atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
+        atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(cfg_dict, indent=2)))
+        return weights_path, cfg_path
+
+    @override
+    @classmethod
+    def load_from_disk(
+        cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any
+    ) -> Self:  # type: ignore[override]
+        """Load a folder of this architecture, with clear errors for folders that are not one or
+        are damaged (the weights file's bytes are checked against cfg.json before sae_lens reads
+        them)."""
+        check_itda_folder(path, cls)
+        with _verified_on_disk():
+            return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
+
+
+class ITDA(ITDABase[ITDAConfig]):
+    """A dictionary of real activations used as a tied SAE with a pursuit encoder."""
+
+    CONFIG = ITDAConfig
+    ATOMS = "W_dec"
+    WEIGHTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "W_dec": ("d_sae", "d_in"),
+        "b_dec": ("d_in",),
+    }
+
+    @property
+    def build_record(self) -> BuildRecord | None:
+        """How this dictionary was built (settings, threshold, stream read, timing), or None for
+        one that was not built (``from_atoms``)."""
+        return read_build_record(self.cfg.metadata)
+
+    def require_build_record(self) -> BuildRecord:
+        """:attr:`build_record`, or a clear error for a dictionary that was not built."""
+        record = self.build_record
+        if record is None:
+            raise ValueError(
+                "this ITDA has no build record (made by ITDA.from_atoms, not by a build); "
+                "build it with build_itda or build_itda_from_activations"
+            )
+        return record
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_atoms(
+        cls, atoms: Float[Tensor, "n d"], k: int = 40, **options: Unpack[AtomOptions]
+    ) -> ITDA:
+        """An ITDA whose atoms are the given vectors, normalised to unit length on the way in.
+
+        ``options`` (:class:`AtomOptions`): each atom's provenance (``labels``, ``token_ids``), the
+        ``encoder``, sae_lens's usage metadata (``hook_name``, ...), ``device`` and ``dtype``. Zero,
+        NaN or Inf vectors are refused.
+        """
+        return cls._from_rows(atoms, k, None, options)
 
     @classmethod
     def from_reference(
@@ -429,102 +638,6 @@ class ITDA(SAE[ITDAConfig]):
             raise ValueError(f"n_atoms must be in [1, {self.cfg.d_sae}], got {n_atoms}")
         return self.select(torch.arange(n_atoms), cropped_from=self.cfg.d_sae)
 
-    # --- saving and loading ---------------------------------------------------------------
-
-    @override
-    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
-        for key in _INT_BUFFERS:
-            state_dict[key] = _to_bytes(state_dict[key])
-
-    @override
-    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """Check the weights belong to this cfg (keys, save id, shapes, checksum, unit-norm atoms)
-        and undo the loader's float cast of provenance."""
-        meta = self.cfg.metadata
-        _check_keys(state_dict)
-        saved_id = state_dict.pop(_SAVE_ID_KEY, None)
-        _check_save_id(meta, saved_id)
-        sha = meta.get(_SHA_KEY)
-        w, b = state_dict["W_dec"], state_dict["b_dec"]
-        if tuple(w.shape) != (self.cfg.d_sae, self.cfg.d_in):
-            raise ValueError(
-                f"W_dec has shape {tuple(w.shape)} but cfg.json says d_sae={self.cfg.d_sae}, d_in={self.cfg.d_in}"
-            )
-        if tuple(b.shape) != (self.cfg.d_in,):
-            raise ValueError(
-                f"b_dec has shape {tuple(b.shape)} but cfg.json says d_in={self.cfg.d_in}"
-            )
-        for key in _INT_BUFFERS:
-            shape = tuple(getattr(self, key).shape)
-            allowed = [(*shape, 8)] if sha is not None else [(*shape, 8), shape]
-            if tuple(state_dict[key].shape) not in allowed:
-                raise ValueError(
-                    f"{key} has shape {tuple(state_dict[key].shape)} in the weights file; "
-                    f"cfg.json (d_sae={self.cfg.d_sae}) needs {allowed[0]}"
-                )
-        if sha is not None and not _VERIFIED_ON_DISK.get():
-            saved = _dtype_from_name(meta.get(_DTYPE_KEY))
-            if _lossless(saved, w.dtype):  # else the loader rounded: only the file can be checked
-                form = {
-                    **{k: state_dict[k].to(saved) for k in _FLOAT_KEYS},
-                    **{k: state_dict[k].to(torch.uint8) for k in _INT_BUFFERS},
-                }
-                if saved_id is not None:
-                    form[_SAVE_ID_KEY] = saved_id.to(torch.uint8)
-                if _weights_digest(form) != sha:
-                    raise ValueError(_CHECKSUM_ERROR)
-        for key in _INT_BUFFERS:
-            value = state_dict[key]
-            state_dict[key] = (
-                _from_bytes(value)
-                if value.ndim == getattr(self, key).ndim + 1
-                else value.round().long()
-            )
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("corrupt ITDA weights: W_dec contains NaN or Inf")
-        if (w.float().norm(dim=1) - 1).abs().max().item() > UNIT_NORM_TOL:
-            raise ValueError("corrupt ITDA weights: atoms in W_dec are not unit-norm")
-        if bool((b != 0).any()):
-            raise ValueError(
-                "corrupt ITDA weights: b_dec must be zero (an ITDA has no decoder bias)"
-            )
-
-    @override
-    def save_model(self, path: str | Path) -> tuple[Path, Path]:
-        """Save as ``cfg.json`` + ``sae_weights.safetensors``; atomic per file, with a shared save id
-        so that a crash between the two writes can never load as a wrong dictionary, and the weights'
-        sha256 in ``cfg.json``. A failed write raises ``OSError`` and leaves no temporary file."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_id = uuid.uuid4().hex
-        state = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
-        self.process_state_dict_for_saving(state)
-        state[_SAVE_ID_KEY] = torch.tensor(list(bytes.fromhex(save_id)), dtype=torch.uint8)
-        state["b_dec"] = state["b_dec"].to(state["W_dec"].dtype)
-        cfg_dict = self.cfg.to_dict()
-        cfg_dict["metadata"] = {
-            **cfg_dict["metadata"],
-            _FORMAT_KEY: FORMAT_VERSION,
-            _SAVE_ID_KEY: save_id,
-            _SHA_KEY: _weights_digest(state),
-            _DTYPE_KEY: _dtype_name(state["W_dec"].dtype),
-        }
-        weights_path, cfg_path = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
-        atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
-        atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(cfg_dict, indent=2)))
-        return weights_path, cfg_path
-
-    @override
-    @classmethod
-    def load_from_disk(
-        cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any
-    ) -> ITDA:  # type: ignore[override]
-        """Load an ITDA folder, with clear errors for folders that are not ITDAs or are damaged
-        (the weights file's bytes are checked against cfg.json before sae_lens reads them)."""
-        check_itda_folder(path)
-        with _verified_on_disk():
-            return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
-
 
 def load_itdas(folder: str | Path, device: str = "cpu") -> dict[str, ITDA]:
     """One ITDA folder, or a folder of per-hook ITDA folders (a multi-hook build), as
@@ -546,12 +659,17 @@ def load_itdas(folder: str | Path, device: str = "cpu") -> dict[str, ITDA]:
     return {p.name: ITDA.load_from_disk(p, device=device) for p in subs}
 
 
-def check_itda_folder(path: str | Path) -> dict[str, Any]:
-    """Validate an ITDA save folder before loading; return its cfg dict.
+def check_itda_folder(
+    path: str | Path, sae_class: type[ITDABase[Any]] | None = None
+) -> dict[str, Any]:
+    """Validate a save folder of ``sae_class`` (default :class:`ITDA`) before loading; return its
+    cfg dict.
 
-    Checks the architecture and format version, then the weights as stored: the tensors an ITDA
+    Checks the architecture and format version, then the weights as stored: the tensors the class
     saves and no others, the save id shared with cfg.json and, for format 2, each tensor's stored
     dtype and the sha256 recorded in cfg.json."""
+    cls = ITDA if sae_class is None else sae_class
+    architecture = cls.CONFIG.architecture()
     stored: dict[str, Tensor] = {}  # small tensors (the save id) kept whole
     digests: dict[str, str] = {}
     dtypes: dict[str, torch.dtype] = {}
@@ -562,21 +680,22 @@ def check_itda_folder(path: str | Path) -> dict[str, Any]:
             stored[key] = t
 
     def check_cfg(cfg: dict[str, Any]) -> None:
-        if cfg.get("architecture") != ARCHITECTURE:
+        if cfg.get("architecture") != architecture:
             raise ValueError(
-                f"{path} is not an ITDA: its cfg.json has architecture {cfg.get('architecture')!r}"
+                f"{path} is not an {cls.__name__}: its cfg.json has architecture "
+                f"{cfg.get('architecture')!r}"
             )
         check_format_version(cfg.get("metadata") or {}, where=str(path))
 
     cfg = check_sae_folder(path, on_tensor=visit, check_cfg=check_cfg)
     meta = cfg.get("metadata") or {}
-    _check_keys(digests)
+    _check_keys(digests, tuple(cls.WEIGHTS))
     _check_save_id(meta, stored.get(_SAVE_ID_KEY))
     sha = meta.get(_SHA_KEY)
     if sha is not None:
         saved = _dtype_name(_dtype_from_name(meta.get(_DTYPE_KEY)))
         for key in digests:
-            want = saved if key in _FLOAT_KEYS else "uint8"
+            want = saved if key in cls.WEIGHTS else "uint8"
             if _dtype_name(dtypes[key]) != want:
                 raise ValueError(
                     f"corrupt ITDA weights: {SAE_WEIGHTS_FILENAME} stores {key} as "
@@ -613,9 +732,10 @@ _CHECKSUM_ERROR = (
 )
 
 
-def _check_keys(state: Mapping[str, Any]) -> None:
-    """The weights hold exactly what ITDA.save_model writes (the save id is optional: older saves)."""
-    required = (*_FLOAT_KEYS, *_INT_BUFFERS)
+def _check_keys(state: Mapping[str, Any], float_keys: tuple[str, ...]) -> None:
+    """The weights hold exactly what ``save_model`` writes: ``float_keys`` and the provenance (the
+    save id is optional: older saves)."""
+    required = (*float_keys, *_INT_BUFFERS)
     missing = [key for key in required if key not in state]
     unexpected = sorted(set(state) - {*required, _SAVE_ID_KEY})
     if missing:

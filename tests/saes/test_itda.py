@@ -23,7 +23,7 @@ import itda_lens
 from itda_lens import ITDA, build_itda
 from itda_lens.pursuit import matching_pursuit, orthogonal_matching_pursuit
 from itda_lens.saes import register_architecture
-from tests.helpers import BOS, PAD, SEQ, make_tokens
+from tests.helpers import BOS, PAD, SEQ, make_tokens, truncated_save
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -206,11 +206,8 @@ def test_damaged_or_foreign_folders_give_clear_errors(itda: ITDA, tmp_path: Path
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no cfg\.json"):
         ITDA.load_from_disk(tmp_path / "empty")
-    itda.save_model(tmp_path / "trunc")
-    weights = tmp_path / "trunc" / "sae_weights.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        ITDA.load_from_disk(tmp_path / "trunc")
+        ITDA.load_from_disk(truncated_save(itda, tmp_path / "trunc"))
     itda.save_model(tmp_path / "other")
     cfg = json.loads((tmp_path / "other" / "cfg.json").read_text())
     (tmp_path / "other" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "topk"}))
