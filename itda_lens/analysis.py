@@ -11,7 +11,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from itda_lens.activations import iter_hook_activations, token_batches
-from itda_lens.saes import ITDA
+from itda_lens.saes import ITDABase
 
 
 def fvu(x: Float[Tensor, "n d"], recon: Float[Tensor, "n d"]) -> float:
@@ -30,9 +30,10 @@ class AtomUsage:
 
 
 def atom_usage(
-    itda: ITDA, model: Any, tokens: Int[Tensor, "n seq"], *, batch_size: int = 32
+    itda: ITDABase[Any], model: Any, tokens: Int[Tensor, "n seq"], *, batch_size: int = 32
 ) -> AtomUsage:
-    """Encode ``tokens`` at the ITDA's hook and count each atom's use (special positions skipped)."""
+    """Encode ``tokens`` at the ITDA's hook (a transcoder's input hook) and count each atom's use
+    (special positions skipped)."""
     hook = itda.cfg.metadata.hook_name
     d_sae = itda.cfg.d_sae
     counts = torch.zeros(d_sae, dtype=torch.long)

@@ -29,7 +29,7 @@ from itda_lens import zoo
 from itda_lens.activations import check_hook_names, collect_activations, token_batches
 from itda_lens.analysis import atom_usage, in_context, replay_sequences
 from itda_lens.budget import DEFAULT_FRACTION, ENV_VAR, default_device, set_memory_budget
-from itda_lens.builder import BuildConfig, build_itda
+from itda_lens.builder import BuildConfig, build_itda, build_itda_transcoder
 from itda_lens.builder.checkpoint import keep_build_lock
 from itda_lens.builder.distributed import Comm
 from itda_lens.config import (
@@ -44,7 +44,7 @@ from itda_lens.config import (
     SimilarityCommand,
     TrainCommand,
 )
-from itda_lens.dashboard import write_dashboard
+from itda_lens.dashboard import logit_effects, write_dashboard
 from itda_lens.demo import DEMO_CONFIG, default_setup, run_demo
 from itda_lens.diff_report import write_diff_report
 from itda_lens.diffing import DIFF_CONFIG, DIRECTIONS, diff_dictionaries, diff_models
@@ -58,13 +58,18 @@ from itda_lens.resolve import (
     resolve_model,
     resolve_tokens,
 )
-from itda_lens.saes import ITDA, check_sae_folder, load_itdas
+from itda_lens.saes import ITDA, ITDATranscoder, check_sae_folder, load_itdas
 from itda_lens.similarity import compare_layers, model_jaccard
 from itda_lens.trainers import TRAINERS
 from itda_lens.warmstart import as_source
 
 #: errors that are about the user's input, printed as one line with exit code 2
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+#: the folders ``inspect`` reads (dictionaries whose atoms were read at tokens), by architecture
+INSPECTABLE: dict[str, type[ITDA] | type[ITDATranscoder]] = {
+    "itda": ITDA,
+    "itda_transcoder": ITDATranscoder,
+}
 
 
 def plain(doc: str | None) -> str:
@@ -90,6 +95,10 @@ def _parser(sub: Any, name: str, help: str) -> ArgumentParser:
 def _cmd_build(args: Any) -> int:
     cmd: BuildCommand = args.cmd
     cfg: BuildConfig = args.build
+    if cmd.hook_out is not None:
+        return _build_transcoder(cmd, cfg)
+    if cmd.judge != "output":
+        raise ValueError("--judge is for ITDA transcoders: give --hook-out too")
     if not cmd.hook:
         raise ValueError("give at least one --hook, e.g. --hook blocks.2.hook_resid_post")
     out = Path(cmd.out)
@@ -102,7 +111,8 @@ def _cmd_build(args: Any) -> int:
         return _build_into(cmd, cfg, out)
 
 
-def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = True) -> int:
+def _build_inputs(cmd: BuildCommand, cfg: BuildConfig) -> tuple[Any, Any, str]:
+    """The model and token stream a build reads, and the stream's name for the metadata."""
     model = resolve_model(
         cmd.model,
         device=cfg.device or default_device(),
@@ -112,6 +122,50 @@ def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = Tru
     tokens, dataset_path = resolve_tokens(
         cmd.data, model, split=cmd.split, context_size=cfg.context_size
     )
+    return model, tokens, dataset_path
+
+
+def _build_transcoder(cmd: BuildCommand, cfg: BuildConfig) -> int:
+    """``build --hook-out``: an ITDA transcoder from the one ``--hook`` to ``--hook-out``."""
+    if len(cmd.hook) != 1:
+        raise ValueError(
+            "--hook-out builds a transcoder from exactly one --hook (its input, e.g. "
+            f"blocks.1.ln2.hook_normalized); got {len(cmd.hook)}"
+        )
+    if cmd.resume:
+        raise ValueError(
+            "--resume continues an ITDA build from its checkpoint; the transcoder build keeps "
+            "none (bound it with --max-tokens or --max-atoms)"
+        )
+    if Comm.current() is not None:
+        raise ValueError("the transcoder build is not data-parallel: run it without torchrun")
+    model, tokens, dataset_path = _build_inputs(cmd, cfg)
+    hook = cmd.hook[0]
+    transcoder = build_itda_transcoder(
+        model,
+        tokens,
+        hook,
+        cmd.hook_out,
+        cfg,
+        judge=cmd.judge,
+        model_name=cmd.model or model.cfg.model_name,
+        dataset_path=dataset_path,
+    )
+    out = Path(cmd.out)
+    transcoder.save_model(out)
+    rec = transcoder.build_record
+    assert rec is not None  # a build records itself
+    print(
+        f"saved ITDA transcoder {hook} -> {cmd.hook_out}: {transcoder.cfg.d_sae} atoms "
+        f"(k={transcoder.cfg.k}, judged on the {rec.judge}, threshold {rec.cos_threshold:.4f}, "
+        f"{rec.tokens_seen:,} tokens read) -> {out}"
+    )
+    print(f"next: itda-lens inspect {out}")
+    return 0
+
+
+def _build_into(cmd: BuildCommand, cfg: BuildConfig, out: Path, save: bool = True) -> int:
+    model, tokens, dataset_path = _build_inputs(cmd, cfg)
     result = build_itda(
         model,
         tokens,
@@ -172,7 +226,7 @@ def _cmd_train(args: Any) -> int:
     return 0
 
 
-def _build_summary(itda: ITDA) -> dict[str, Any]:
+def _build_summary(itda: ITDA | ITDATranscoder) -> dict[str, Any]:
     """The build record without its growth curve (None for a dictionary that was not built)."""
     record = itda.build_record
     if record is None:
@@ -180,15 +234,22 @@ def _build_summary(itda: ITDA) -> dict[str, Any]:
     return {k: v for k, v in record.to_dict().items() if k != "growth"}
 
 
-def _summary(itda: ITDA, folder: str) -> dict[str, Any]:
+def _summary(itda: ITDA | ITDATranscoder, folder: str) -> dict[str, Any]:
     meta = itda.cfg.metadata
+    transcoder = (
+        {"d_out": itda.cfg.d_out, "hook_name_out": meta.hook_name_out}
+        if isinstance(itda, ITDATranscoder)
+        else {}
+    )
     return {
         "folder": folder,
+        "architecture": itda.cfg.architecture(),
         "n_atoms": itda.cfg.d_sae,
         "d_in": itda.cfg.d_in,
         "k": itda.cfg.k,
         "encoder": itda.cfg.encoder,
         "hook_name": meta.hook_name,
+        **transcoder,
         "model_name": meta.model_name,
         "context_size": meta.context_size,
         "dataset_path": meta.dataset_path,
@@ -196,9 +257,34 @@ def _summary(itda: ITDA, folder: str) -> dict[str, Any]:
     }
 
 
+def _load_inspectable(folder: str) -> ITDA | ITDATranscoder:
+    """An ITDA or ITDA transcoder folder, loaded by its own class (which checks it); any other
+    SAE is refused with what to use instead."""
+
+    def check(cfg: dict[str, Any]) -> None:
+        if cfg["architecture"] not in INSPECTABLE:
+            raise ValueError(
+                f"{folder} holds a {cfg['architecture']!r} SAE, whose latents were not read at "
+                f"tokens: inspect reads ITDA and ITDA transcoder folders (for any SAE: itda-lens "
+                f"dashboard {folder})"
+            )
+
+    cfg = check_sae_folder(folder, check_cfg=check)
+    return INSPECTABLE[cfg["architecture"]].load_from_disk(folder)
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    """A token id as its quoted text (the id itself without a tokenizer, or when unknown)."""
+    return (
+        repr(tokenizer.decode([token_id]))
+        if tokenizer is not None and token_id >= 0
+        else str(token_id)
+    )
+
+
 def _cmd_inspect(args: Any) -> int:
     args = args.cmd
-    itda = ITDA.load_from_disk(args.dir)
+    itda = _load_inspectable(args.dir)
     summary = _summary(itda, args.dir)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -235,10 +321,18 @@ def _cmd_inspect(args: Any) -> int:
         if tokens is not None
         else {}
     )
-    for a in atoms:
+    promoted = None
+    if isinstance(itda, ITDATranscoder) and model is not None:
+        effects = logit_effects(itda, model, n=5, latents=atoms)
+        if effects is None:
+            print(
+                f"(no promoted tokens: {meta.hook_name_out} is not written to the residual stream)"
+            )
+        else:
+            promoted = effects[0].tolist()
+    for i, a in enumerate(atoms):
         seq, pos = itda.atom_labels[a].tolist()
-        tid = int(itda.atom_token_ids[a])
-        token = repr(tokenizer.decode([tid])) if tokenizer is not None and tid >= 0 else str(tid)
+        token = _token_text(tokenizer, int(itda.atom_token_ids[a]))
         used = f" used {int(counts[a])}x" if counts is not None else ""
         ctx = (
             f"  {in_context(tokenizer, seqs[seq], pos)}"
@@ -246,6 +340,9 @@ def _cmd_inspect(args: Any) -> int:
             else ""
         )
         print(f"  atom {a:>6} (seq {seq}, pos {pos}) token {token}{used}{ctx}")
+        if promoted is not None:
+            up = " ".join(_token_text(tokenizer, t) for t in promoted[i])
+            print(f"{'':>10}output promotes {up}")
     print(f"\nnext: itda-lens dashboard {args.dir}  (every atom in the browser)")
     return 0
 
@@ -546,10 +643,14 @@ def build_parser() -> ArgumentParser:
         f"(default: ${ENV_VAR}, else {DEFAULT_FRACTION * 100:.0f}%% of the device's free memory)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = _parser(sub, "build", "build ITDA dictionaries at one or more hook points")
+    p = _parser(
+        sub, "build", "build ITDA dictionaries at one or more hook points, or an ITDA transcoder"
+    )
     p.add_arguments(BuildCommand, dest="cmd")
     p.add_arguments(BuildConfig, dest="build")
-    p = _parser(sub, "inspect", "summarise a saved ITDA and show its atoms in context")
+    p = _parser(
+        sub, "inspect", "summarise a saved ITDA or ITDA transcoder and show its atoms in context"
+    )
     p.add_arguments(InspectCommand, dest="cmd")
     p = _parser(sub, "dashboard", "write a browsable dashboard of a saved SAE or ITDA folder")
     p.add_arguments(DashboardCommand, dest="cmd")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from simple_parsing import field
 
+from itda_lens.saes.itda_transcoder import Judge
 from itda_lens.similarity import LayerMeasure
 from itda_lens.warmstart import Rule
 
@@ -25,12 +26,17 @@ DATA_HELP = "kjv (zoo corpus) | kjv:heldout | kjv:SPLIT:VARIANT | .pt/.npy token
 
 @dataclass
 class BuildCommand:
-    """Build ITDA dictionaries at one or more hook points (one forward pass for all)."""
+    """Build ITDA dictionaries at one or more hook points (one forward pass for all), or an ITDA
+    transcoder from one hook to another (--hook-out)."""
 
     hook: list[str] = field(default_factory=list, action="append", nargs=None, type=str)
     """Hook point, e.g. blocks.2.hook_resid_post (repeat the flag for several)."""
     out: str = field(default=None, required=True)
     """Output folder (one sub-folder per hook when several)."""
+    hook_out: str | None = None
+    """Build an ITDA transcoder from the one --hook to this hook, e.g. --hook blocks.1.ln2.hook_normalized --hook-out blocks.1.hook_mlp_out."""
+    judge: Judge = "output"
+    """With --hook-out: judge each token's reconstruction on its output or on its input (the ITDA's rule)."""
     model: str | None = None
     """Zoo model (default kjv-4l128-s0), model folder, TransformerLens pretrained name, or
     hf:NAME_OR_DIR (a Hugging Face causal LM; --hook takes its module paths)."""
@@ -76,10 +82,11 @@ class TrainCommand:
 
 @dataclass
 class InspectCommand:
-    """Summarise a saved ITDA and show its atoms as tokens in context."""
+    """Summarise a saved ITDA or ITDA transcoder and show its atoms as tokens in context (and, for
+    a transcoder, the tokens each output atom promotes)."""
 
     dir: str = field(positional=True)
-    """A saved ITDA folder."""
+    """A saved ITDA or ITDA transcoder folder."""
     top: int = 10
     """How many atoms to show."""
     model: str | None = None

@@ -1,6 +1,7 @@
-"""Thin, offline wrappers around sae_lens's ``run_evals`` (and SAEBench's core eval).
+"""Thin, offline wrappers around sae_lens's ``run_evals`` (and SAEBench's core eval), and the
+scores of a transcoder spliced into its model (:func:`transcoder_scores`).
 
-Both are fed from an in-memory token tensor, so nothing touches the hub. Metrics come back flat
+All are fed from an in-memory token tensor, so nothing touches the hub. Metrics come back flat
 (``ce_loss_score``, ``kl_div_score``, ``explained_variance``, ``l0``, ...). sae_lens >= 6.54 counts
 L0/L1/density with ``!= 0`` / ``abs``, so signed ITDA codes are measured correctly.
 """
@@ -9,21 +10,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from datasets import Dataset
 from jaxtyping import Int
-from sae_lens import SAE
+from sae_lens import SAE, HookedSAETransformer
 from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.saes.transcoder import Transcoder
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 from torch import Tensor
 from transformer_lens import HookedRootModule
 
-from itda_lens.activations import special_token_ids
+from itda_lens.activations import check_hook_names, special_token_ids
+from itda_lens.analysis import fvu
 from itda_lens.probing import ProbeData, mean_over_tasks, pooled_features, sparse_probe
 from itda_lens.saes import ITDA
 
@@ -212,3 +215,108 @@ def evaluate_all(
     if core:
         out["saebench_core"] = saebench_core(sae, model, heldout_tokens)
     return out
+
+
+@torch.no_grad()
+def transcoder_scores(
+    transcoder: Transcoder,
+    model: HookedSAETransformer,
+    tokens: Int[Tensor, "n seq"],
+    *,
+    batch_size: int = 8,
+    exclude_token_ids: list[int] | None = None,
+) -> dict[str, float]:
+    """How well a transcoder stands in for the model between its two hooks, on ``tokens``.
+
+    The losses are the mean next-token CE over all of ``tokens`` (as ``model(tokens,
+    return_type="loss")``): ``ce_loss_without_sae`` (the model), ``ce_loss_with_sae`` (the
+    transcoder spliced in with ``HookedSAETransformer.add_sae``, so the output hook holds its
+    decoding of the input hook), ``ce_loss_with_ablation`` (the output hook zeroed),
+    ``ce_loss_with_error_term`` (spliced with ``use_error_term=True``: equals the clean loss, a
+    check of the splice) and ``ce_loss_score``, the fraction of the ablation's loss the transcoder
+    recovers, ``(ablation - with_sae) / (ablation - without_sae)``. The names are sae_lens's
+    ``run_evals`` ones. ``fvu`` (of the output hook), ``l0`` (mean non-zero codes per token) and
+    ``dead_fraction`` (latents never non-zero) are read at ``n_tokens`` positions.
+
+    Special tokens (default: the tokenizer's BOS/EOS/PAD) are left alone everywhere: neither
+    spliced, ablated nor scored, as in :func:`evaluate`. The model is restored afterwards.
+    """
+    hook_in, hook_out = require_hook_name(transcoder), transcoder.cfg.metadata.hook_name_out
+    if not isinstance(transcoder, Transcoder) or not hook_out or hook_out == hook_in:
+        raise ValueError(
+            f"transcoder_scores needs a transcoder (metadata hook_name_out, the hook it writes, "
+            f"other than hook_name); got a {type(transcoder).__name__} writing {hook_out!r}"
+        )
+    if not isinstance(model, HookedSAETransformer):
+        raise TypeError(
+            "transcoder_scores splices through HookedSAETransformer.add_sae; got a "
+            f"{type(model).__name__} (zoo.load_model gives a HookedSAETransformer)"
+        )
+    if model.acts_to_saes:
+        raise ValueError(
+            f"the model has SAEs attached at {sorted(model.acts_to_saes)}, so its loss is not the "
+            "clean one: call model.reset_saes() first"
+        )
+    check_hook_names(model, [hook_in, hook_out])
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [n_seq, seq_len >= 2], got {tuple(tokens.shape)}")
+    excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
+    ids = torch.tensor(excluded, dtype=torch.long)
+    batches = [(b, ~torch.isin(b.cpu(), ids)) for b in tokens.split(batch_size)]
+    if not any(bool(keep.any()) for _, keep in batches):
+        raise ValueError("no token of `tokens` is scored: all of them are excluded special tokens")
+
+    def mean_loss(run: Callable[[Tensor, Tensor], Tensor]) -> float:
+        total = sum(float(run(b, keep).double().sum()) for b, keep in batches)
+        return total / (tokens.shape[0] * (tokens.shape[1] - 1))
+
+    ys: list[Tensor] = []
+    y_hats: list[Tensor] = []
+    used = torch.zeros(transcoder.cfg.d_sae, dtype=torch.bool)
+    n_codes = 0
+
+    def clean(batch: Tensor, keep: Tensor) -> Tensor:
+        """The model's loss; on the way, the transcoder's codes and outputs at the scored tokens."""
+        nonlocal n_codes
+        loss, cache = model.run_with_cache(
+            batch, names_filter=[hook_in, hook_out], return_type="loss", loss_per_token=True
+        )
+        x, y = (cache[h][keep.to(cache[h].device)] for h in (hook_in, hook_out))
+        codes = transcoder.encode(x.to(transcoder.W_dec.device, transcoder.W_dec.dtype))
+        nonzero = (codes != 0).cpu()
+        n_codes += int(nonzero.sum())
+        used.logical_or_(nonzero.any(0))
+        y_hats.append(transcoder.decode(codes).float().cpu())
+        ys.append(y.float().cpu())
+        return loss
+
+    def ablated(batch: Tensor, keep: Tensor) -> Tensor:
+        def zero(act: Tensor, hook: Any) -> Tensor:
+            return act.masked_fill(keep.to(act.device)[..., None], 0.0)
+
+        return model.run_with_hooks(
+            batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook_out, zero)]
+        )
+
+    def spliced(error_term: bool) -> float:
+        model.add_sae(transcoder, use_error_term=error_term, exclude_special_tokens=excluded)
+        try:
+            return mean_loss(lambda b, _: model(b, return_type="loss", loss_per_token=True))
+        finally:
+            model.reset_saes([hook_in])
+
+    without = mean_loss(clean)
+    with_sae, ablation = spliced(False), mean_loss(ablated)
+    y = torch.cat(ys)
+    lost = ablation - without
+    return {
+        "ce_loss_without_sae": without,
+        "ce_loss_with_sae": with_sae,
+        "ce_loss_with_ablation": ablation,
+        "ce_loss_with_error_term": spliced(True),
+        "ce_loss_score": (ablation - with_sae) / lost if lost else math.nan,
+        "fvu": fvu(y, torch.cat(y_hats)),
+        "l0": n_codes / y.shape[0],
+        "dead_fraction": 1 - float(used.float().mean()),
+        "n_tokens": float(y.shape[0]),
+    }

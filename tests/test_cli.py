@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -416,13 +417,16 @@ def test_train_command_refuses_unknown_hooks(tmp_path: Path) -> None:
     assert main(args) != 0
 
 
-def test_build_help_lists_exactly_the_config_fields(capsys: pytest.CaptureFixture) -> None:
+def test_build_help_lists_exactly_the_config_fields(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import re
     from dataclasses import fields
 
     from itda_lens.builder import BuildConfig
     from itda_lens.config import BuildCommand
 
+    monkeypatch.setenv("COLUMNS", "400")  # argparse would wrap flags in the prose at their dashes
     with pytest.raises(SystemExit) as exit_:
         main(["build", "--help"])
     assert exit_.value.code == 0
@@ -668,3 +672,97 @@ def test_import_and_export_reference(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "atoms.pt is missing" in capsys.readouterr().err
     assert main(["import-reference", str(back), "--out", str(out)]) == 2  # not empty
     assert "--overwrite" in capsys.readouterr().err
+
+
+TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+def test_build_transcoder_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`build --hook IN --hook-out OUT` saves an ITDA transcoder that sae_lens loads; `inspect`
+    shows each atom's token in context and the tokens its output atom promotes."""
+    from itda_lens import ITDATranscoder
+
+    out = tmp_path / "tc"
+    argv = ["build", "--hook", TC_IN, "--hook-out", TC_OUT, "--max-tokens", "2048"]
+    assert main([*argv, "--k", "16", "--cos-threshold", "0.9", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    tc = SAE.load_from_disk(out)
+    assert type(tc) is ITDATranscoder
+    meta, record = tc.cfg.metadata, tc.build_record
+    assert (meta.hook_name, meta.hook_name_out, meta.model_name) == (
+        TC_IN,
+        TC_OUT,
+        zoo.DEFAULT_MODEL,
+    )
+    assert meta.dataset_path == "kjv:train" and tc.cfg.k == 16
+    assert record is not None and (record.judge, record.tokens_seen) == ("output", 2048)
+    assert f"saved ITDA transcoder {TC_IN} -> {TC_OUT}: {tc.cfg.d_sae} atoms" in text
+    assert f"next: itda-lens inspect {out}" in text
+    assert main(["inspect", str(out), "--top", "3", "--usage-seqs", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split() == ["hook_name_out:", TC_OUT] for line in lines)
+    atoms = [i for i, line in enumerate(lines) if line.lstrip().startswith("atom ")]
+    assert len(atoms) == 3
+    model = zoo.load_model()
+    W = model.W_U.detach() * model.ln_final.w.detach()[:, None]
+    for i in atoms:
+        atom = int(lines[i].split()[1])
+        assert "[[" in lines[i]
+        top = (tc.W_dec[atom] @ W).topk(5).indices.tolist()
+        want = " ".join(repr(model.tokenizer.decode([t])) for t in top)
+        assert lines[i + 1].strip() == f"output promotes {want}"
+    capsys.readouterr()  # loading the model above printed a line
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["architecture"] == "itda_transcoder" and summary["d_out"] == 128
+    assert summary["builder"]["judge"] == "output"
+
+
+def test_transcoder_flags_reach_the_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    import itda_lens.cli as cli
+    from itda_lens.builder import BuildConfig
+
+    seen = {}
+
+    def fake_build(model, tokens, hook_in, hook_out, cfg, **kw):
+        seen.update(hooks=(hook_in, hook_out), cfg=cfg, **kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "build_itda_transcoder", fake_build)
+    argv = ["build", "--hook", TC_IN, "--hook-out", TC_OUT, "--judge", "input", "--k", "5"]
+    assert main([*argv, "--out", "unused"]) == 2
+    assert seen["hooks"] == (TC_IN, TC_OUT) and seen["judge"] == "input"
+    assert seen["cfg"] == BuildConfig(k=5) and seen["dataset_path"] == "kjv:train"
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--hook-out", TC_OUT], "exactly one --hook .*got 0"),
+        (
+            ["--hook", TC_IN, "--hook", "blocks.0.ln2.hook_normalized", "--hook-out", TC_OUT],
+            "got 2",
+        ),
+        (["--hook", TC_IN, "--hook-out", TC_OUT, "--resume"], "keeps none"),
+        (["--hook", TC_IN, "--judge", "input"], "--judge is for ITDA transcoders"),
+        (["--hook", TC_IN, "--hook-out", TC_IN], "maps one hook to another"),
+        (["--hook", TC_IN, "--hook-out", TC_OUT, "--target-atoms", "64"], "does not support"),
+        (["--hook", TC_IN, "--hook-out", "blocks.1.hook_mlp_outt"], "no hook point"),
+    ],
+)
+def test_transcoder_build_refuses_bad_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], match: str
+) -> None:
+    assert main(["build", *flags, "--max-tokens", "256", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "itda-lens build: error: " in err and re.search(match, err), err
+    assert not (tmp_path / "x" / "cfg.json").exists()
+
+
+def test_inspect_refuses_other_saes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=2)).save_model(tmp_path / "topk")
+    assert main(["inspect", str(tmp_path / "topk")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a 'topk' SAE" in err and "itda-lens dashboard" in err

@@ -14,12 +14,13 @@ NOTEBOOKS = sorted(
 )
 
 
-def test_the_four_tutorials_exist() -> None:
+def test_the_five_tutorials_exist() -> None:
     assert [p.stem for p in NOTEBOOKS] == [
         "comparing_models",
         "model_diffing",
         "quickstart",
         "splinterp",
+        "transcoders",
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -90,22 +91,25 @@ def collect(
 
 
 def logit_effects(
-    sae: SAE[Any], model: Any, n: int = 10
+    sae: SAE[Any], model: Any, n: int = 10, latents: Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """Each latent's ``n`` most promoted and suppressed tokens ``(up_ids, up, down_ids, down)``,
-    through the unembedding (see ``LOGIT_NOTE``); None where the decoder does not write to the
-    residual stream (a hook whose width is not d_model, or inside attention / the MLP)."""
-    hook = require_hook_name(sae)
+    """Each latent's (or each of ``latents``', in that order) ``n`` most promoted and suppressed
+    tokens ``(up_ids, up, down_ids, down)``, through the unembedding (see ``LOGIT_NOTE``); None
+    where the decoder does not write to the residual stream (the hook it writes, a transcoder's
+    ``hook_name_out``, is not d_model wide or lies inside attention / the MLP)."""
+    hook = sae.cfg.metadata.hook_name_out or require_hook_name(sae)
     W_U = getattr(model, "W_U", None)
     cfg = getattr(model, "cfg", None)
     writes_resid = "resid" in hook or hook.endswith(("hook_attn_out", "hook_mlp_out"))
-    if W_U is None or cfg is None or sae.cfg.d_in != cfg.d_model or not writes_resid:
+    if W_U is None or cfg is None or sae.W_dec.shape[1] != cfg.d_model or not writes_resid:
         return None
     W = W_U.detach().float().cpu()
     scale = getattr(getattr(model, "ln_final", None), "w", None)
     if scale is not None:
         W = W * scale.detach().float().cpu()[:, None]
     dec = sae.W_dec.detach().float().cpu()
+    if latents is not None:
+        dec = dec[torch.as_tensor(list(latents), dtype=torch.long)]
     k = min(n, W.shape[1])
     ups, upv, downs, downv = [], [], [], []
     for s in range(0, dec.shape[0], 1024):

@@ -13,7 +13,7 @@ from sae_lens import HookedSAETransformer
 from itda_lens import build_itda
 from itda_lens.dashboard import logit_effects, write_dashboard
 from itda_lens.dashboard.site import sparse_codes
-from itda_lens.saes import ITDA
+from itda_lens.saes import ITDA, ITDATranscoder
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -68,6 +68,35 @@ def test_logit_effects_match_a_plain_product(itda: ITDA, model: HookedSAETransfo
     torch.testing.assert_close(up_v, eff.topk(5, dim=1).values)
     torch.testing.assert_close(dn_v, eff.topk(5, dim=1, largest=False).values)
     assert torch.equal(eff.gather(1, up_i), up_v)
+
+
+def test_logit_effects_of_chosen_latents_and_of_a_transcoders_output(
+    itda: ITDA, model: HookedSAETransformer
+) -> None:
+    """``latents`` picks rows in the order given; a transcoder is read at the hook it writes
+    (hook_name_out) through its output atoms, not at its input hook."""
+    up_all = logit_effects(itda, model, n=4)
+    some = logit_effects(itda, model, n=4, latents=[3, 0])
+    assert up_all is not None and some is not None
+    for i, (full, part) in enumerate(zip(up_all, some, strict=True)):
+        if i % 2:  # values: a different matmul shape may round differently
+            torch.testing.assert_close(part, full[[3, 0]])
+        else:
+            assert torch.equal(part, full[[3, 0]])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+    tc = ITDATranscoder.from_pairs(
+        x, y, k=2, hook_name="blocks.1.ln2.hook_normalized", hook_name_out="blocks.1.hook_mlp_out"
+    )
+    effects = logit_effects(tc, model, n=3, latents=[5, 1])
+    assert effects is not None
+    W = model.W_U.detach() * model.ln_final.w.detach()[:, None]
+    want = (tc.W_dec[[5, 1]] @ W).topk(3, dim=1)
+    torch.testing.assert_close(effects[1], want.values)
+    assert torch.equal(effects[0], want.indices)
+    # the same atoms read as an ITDA at the input hook write nowhere near the logits
+    at_input = ITDA.from_atoms(x, k=2, hook_name="blocks.1.ln2.hook_normalized")
+    assert logit_effects(at_input, model) is None
 
 
 def test_dense_sae_codes_are_its_nonzero_encodings(
