@@ -39,7 +39,7 @@ from torch import Tensor
 from itda_lens import pursuit
 from itda_lens.builder.config import BuildConfig
 from itda_lens.dictionary import AtomStore
-from itda_lens.pursuit import decode, kernels, pursue
+from itda_lens.pursuit import SparseCode, decode, kernels, pursue
 from itda_lens.saes import ITDA, BuildRecord, SearchRecord, StreamRecord
 
 #: Sub-batch sizes of the exact rule (tokens scored in one pass): small while most tokens become
@@ -61,16 +61,18 @@ GROWTH_POINTS = 256
 
 
 class ActivationBatch(NamedTuple):
-    """Activations [n, d] with provenance; ``eligible`` marks rows allowed to become atoms."""
+    """Activations [n, d] with provenance; ``eligible`` marks rows allowed to become atoms;
+    ``outputs`` are the same tokens' activations at a transcoder's output hook (else None)."""
 
     acts: Float[Tensor, "n d"]
     labels: Int[Tensor, "n 2"]
     token_ids: Int[Tensor, " n"]
     eligible: Bool[Tensor, " n"]
+    outputs: Float[Tensor, "n d_out"] | None = None
 
     def head(self, n: int) -> ActivationBatch:
         """The first ``n`` rows."""
-        return ActivationBatch(*(t[:n] for t in self))
+        return ActivationBatch(*(None if t is None else t[:n] for t in self))
 
 
 @dataclass
@@ -195,13 +197,18 @@ class ITDABuilder:
             x[j : j + 1], batch.labels[j : j + 1].to(dev), batch.token_ids[j : j + 1].to(dev)
         )
         self.added_at.append(int(pos[j]))
+        self.added(x, torch.tensor([j]), batch)
+
+    def added(self, x: Tensor, rows: Tensor, batch: ActivationBatch) -> None:
+        """Rows ``rows`` of ``x`` (this batch's inputs) just became atoms, in order: a hook for
+        builders that keep more per atom (the transcoder's output atoms)."""
 
     # --- the exact sequential rule ----------------------------------------------------------
 
     def _exact(
         self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch, end: int
     ) -> None:
-        if self.cfg.encoder == "mp" and self.store.kernel_ok and self.backend == "auto":
+        if self.use_kernel:
             self._exact_kernel(x, rows, pos, batch)
             if not self.full:
                 self._finish_batch(end)
@@ -230,6 +237,11 @@ class ITDABuilder:
                 self._sub = min(MAX_SUB_BATCH, self._sub * 2)
             i = stop
         self._finish_batch(end)
+
+    @property
+    def use_kernel(self) -> bool:
+        """Whether the exact rule runs in the CPU kernel (MP on CPU, backend "auto")."""
+        return self.cfg.encoder == "mp" and self.store.kernel_ok and self.backend == "auto"
 
     def _exact_kernel(self, x: Tensor, rows: Tensor, pos: Tensor, batch: ActivationBatch) -> None:
         """The exact rule in the CPU kernel, sub-batch by sub-batch, to the end of ``rows``, the
@@ -278,6 +290,7 @@ class ITDABuilder:
                 new = sub[torch.from_numpy(accepted[n - n0 : added])]
                 store.commit(batch.labels[new], batch.token_ids[new])
                 self.added_at.extend(pos[new].tolist())
+                self.added(x, new, batch)
                 n = n0 + added
                 if need < 0:
                     break
@@ -295,8 +308,9 @@ class ITDABuilder:
     ) -> tuple[int, int]:
         """Judge the rows ``sub`` of ``x`` in order; returns (atoms added, last row judged)."""
         xs = x[sub]
+        ys = None if batch.outputs is None else batch.outputs[sub].to(x)
         T = xs.shape[0]
-        paths = self.score(xs)
+        paths = self.score(xs, ys)
         self.steps += 1
         valid = torch.full((T,), len(self.store) > 0, dtype=torch.bool)
         tol = xs.norm(dim=1) * self.tolerance_factor
@@ -309,7 +323,7 @@ class ITDABuilder:
             j = i + int(todo[0])
             if not bool(valid[j]):  # an atom added since it was scored enters its path: re-pursue
                 again = j + (~valid[j:]).nonzero().flatten()
-                paths.put(again, self.score(xs[again]))
+                paths.put(again, self.score(xs[again], None if ys is None else ys[again]))
                 valid[again] = True
                 if not bool(paths.accept[j]):
                     i = j + 1
@@ -324,8 +338,9 @@ class ITDABuilder:
             i = j + 1
         return added, int(sub[-1])
 
-    def score(self, xs: Tensor) -> Paths:
-        """Pursue ``xs`` over the current dictionary (an empty one accepts everything)."""
+    def score(self, xs: Tensor, ys: Tensor | None = None) -> Paths:
+        """Pursue ``xs`` over the current dictionary (an empty one accepts everything); ``ys``
+        are the rows' outputs, for a builder whose verdict reads them (:meth:`poor`)."""
         T, k = xs.shape[0], self.cfg.k
         omp = self.cfg.encoder == "omp"
         if len(self.store) == 0:
@@ -340,14 +355,19 @@ class ITDABuilder:
         code, trace = pursue(
             self.cfg.encoder, xs, atoms, k, gram=self.store.rows, trace=omp, backend=self.backend
         )
-        cos = F.cosine_similarity(xs, decode(code, atoms), dim=1, eps=1e-30)
         return Paths(
             code.indices,
             code.values,
             trace.peaks if trace is not None else code.values.abs(),
             trace.coefs if trace is not None else None,
-            (cos < self.cfg.cos_threshold).cpu(),
+            self.poor(xs, ys, code).cpu(),
         )
+
+    def poor(self, xs: Tensor, ys: Tensor | None, code: SparseCode) -> Tensor:
+        """The verdict from the rows' codes: ``cos(x, x_hat) < cos_threshold``. It depends on the
+        dictionary only through the code, which is what makes sub-batch scoring exact."""
+        cos = F.cosine_similarity(xs, decode(code, self.store.atoms), dim=1, eps=1e-30)
+        return cos < self.cfg.cos_threshold
 
     @property
     def tolerance_factor(self) -> float:
@@ -390,6 +410,7 @@ class ITDABuilder:
             r = rows[sel]
             self.store.add(x[r], batch.labels[r].to(dev), batch.token_ids[r].to(dev))
             self.added_at.extend(pos[r].tolist())
+            self.added(x, r, batch)
         if self.full:
             self._read_until(int(pos[rows[sel[-1]]]))
         else:

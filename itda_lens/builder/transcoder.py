@@ -19,43 +19,40 @@ on the dictionary only through the token's pursuit path.
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedRootModule
 
 from itda_lens.activations import TokenInput, excluded_token_ids, iter_hook_activations
 from itda_lens.builder.config import BuildConfig
-from itda_lens.builder.rule import ActivationBatch
-from itda_lens.dictionary import AtomStore
-from itda_lens.pursuit import decode, pursue
+from itda_lens.builder.rule import ActivationBatch, ITDABuilder
+from itda_lens.pursuit import SparseCode, decode
 from itda_lens.saes import TRANSCODER_BUILD_KEY, ITDATranscoder, TranscoderBuildRecord
 from itda_lens.saes.itda_transcoder import Judge
 
 JUDGES = ("output", "input")
 
 
-class TranscoderBuilder:
-    """The exact sequential rule over ``(x, y)`` pairs: feed it rows in stream order with
-    :meth:`read`. Input atoms (unit ``x``, with provenance and Gram rows) live in an
-    :class:`~itda_lens.dictionary.AtomStore`; the output atoms ``y / |x|`` beside them."""
+@dataclass
+class TranscoderBuilder(ITDABuilder):
+    """The exact sequential rule over ``(x, y)`` pairs: the ITDA builder over the inputs (atoms,
+    provenance, Gram rows, sub-batch scoring), with each batch's ``outputs`` and, beside the input
+    atoms, the output atoms ``y / |x|``; the verdict reads the output (``judge="output"``) or the
+    input (``"input"``, which is the ITDA's rule and may run in its CPU kernel)."""
 
-    def __init__(
-        self, d_in: int, d_out: int, cfg: BuildConfig, judge: Judge, device: str | torch.device
-    ):
-        self.cfg, self.judge = cfg, judge
-        dtype = cfg.torch_decision_dtype
-        self.store = AtomStore(d_in, device=device, dtype=dtype, max_atoms=cfg.max_atoms)
-        self._out = torch.empty(64, d_out, device=device, dtype=dtype)
-        self.tokens_seen = 0
-        self.tokens_scored = 0
-        self.stop_reason: str | None = None
-        self.seconds = 0.0
+    d_out: int = 1
+    judge: Judge = "output"
+    _out: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._out = torch.empty(64, self.d_out, device=self.store.device, dtype=self.store.dtype)
 
     @property
     def outputs(self) -> Float[Tensor, "n d_out"]:
@@ -63,57 +60,57 @@ class TranscoderBuilder:
         return self._out[: len(self.store)]
 
     @property
-    def full(self) -> bool:
-        return self.cfg.max_atoms is not None and len(self.store) >= self.cfg.max_atoms
+    def use_kernel(self) -> bool:
+        return self.judge == "input" and super().use_kernel
 
-    def poor(self, x: Float[Tensor, " d_in"], y: Float[Tensor, " d_out"]) -> bool:
-        """Whether the current dictionary reconstructs this token poorly (an empty one always)."""
-        if len(self.store) == 0:
-            return True
-        atoms = self.store.atoms
-        code, _ = pursue(self.cfg.encoder, x[None], atoms, self.cfg.k, gram=self.store.rows)
-        if self.judge == "output":
-            target, recon = y, decode(code, self.outputs)
-        else:
-            target, recon = x, decode(code, atoms)
-        cos = F.cosine_similarity(recon, target[None], dim=1, eps=1e-30)
-        return bool(cos.item() < self.cfg.cos_threshold)
+    def read(self, batch: ActivationBatch, pos: Tensor, end: int) -> int:
+        y = batch.outputs
+        if y is None or y.ndim != 2 or y.shape != (batch.acts.shape[0], self.d_out):
+            got = None if y is None else tuple(y.shape)
+            raise ValueError(
+                f"a transcoder batch needs outputs [{batch.acts.shape[0]}, {self.d_out}], got {got}"
+            )
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"outputs contain NaN or Inf (batch {self.n_batches})")
+        return super().read(
+            batch._replace(outputs=y.to(self.store.device, self.store.dtype)), pos, end
+        )
 
-    def read(self, batch: ActivationBatch, outputs: Float[Tensor, "n d_out"]) -> None:
-        """Judge the stream's next rows in order: ``batch`` holds their inputs (with provenance
-        and eligibility), ``outputs`` their outputs. Stops reading at the atom that fills
-        ``max_atoms``."""
-        start = time.perf_counter()
-        try:
-            x = batch.acts.to(self.store.device, self.store.dtype)
-            y = outputs.to(self.store.device, self.store.dtype)
-            keep = batch.eligible.to(x.device) & (x.norm(dim=1) > 0)
-            for i in keep.nonzero().flatten().tolist():
-                self.tokens_scored += 1
-                if self.poor(x[i], y[i]):
-                    self._add(x[i], y[i], batch.labels[i : i + 1], batch.token_ids[i : i + 1])
-                    if self.full:
-                        self.stop_reason = "full"
-                        self.tokens_seen += i + 1
-                        return
-            self.tokens_seen += x.shape[0]
-        finally:
-            self.seconds += time.perf_counter() - start
+    def poor(self, xs: Tensor, ys: Tensor | None, code: SparseCode) -> Tensor:
+        if self.judge == "input":
+            return super().poor(xs, ys, code)
+        assert ys is not None
+        cos = F.cosine_similarity(ys, decode(code, self.outputs), dim=1, eps=1e-30)
+        return cos < self.cfg.cos_threshold
 
-    def _add(
-        self,
-        x: Float[Tensor, " d_in"],
-        y: Float[Tensor, " d_out"],
-        labels: Int[Tensor, "1 2"],
-        token_ids: Int[Tensor, " 1"],
-    ) -> None:
-        n = len(self.store)
-        self.store.add(x[None], labels, token_ids)
-        if n == self._out.shape[0]:
-            grown = self._out.new_empty(2 * n, self._out.shape[1])
-            grown[:n] = self._out
+    def added(self, x: Tensor, rows: Tensor, batch: ActivationBatch) -> None:
+        assert batch.outputs is not None
+        m = len(self.store)
+        n = m - len(rows)
+        if m > self._out.shape[0]:
+            grown = self._out.new_empty(max(m, 2 * self._out.shape[0]), self.d_out)
+            grown[:n] = self._out[:n]
             self._out = grown
-        self._out[n] = y / x.norm()
+        rows = rows.to(x.device)
+        self._out[n:m] = batch.outputs[rows] / x[rows].norm(dim=1, keepdim=True)
+
+    def to_transcoder(self, **options: Any) -> ITDATranscoder:
+        """The built pairs as an :class:`~itda_lens.saes.ITDATranscoder` in the config's dtype."""
+        if len(self.store) == 0:
+            raise ValueError(
+                "empty dictionary: no activation was eligible to become an atom (the token input "
+                "is empty, or all its tokens are excluded or have zero input activations)"
+            )
+        return ITDATranscoder.from_pairs(
+            self.store.atoms,
+            self.outputs,
+            self.cfg.k,
+            labels=self.store.labels,
+            token_ids=self.store.token_ids,
+            encoder=self.cfg.encoder,
+            dtype=self.cfg.torch_dtype,
+            **options,
+        )
 
 
 def build_itda_transcoder(
@@ -160,7 +157,9 @@ def build_itda_transcoder(
         for i, hb in enumerate(bar):
             x, y = (_checked(hb.acts[h], h, i) for h in (hook_in, hook_out))
             if builder is None:
-                builder = TranscoderBuilder(x.shape[1], y.shape[1], cfg, judge, cfg.device or "cpu")
+                builder = TranscoderBuilder(
+                    x.shape[1], cfg, cfg.device or "cpu", d_out=y.shape[1], judge=judge
+                )
             n = x.shape[0]
             if cfg.max_tokens is not None:
                 n = min(n, cfg.max_tokens - builder.tokens_seen)
@@ -168,7 +167,7 @@ def build_itda_transcoder(
             context_size = int(hb.labels[:, 1].max()) + 1
             if bos is not None:
                 starts_with_bos &= bool((hb.token_ids[hb.labels[:, 1] == 0] == bos).all())
-            builder.read(ActivationBatch(x, hb.labels, hb.token_ids, hb.keep).head(n), y[:n])
+            builder.update(ActivationBatch(x, hb.labels, hb.token_ids, hb.keep, y).head(n))
             bar.set_postfix(atoms=len(builder.store))
             if builder.stop_reason is not None or builder.tokens_seen == cfg.max_tokens:
                 break
