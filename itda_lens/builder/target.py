@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor
 from itda_lens.builder.config import BuildConfig
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 
+#: Makes the builder a trial build runs: ``make(d_in, cfg, device)``.
+BuilderFactory = Callable[[int, BuildConfig, torch.device], ITDABuilder]
 #: Rows fed to the builder per call while searching (the exact rule's result does not depend on it).
 SEARCH_BATCH = 4096
 
@@ -35,30 +38,47 @@ class ThresholdSearch(NamedTuple):
     seconds: float
 
 
-def atoms_at(acts: Float[Tensor, "n d"], cfg: BuildConfig, cap: int | None = None) -> int:
-    """Size of the dictionary ``cfg`` builds over ``acts`` (at most ``cap``)."""
+def atoms_at(
+    acts: Float[Tensor, "n d"],
+    cfg: BuildConfig,
+    cap: int | None = None,
+    *,
+    outputs: Float[Tensor, "n d_out"] | None = None,
+    make: BuilderFactory = ITDABuilder,
+) -> int:
+    """Size of the dictionary ``cfg`` builds over ``acts`` (at most ``cap``): with ``make``'s
+    builder (``make(d_in, cfg, device)``; a transcoder's reads the rows' ``outputs`` too)."""
     cfg = cfg.replace(
         target_atoms=None, refine="none", max_atoms=cap if cap is not None else cfg.max_atoms
     )
-    b = ITDABuilder(acts.shape[1], cfg, device=acts.device)
+    b = make(acts.shape[1], cfg, acts.device)
     n = acts.shape[0]
     for start in range(0, n, SEARCH_BATCH):
         x = acts[start : start + SEARCH_BATCH]
         m = x.shape[0]
         labels = torch.stack([torch.arange(start, start + m), torch.full((m,), -1)], dim=1)
-        b.update(ActivationBatch(x, labels, torch.full((m,), -1), torch.ones(m, dtype=torch.bool)))
+        y = None if outputs is None else outputs[start : start + SEARCH_BATCH]
+        b.update(
+            ActivationBatch(x, labels, torch.full((m,), -1), torch.ones(m, dtype=torch.bool), y)
+        )
         if b.stopped:
             break
     return len(b.store)
 
 
 def find_threshold(
-    acts: Float[Tensor, "n d"], cfg: BuildConfig, target: int, *, max_steps: int = 30
+    acts: Float[Tensor, "n d"],
+    cfg: BuildConfig,
+    target: int,
+    *,
+    max_steps: int = 30,
+    outputs: Float[Tensor, "n d_out"] | None = None,
+    make: BuilderFactory = ITDABuilder,
 ) -> ThresholdSearch:
     """Search ``cos_threshold`` so that ``cfg``'s build over ``acts`` has ``target`` atoms
     (within ``cfg.target_tolerance``, at least one atom); returns the closest found within
     ``max_steps``. A trial build stops once it holds twice the target (its count is then a lower
-    bound, which is all the search needs there)."""
+    bound, which is all the search needs there). ``outputs`` and ``make`` are :func:`atoms_at`'s."""
     start = time.perf_counter()
     n = acts.shape[0]
     if target > n:
@@ -83,7 +103,7 @@ def find_threshold(
             t = (lo[0] + hi[0]) / 2
         else:
             t = _next_threshold(lo, hi, target, [p for p in history if p[1] < cap])
-        got = atoms_at(acts, cfg.replace(cos_threshold=t), cap)
+        got = atoms_at(acts, cfg.replace(cos_threshold=t), cap, outputs=outputs, make=make)
         history.append((t, got))
         if best is None or abs(got - target) < abs(best[1] - target):
             best = (t, got)

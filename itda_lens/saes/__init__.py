@@ -14,6 +14,7 @@ from itda_lens.saes.itda_transcoder import (
     TRANSCODER_BUILD_KEY,
     ITDATranscoder,
     ITDATranscoderConfig,
+    SkipThroughDecode,
     TranscoderBuildRecord,
 )
 from itda_lens.saes.record import (
@@ -38,6 +39,7 @@ __all__ = [
     "LocalPCASAE",
     "LocalPCASAEConfig",
     "SearchRecord",
+    "SkipThroughDecode",
     "StreamRecord",
     "TranscoderBuildRecord",
     "atomic_write",

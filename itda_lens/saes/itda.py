@@ -170,11 +170,26 @@ class ITDABase(SAE[C]):
             self.use_error_term = True
         self._gram_cache: tuple[tuple[Any, ...], GramRows] | None = None
 
+    @classmethod
+    def dims_for(cls, cfg: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        """Each float weight a save with this cfg (a dict, as in cfg.json) holds, with the cfg
+        fields that size it: ``WEIGHTS`` (a subclass may add weights its cfg asks for)."""
+        return cls.WEIGHTS
+
+    def weight_dims(self) -> dict[str, tuple[str, ...]]:
+        """Each float weight of this SAE with the cfg fields that size it (:meth:`dims_for`)."""
+        return self.dims_for(vars(self.cfg))
+
+    @property
+    def has_decoder_bias(self) -> bool:
+        """Whether ``b_dec`` is used (added by ``decode``); else it must be zero."""
+        return False
+
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each float weight's shape, from the cfg (``WEIGHTS``)."""
+        """Each float weight's shape, from the cfg (:meth:`weight_dims`)."""
         return {
             name: tuple(getattr(self.cfg, dim) for dim in dims)
-            for name, dims in self.WEIGHTS.items()
+            for name, dims in self.weight_dims().items()
         }
 
     @override
@@ -296,15 +311,19 @@ class ITDABase(SAE[C]):
 
     @override
     def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
-        """``codes @ W_dec`` (``b_dec`` is zero), with sae_lens's output hook."""
+        """``codes @ W_dec`` (``+ b_dec`` where :attr:`has_decoder_bias`, else it is zero), with
+        sae_lens's output hook."""
         out = feature_acts.to(self.W_dec.dtype) @ self.W_dec
+        if self.has_decoder_bias:
+            out = out + self.b_dec
         out = self.hook_sae_recons(out)
         out = self.run_time_activation_norm_fn_out(out)
         return self.reshape_fn_out(out, self.d_head)
 
     def decode_sparse(self, code: SparseCode) -> Float[Tensor, "... d_out"]:
         """Reconstruction from sparse codes (no hooks, no dense code matrix)."""
-        return decode(code, self.W_dec)
+        out = decode(code, self.W_dec)
+        return out + self.b_dec if self.has_decoder_bias else out
 
     # --- folding: none of it applies to a tied, unit-norm pursuit dictionary -------------------
 
@@ -421,13 +440,14 @@ class ITDABase(SAE[C]):
         """Check the weights belong to this cfg (keys, save id, shapes, checksum, unit-norm atoms)
         and undo the loader's float cast of provenance."""
         meta = self.cfg.metadata
-        _check_keys(state_dict, tuple(self.WEIGHTS))
+        weights = self.weight_dims()
+        _check_keys(state_dict, tuple(weights))
         saved_id = state_dict.pop(_SAVE_ID_KEY, None)
         _check_save_id(meta, saved_id)
         sha = meta.get(_SHA_KEY)
         for key, shape in self.weight_shapes().items():
             if tuple(state_dict[key].shape) != shape:
-                dims = dict.fromkeys(self.WEIGHTS[key])
+                dims = dict.fromkeys(weights[key])
                 said = ", ".join(f"{d}={getattr(self.cfg, d)}" for d in dims)
                 raise ValueError(
                     f"{key} has shape {tuple(state_dict[key].shape)} but cfg.json says {said}"
@@ -446,7 +466,7 @@ class ITDABase(SAE[C]):
             # else the loader rounded: only the file can be checked
             if _lossless(saved, atoms.dtype):
                 form = {
-                    **{k: state_dict[k].to(saved) for k in self.WEIGHTS},
+                    **{k: state_dict[k].to(saved) for k in weights},
                     **{k: state_dict[k].to(torch.uint8) for k in _INT_BUFFERS},
                 }
                 if saved_id is not None:
@@ -460,12 +480,12 @@ class ITDABase(SAE[C]):
                 if value.ndim == getattr(self, key).ndim + 1
                 else value.round().long()
             )
-        for key in self.WEIGHTS:
+        for key in weights:
             if key != "b_dec" and not bool(torch.isfinite(state_dict[key]).all()):
                 raise ValueError(f"corrupt ITDA weights: {key} contains NaN or Inf")
         if (atoms.float().norm(dim=1) - 1).abs().max().item() > UNIT_NORM_TOL:
             raise ValueError(f"corrupt ITDA weights: atoms in {self.ATOMS} are not unit-norm")
-        if bool((state_dict["b_dec"] != 0).any()):
+        if not self.has_decoder_bias and bool((state_dict["b_dec"] != 0).any()):
             raise ValueError(
                 "corrupt ITDA weights: b_dec must be zero (an ITDA has no decoder bias)"
             )
@@ -482,7 +502,7 @@ class ITDABase(SAE[C]):
         self.process_state_dict_for_saving(state)
         state[_SAVE_ID_KEY] = torch.tensor(list(bytes.fromhex(save_id)), dtype=torch.uint8)
         dtype = state[self.ATOMS].dtype
-        for key in self.WEIGHTS:
+        for key in self.weight_dims():
             state[key] = state[key].to(dtype)
         cfg_dict = self.cfg.to_dict()
         cfg_dict["metadata"] = {
@@ -689,13 +709,14 @@ def check_itda_folder(
 
     cfg = check_sae_folder(path, on_tensor=visit, check_cfg=check_cfg)
     meta = cfg.get("metadata") or {}
-    _check_keys(digests, tuple(cls.WEIGHTS))
+    weights = cls.dims_for(cfg)
+    _check_keys(digests, tuple(weights))
     _check_save_id(meta, stored.get(_SAVE_ID_KEY))
     sha = meta.get(_SHA_KEY)
     if sha is not None:
         saved = _dtype_name(_dtype_from_name(meta.get(_DTYPE_KEY)))
         for key in digests:
-            want = saved if key in cls.WEIGHTS else "uint8"
+            want = saved if key in weights else "uint8"
             if _dtype_name(dtypes[key]) != want:
                 raise ValueError(
                     f"corrupt ITDA weights: {SAE_WEIGHTS_FILENAME} stores {key} as "

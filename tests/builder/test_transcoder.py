@@ -1,5 +1,6 @@
 """The ITDA transcoder build on a zoo model: the exact sequential rule read literally, independence
-of the batch size, the two judges, provenance, the record, limits and bad input."""
+of the batch size, the two judges, provenance, the record, limits, sizing by target, the skip term
+and the refitted decoder (each against a plain transcription or scikit-learn), and bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from sae_lens import HookedSAETransformer
 
 from itda_lens import ITDATranscoder, build_itda, build_itda_transcoder, zoo
 from itda_lens.activations import activations_at_labels
-from itda_lens.pursuit import reference_matching_pursuit
+from itda_lens.builder.transcoder import fit_decoder, fit_skip
+from itda_lens.pursuit import SparseCode, decode, matching_pursuit, reference_matching_pursuit
 from itda_lens.saes import TranscoderBuildRecord
 
 HOOK_IN, HOOK_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
@@ -155,7 +157,7 @@ def test_max_atoms_and_max_tokens_stop_the_build(
         (("blocks.9.ln2.hook_normalized", HOOK_OUT), {}, "no hook point"),
         ((HOOK_IN, HOOK_IN), {}, "maps one hook to another"),
         ((HOOK_IN, HOOK_OUT), {"judge": "both"}, "judge must be"),
-        ((HOOK_IN, HOOK_OUT), {"target_atoms": 50}, "does not support"),
+        ((HOOK_IN, HOOK_OUT), {"target_atoms": 50, "refine": "energy"}, "does not support"),
         ((HOOK_IN, HOOK_OUT), {"add_rule": "batch"}, "does not support"),
         ((HOOK_IN, HOOK_OUT), {"cos_threshold": 1.5}, "cos_threshold must be"),
         ((HOOK_IN, HOOK_OUT), {"k": 0}, "k must be"),
@@ -186,3 +188,128 @@ def test_bad_input_is_refused(lm: HookedSAETransformer, tokens: torch.Tensor) ->
         pytest.raises(ValueError, match=f"activations at {HOOK_OUT} contain NaN"),
     ):
         build_itda_transcoder(lm, tokens[:1], HOOK_IN, HOOK_OUT, progress=False)
+
+
+def stream_pairs(
+    lm: HookedSAETransformer, toks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every position's (x, y) in stream order, and which may become atoms (not BOS / PAD)."""
+    _, cache = lm.run_with_cache(toks, names_filter=[HOOK_IN, HOOK_OUT])
+    keep = ~torch.isin(toks.flatten(), torch.tensor([0, 2]))
+    return cache[HOOK_IN].flatten(0, 1).double(), cache[HOOK_OUT].flatten(0, 1).double(), keep
+
+
+def test_fit_skip_is_least_squares_with_an_intercept() -> None:
+    from sklearn.linear_model import LinearRegression
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 3, generator=g, dtype=torch.float64) + 2.0
+    y += 0.1 * torch.randn(400, 3, generator=g, dtype=torch.float64)
+    w, b = fit_skip(x, y)
+    ref = LinearRegression().fit(x.numpy(), y.numpy())
+    torch.testing.assert_close(w, torch.from_numpy(ref.coef_), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b, torch.from_numpy(ref.intercept_), atol=1e-6, rtol=1e-6)
+
+
+def test_fit_decoder_solves_the_regularised_normal_equations() -> None:
+    g = torch.Generator().manual_seed(1)
+    n, m, k, d = 300, 30, 4, 5
+    idx = torch.stack([torch.randperm(m - 5, generator=g)[:k] for _ in range(n)])  # 5 unused
+    val = torch.randn(n, k, generator=g, dtype=torch.float64)
+    t = torch.randn(n, d, generator=g, dtype=torch.float64)
+    d0 = torch.randn(m, d, generator=g, dtype=torch.float64)
+    got = fit_decoder(SparseCode(idx, val), t, d0, ridge=1e-3)
+    c = torch.zeros(n, m, dtype=torch.float64).scatter_add_(1, idx, val)
+    diag = (c**2).sum(0)
+    lam = 1e-3 * diag[diag > 0].mean()
+    want = torch.linalg.solve(c.T @ c + lam * torch.eye(m, dtype=torch.float64), c.T @ t + lam * d0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[m - 5 :], d0[m - 5 :])  # atoms no code uses keep their pair
+    with pytest.raises(ValueError, match="codes but"):
+        fit_decoder(SparseCode(idx, val), t[:-1], d0)
+
+
+def test_skip_connection_builds_on_what_the_linear_term_leaves(
+    lm: HookedSAETransformer, tokens: torch.Tensor, tmp_path
+) -> None:
+    toks = tokens[:3]
+    x, y, keep = stream_pairs(lm, toks)
+    tc = build(lm, toks, skip_connection=True)
+    sample = keep & (x.norm(dim=1) > 0)
+    w, b = fit_skip(x[sample], y[sample])
+    torch.testing.assert_close(tc.W_skip.double(), w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tc.b_dec.double(), b, atol=1e-5, rtol=1e-5)
+    residual = y - x @ w.T - b
+    rows = literal_rule(x, residual, keep, K, THRESHOLD, "output")
+    seq = toks.shape[1]
+    assert torch.equal(tc.atom_labels, torch.tensor([[r // seq, r % seq] for r in rows]))
+    norms = x[rows].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(tc.W_dec.double(), residual[rows] / norms, atol=1e-5, rtol=1e-5)
+    record = tc.build_record
+    assert record is not None and record.skip_connection and record.decoder == "pairs"
+    assert record.sample_pairs == int(sample.sum())
+    xs = x[:50].float()
+    with torch.no_grad():
+        out = tc(xs)
+        codes = tc.encode_sparse(xs)
+        want = decode(codes, tc.W_dec) + tc.b_dec + xs @ tc.W_skip.T
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(tc.decode_sparse(codes, xs), want)
+        with pytest.raises(ValueError, match="needs the input x"):
+            tc.decode_sparse(codes)
+        acts = tc.encode(xs)
+        torch.testing.assert_close(tc.decode(acts), want)  # encode then decode: as spliced
+        with pytest.raises(ValueError, match="decode needs the input of the encode just before"):
+            tc.decode(acts)  # the input was used up by the decode before
+        # spliced by HookedSAETransformer (encode, then decode): the skip term is in
+        lm.add_sae(tc)
+        try:
+            _, cache = lm.run_with_cache(toks[:1])
+        finally:
+            lm.reset_saes()
+        spliced = cache[f"{HOOK_OUT}.hook_sae_output"][0]
+        torch.testing.assert_close(spliced, tc(cache[HOOK_IN][0]))
+    tc.save_model(tmp_path)
+    back = ITDATranscoder.load_from_disk(tmp_path)
+    assert back.cfg.skip_connection and torch.equal(back.W_skip, tc.W_skip)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x[:50].float()), out)
+
+
+def test_refit_decoder_is_least_squares_on_the_samples_codes(
+    lm: HookedSAETransformer, tokens: torch.Tensor
+) -> None:
+    toks = tokens[:3]
+    x, y, keep = stream_pairs(lm, toks)
+    pairs = build(lm, toks, max_atoms=60)
+    tc = build(lm, toks, max_atoms=60, refit_decoder=True)
+    assert torch.equal(tc.atom_labels, pairs.atom_labels) and torch.equal(tc.W_in, pairs.W_in)
+    sample = keep & (x.norm(dim=1) > 0)
+    codes = matching_pursuit(x[sample], pairs.W_in.double(), K)
+    want = fit_decoder(codes, y[sample], pairs.W_dec.double())
+    torch.testing.assert_close(tc.W_dec.double(), want, atol=1e-4, rtol=1e-4)
+    assert tc.build_record.decoder == "lstsq"  # type: ignore[union-attr]
+    fvu = lambda t: float(((t.decode(t.encode(x[sample].float())) - y[sample]) ** 2).sum())  # noqa: E731
+    with torch.no_grad():
+        assert fvu(tc) < fvu(pairs)  # on the sample it was fitted on
+
+
+def test_target_atoms_searches_the_threshold_on_the_sample(
+    lm: HookedSAETransformer, tokens: torch.Tensor
+) -> None:
+    tc = build(lm, tokens, target_atoms=80, target_sample_tokens=512)
+    record = tc.build_record
+    assert record is not None and record.search is not None
+    assert record.search["target"] == 80 and record.sample_pairs is not None
+    assert record.sample_pairs < 512  # BOS excluded
+    assert tc.cfg.d_sae == 80 and record.stop_reason == "full"  # capped at the target
+    same = build(lm, tokens, cos_threshold=record.search["threshold"], max_atoms=80)
+    assert torch.equal(same.atom_labels, tc.atom_labels)
+
+
+def test_patience_stops_a_converged_build(lm: HookedSAETransformer, tokens: torch.Tensor) -> None:
+    tc = build(lm, tokens, patience_tokens=20, cos_threshold=0.5)
+    record = tc.build_record
+    assert record is not None and record.stop_reason == "converged"
+    assert record.tokens_seen < tokens.numel()
