@@ -97,8 +97,17 @@ def _cmd_build(args: Any) -> int:
     cfg: BuildConfig = args.build
     if cmd.hook_out is not None:
         return _build_transcoder(cmd, cfg)
-    if cmd.judge != "output":
-        raise ValueError("--judge is for ITDA transcoders: give --hook-out too")
+    given = [
+        f
+        for f, on in (
+            ("--judge", cmd.judge != "output"),
+            ("--skip-connection", cmd.skip_connection),
+            ("--refit-decoder", cmd.refit_decoder),
+        )
+        if on
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)} is for ITDA transcoders: give --hook-out too")
     if not cmd.hook:
         raise ValueError("give at least one --hook, e.g. --hook blocks.2.hook_resid_post")
     out = Path(cmd.out)
@@ -148,6 +157,8 @@ def _build_transcoder(cmd: BuildCommand, cfg: BuildConfig) -> int:
         cmd.hook_out,
         cfg,
         judge=cmd.judge,
+        skip_connection=cmd.skip_connection,
+        refit_decoder=cmd.refit_decoder,
         model_name=cmd.model or model.cfg.model_name,
         dataset_path=dataset_path,
     )
@@ -158,7 +169,8 @@ def _build_transcoder(cmd: BuildCommand, cfg: BuildConfig) -> int:
     print(
         f"saved ITDA transcoder {hook} -> {cmd.hook_out}: {transcoder.cfg.d_sae} atoms "
         f"(k={transcoder.cfg.k}, judged on the {rec.judge}, threshold {rec.cos_threshold:.4f}, "
-        f"{rec.tokens_seen:,} tokens read) -> {out}"
+        f"{rec.tokens_seen:,} tokens read{', skip term' if rec.skip_connection else ''}"
+        f"{', decoder refitted' if rec.decoder == 'lstsq' else ''}) -> {out}"
     )
     print(f"next: itda-lens inspect {out}")
     return 0

@@ -37,6 +37,10 @@ class BuildCommand:
     """Build an ITDA transcoder from the one --hook to this hook, e.g. --hook blocks.1.ln2.hook_normalized --hook-out blocks.1.hook_mlp_out."""
     judge: Judge = "output"
     """With --hook-out: judge each token's reconstruction on its output or on its input (the ITDA's rule)."""
+    skip_connection: bool = False
+    """With --hook-out: fit a linear skip term on the first --target-sample-tokens tokens; the pairs hold what it leaves."""
+    refit_decoder: bool = False
+    """With --hook-out: refit the output atoms by least squares on that sample's codes."""
     model: str | None = None
     """Zoo model (default kjv-4l128-s0), model folder, TransformerLens pretrained name, or
     hf:NAME_OR_DIR (a Hugging Face causal LM; --hook takes its module paths)."""

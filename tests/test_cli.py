@@ -730,8 +730,9 @@ def test_transcoder_flags_reach_the_builder(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(cli, "build_itda_transcoder", fake_build)
     argv = ["build", "--hook", TC_IN, "--hook-out", TC_OUT, "--judge", "input", "--k", "5"]
-    assert main([*argv, "--out", "unused"]) == 2
+    assert main([*argv, "--skip-connection", "--refit-decoder", "--out", "unused"]) == 2
     assert seen["hooks"] == (TC_IN, TC_OUT) and seen["judge"] == "input"
+    assert seen["skip_connection"] is True and seen["refit_decoder"] is True
     assert seen["cfg"] == BuildConfig(k=5) and seen["dataset_path"] == "kjv:train"
 
 
@@ -745,8 +746,12 @@ def test_transcoder_flags_reach_the_builder(monkeypatch: pytest.MonkeyPatch) -> 
         ),
         (["--hook", TC_IN, "--hook-out", TC_OUT, "--resume"], "keeps none"),
         (["--hook", TC_IN, "--judge", "input"], "--judge is for ITDA transcoders"),
+        (["--hook", TC_IN, "--skip-connection"], "--skip-connection is for ITDA transcoders"),
         (["--hook", TC_IN, "--hook-out", TC_IN], "maps one hook to another"),
-        (["--hook", TC_IN, "--hook-out", TC_OUT, "--target-atoms", "64"], "does not support"),
+        (
+            ["--hook", TC_IN, "--hook-out", TC_OUT, "--target-atoms", "64", "--refine", "energy"],
+            "does not support",
+        ),
         (["--hook", TC_IN, "--hook-out", "blocks.1.hook_mlp_outt"], "no hook point"),
     ],
 )
