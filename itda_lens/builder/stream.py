@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -48,7 +48,8 @@ from itda_lens.builder.distributed import (
 from itda_lens.builder.refine import prune_by_energy
 from itda_lens.builder.rule import ActivationBatch, ITDABuilder
 from itda_lens.builder.target import ThresholdSearch, find_threshold
-from itda_lens.saes import BUILD_RECORD_KEY, ITDA, SearchRecord, StreamRecord
+from itda_lens.builder.transcoder import build_itda_transcoder
+from itda_lens.saes import BUILD_RECORD_KEY, ITDA, ITDATranscoder, SearchRecord, StreamRecord
 from itda_lens.saes.record import PREFIX_SEQUENCES, chain_digest, prefix_digest
 from itda_lens.sources import as_source
 
@@ -390,19 +391,54 @@ class _Sizing:
         return prune_by_energy(itda, self.samples[hook], target)
 
 
+@overload
 def build_itda(
     model: HookedRootModule,
     tokens: TokenInput,
     hook_name: str | Sequence[str],
     cfg: BuildConfig | None = None,
     *,
+    hook_out: None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
     model_name: str | None = None,
     dataset_path: str | None = None,
     **overrides: Any,
-) -> dict[str, ITDA]:
+) -> dict[str, ITDA]: ...
+
+
+@overload
+def build_itda(
+    model: HookedRootModule,
+    tokens: TokenInput,
+    hook_name: str,
+    cfg: BuildConfig | None = None,
+    *,
+    hook_out: str,
+    checkpoint_dir: None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model_name: str | None = None,
+    dataset_path: str | None = None,
+    **overrides: Any,
+) -> ITDATranscoder: ...
+
+
+def build_itda(
+    model: HookedRootModule,
+    tokens: TokenInput,
+    hook_name: str | Sequence[str],
+    cfg: BuildConfig | None = None,
+    *,
+    hook_out: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model_name: str | None = None,
+    dataset_path: str | None = None,
+    **overrides: Any,
+) -> dict[str, ITDA] | ITDATranscoder:
     """Build ITDA dictionaries at one or more hook points of a TransformerLens model (or a model
     read at module paths: :class:`~itda_lens.sources.ModuleSource`, an nnsight model, which is
     wrapped in :class:`~itda_lens.sources.NNsightSource`); returns ``{hook: ITDA}`` (one entry per
@@ -414,7 +450,25 @@ def build_itda(
     ``tokens``/``input_ids`` column (rows cut to ``context_size``) or a ``text`` column (packed into
     BOS-separated windows as sae_lens's ActivationsStore does). All hooks share one forward pass that
     stops after the deepest one. Each ITDA carries its :class:`~itda_lens.saes.BuildRecord`.
+
+    With ``hook_out``: an ITDA transcoder from the one hook ``hook_name`` to ``hook_out``
+    (:func:`~itda_lens.builder.transcoder.build_itda_transcoder`, which also takes ``judge``,
+    ``skip_connection`` and ``refit_decoder`` here), returned as itself.
     """
+    if hook_out is not None:
+        if not isinstance(hook_name, str):
+            raise ValueError(
+                f"hook_out builds a transcoder from one hook: hook_name must be a string, got "
+                f"{hook_name!r}"
+            )
+        if checkpoint_dir is not None or resume:
+            raise ValueError(
+                "the transcoder build keeps no checkpoint: drop checkpoint_dir / resume"
+            )
+        return build_itda_transcoder(
+            model, tokens, hook_name, hook_out, cfg, progress=progress, model_name=model_name,
+            dataset_path=dataset_path, **overrides,
+        )  # fmt: skip
     comm = Comm.current()
     with locked(checkpoint_dir, comm):
         return _build_itda(

@@ -313,3 +313,19 @@ def test_patience_stops_a_converged_build(lm: HookedSAETransformer, tokens: torc
     record = tc.build_record
     assert record is not None and record.stop_reason == "converged"
     assert record.tokens_seen < tokens.numel()
+
+
+def test_build_itda_with_hook_out_builds_the_transcoder(
+    lm: HookedSAETransformer, tokens: torch.Tensor, built: ITDATranscoder
+) -> None:
+    via = build_itda(
+        lm, tokens, HOOK_IN, k=K, cos_threshold=THRESHOLD, hook_out=HOOK_OUT, progress=False
+    )
+    assert isinstance(via, ITDATranscoder)
+    assert torch.equal(via.atom_labels, built.atom_labels) and torch.equal(via.W_dec, built.W_dec)
+    by_input = build_itda(lm, tokens[:2], HOOK_IN, hook_out=HOOK_OUT, judge="input", progress=False)
+    assert by_input.build_record.judge == "input"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="hook_name must be a string"):
+        build_itda(lm, tokens[:1], [HOOK_IN], hook_out=HOOK_OUT, progress=False)  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="keeps no checkpoint"):
+        build_itda(lm, tokens[:1], HOOK_IN, hook_out=HOOK_OUT, resume=True, progress=False)
