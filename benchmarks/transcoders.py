@@ -17,13 +17,20 @@ At each layer L of ``kjv-4l128-s0`` (``--quick``: one layer) a transcoder maps t
   encoder (ReLU, then the k largest), checked against ``SparseCoder`` on held-out inputs;
 * **random pairs, MP**: ``ITDATranscoder.from_pairs`` on n random training tokens' (x, y) pairs,
   with the same pursuit and k (the control: what the add rule's choice of pairs is worth);
-* **ITDA (judge input)**: the same build judged on the input's reconstruction, same width and k.
+* **ITDA (judge input)**: the same build judged on the input's reconstruction, same width and k;
+* **ITDA + skip**: ``skip_connection=True``: a linear term ``x @ W_skip.T + b`` fitted by least
+  squares on the first 65,536 training tokens, the pairs' outputs (and the output judge) what it
+  leaves; **ITDA + skip, LS decoder**: also ``refit_decoder=True`` (the output atoms refitted by
+  least squares on that sample's codes);
+* **TopK + skip (sparsify)**: sparsify's transcoder with its ``skip_connection`` (trained the same
+  way), the peer of the ITDA + skip variants.
 
 Each is spliced in with ``HookedSAETransformer.add_sae`` (and removed with ``reset_saes``); on the
 same held-out windows: clean CE, zero-ablated-MLP CE, spliced CE, the fraction of CE recovered
 ``(zero - spliced) / (zero - clean)``, output FVU on held-out tokens (special tokens excluded), L0
-and dead latents (never nonzero on the held-out tokens). Wall-clock: the ITDA's rule (its own
-forward pass reported apart) and the TopK's training loop; the shared activation cache apart.
+and dead latents (never nonzero on the held-out tokens). Wall-clock ("fit s"): the ITDA build's
+time outside the model's forward passes (the rule, and the sample's fits), and the TopK's training
+loop; the forward passes (the ITDA's own, the TopK's shared activation cache) apart.
 
     python benchmarks/transcoders.py                 # full run (see benchmarks/README.md)
     python benchmarks/transcoders.py --quick --out bench_out/transcoders_q
@@ -45,7 +52,7 @@ import torch.nn.functional as F
 from _common import bench_parser, prepare, record, table, table_spec
 from sae_lens import HookedSAETransformer
 from sae_lens.saes.sae import SAEMetadata
-from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig, Transcoder
 from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder
 from sparsify import TranscoderConfig as SparsifyTranscoderConfig
@@ -57,10 +64,21 @@ from typing_extensions import override
 from itda_lens import ITDATranscoder, build_itda_transcoder, zoo
 from itda_lens.activations import iter_hook_activations
 from itda_lens.analysis import fvu
+from itda_lens.saes import SkipThroughDecode
 
 MODEL = "kjv-4l128-s0"
 ITDA_OUT, ITDA_IN = "ITDA (judge output)", "ITDA (judge input)"
-TOPK, RANDOM = "TopK (sparsify)", "random pairs, MP"
+ITDA_SKIP, ITDA_LSQ = "ITDA + skip", "ITDA + skip, LS decoder"
+TOPK, TOPK_SKIP, RANDOM = "TopK (sparsify)", "TopK + skip (sparsify)", "random pairs, MP"
+#: the ITDA builds: label -> (judge, build_itda_transcoder options)
+ITDA_BUILDS: dict[str, tuple[str, dict[str, bool]]] = {
+    ITDA_OUT: ("output", {}),
+    ITDA_IN: ("input", {}),
+    ITDA_SKIP: ("output", {"skip_connection": True}),
+    ITDA_LSQ: ("output", {"skip_connection": True, "refit_decoder": True}),
+}
+#: the table's order
+METHODS = [ITDA_OUT, ITDA_SKIP, ITDA_LSQ, ITDA_IN, TOPK, TOPK_SKIP, RANDOM]
 #: cos_threshold judged on the output; on the input, per k: high enough that the build fills the
 #: width within the training windows (a better input reconstruction at larger k adds fewer pairs)
 THRESHOLD_OUT, THRESHOLD_IN = 0.8, {8: 0.9, 16: 0.95}
@@ -103,10 +121,10 @@ def cache_pairs(
     return pairs, seconds  # type: ignore[return-value]
 
 
-class TopKTranscoder(Transcoder):
-    """A sae_lens Transcoder with sparsify's TopK encoder: ReLU, then the ``k`` largest."""
+class TopKSkipTranscoder(SkipTranscoder):
+    """A sae_lens ``SkipTranscoder`` with sparsify's TopK encoder: ReLU, then the ``k`` largest."""
 
-    def __init__(self, cfg: TranscoderConfig, k: int):
+    def __init__(self, cfg: SkipTranscoderConfig, k: int):
         super().__init__(cfg)
         self.k = k
 
@@ -118,10 +136,16 @@ class TopKTranscoder(Transcoder):
         return self.hook_sae_acts_post(torch.zeros_like(pre).scatter_(-1, idx, vals))
 
 
+class TopKTranscoder(SkipThroughDecode, TopKSkipTranscoder):
+    """The TopK transcoder with its skip term (zero without one) carried through ``encode`` then
+    ``decode``, which is how ``HookedSAETransformer`` splices (``SkipTranscoder.forward``, which
+    adds it, is bypassed there)."""
+
+
 def to_sae_lens(coder: SparseCoder, hook_in: str, hook_out: str) -> TopKTranscoder:
     """The trained ``SparseCoder`` as a sae_lens transcoder attachable with ``add_sae``."""
     assert coder.W_dec is not None
-    cfg = TranscoderConfig(
+    cfg = SkipTranscoderConfig(
         d_in=coder.d_in,
         d_sae=coder.num_latents,
         d_out=coder.W_dec.shape[1],
@@ -134,6 +158,8 @@ def to_sae_lens(coder: SparseCoder, hook_in: str, hook_out: str) -> TopKTranscod
         tc.b_enc.copy_(coder.encoder.bias)
         tc.W_dec.copy_(coder.W_dec)
         tc.b_dec.copy_(coder.b_dec)
+        if coder.W_skip is not None:
+            tc.W_skip.copy_(coder.W_skip)
     return tc
 
 
@@ -146,13 +172,16 @@ def train_topk(
     batch: int,
     optimizer: str = "signum",
     seed: int = 0,
+    skip: bool = False,
 ) -> tuple[SparseCoder, float]:
     """sparsify's transcoder trained on (x, y) by its ``Trainer``'s recipe (module doc) for
     ``steps`` steps of ``batch`` random pairs, with one of the ``Trainer``'s optimizers at its
     default learning rate: ``"adam"`` (linear warm-up over a tenth of the steps, then linear decay
     to 0) or ``"signum"`` (schedule-free sign-SGD); returns it and its last batch's FVU."""
     torch.manual_seed(seed)
-    coder = SparseCoder(x.shape[1], SparsifyTranscoderConfig(num_latents=width, k=k))
+    coder = SparseCoder(
+        x.shape[1], SparsifyTranscoderConfig(num_latents=width, k=k, skip_connection=skip)
+    )
     with torch.no_grad():  # the Trainer's step-0 initialisation
         coder.encoder.bias.copy_(-x.mean(0) @ coder.encoder.weight.T)
         coder.b_dec.copy_(y.mean(0))
@@ -248,7 +277,7 @@ def run_layer(
     clean = ce_loss(model, heldout)
     zero = ce_loss(model, heldout, fwd_hooks=[(hook_out, lambda a, hook: torch.zeros_like(a))])
     fitted: dict[str, tuple[Transcoder, dict[str, Any]]] = {}
-    for label, judge in ((ITDA_OUT, "output"), (ITDA_IN, "input")):
+    for label, (judge, options) in ITDA_BUILDS.items():
         t0 = time.perf_counter()
         itda = build_itda_transcoder(
             model,
@@ -260,6 +289,7 @@ def run_layer(
             max_atoms=args.width,
             judge=judge,
             progress=False,
+            **options,
         )
         wall = time.perf_counter() - t0
         pin_threads(args.threads)
@@ -268,7 +298,9 @@ def run_layer(
         fitted[label] = (
             itda,
             {
-                "fit_s": rec.dictionary_seconds,
+                # everything but the model's forward passes: the rule, and the sample's fits
+                "fit_s": wall - rec.forward_seconds,
+                "rule_s": rec.dictionary_seconds,
                 "forward_s": rec.forward_seconds,
                 "wall_s": wall,
                 "tokens_read": rec.tokens_seen,
@@ -280,32 +312,35 @@ def run_layer(
     width = itda.cfg.d_sae
     itda_train_l0 = l0_on(itda, x[-args.l0_tokens :])  # training pairs the build did not read
     k_topk = max(1, round(itda_train_l0))
-    pin_threads(args.threads)
-    t0 = time.perf_counter()
-    coder, last_fvu = train_topk(x, y, width, k_topk, args.steps, args.batch, args.optimizer)
-    train_s = time.perf_counter() - t0
-    topk = to_sae_lens(coder, hook_in, hook_out)
-    with torch.no_grad():  # the sae_lens form decodes exactly as sparsify does
-        want = coder(xh[:1024]).sae_out
-        assert torch.allclose(topk(xh[:1024]), want, atol=1e-4), "TopK conversion mismatch"
-    fitted[TOPK] = (
-        topk,
-        {
-            "fit_s": train_s,
-            "wall_s": train_s,
-            "steps": args.steps,
-            "optimizer": args.optimizer,
-            "samples": args.steps * args.batch,
-            "train_fvu": last_fvu,
-        },
-    )
+    for label, skip in ((TOPK, False), (TOPK_SKIP, True)):
+        pin_threads(args.threads)
+        t0 = time.perf_counter()
+        coder, last_fvu = train_topk(
+            x, y, width, k_topk, args.steps, args.batch, args.optimizer, skip=skip
+        )
+        train_s = time.perf_counter() - t0
+        topk = to_sae_lens(coder, hook_in, hook_out)
+        with torch.no_grad():  # the sae_lens form decodes exactly as sparsify does
+            want = coder(xh[:1024]).sae_out
+            assert torch.allclose(topk(xh[:1024]), want, atol=1e-4), "TopK conversion mismatch"
+        fitted[label] = (
+            topk,
+            {
+                "fit_s": train_s,
+                "wall_s": train_s,
+                "steps": args.steps,
+                "optimizer": args.optimizer,
+                "samples": args.steps * args.batch,
+                "train_fvu": last_fvu,
+            },
+        )
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(layer))[:width]
     t0 = time.perf_counter()
     rand = ITDATranscoder.from_pairs(x[pick], y[pick], k, hook_name=hook_in, hook_name_out=hook_out)
     rand_s = time.perf_counter() - t0
     fitted[RANDOM] = (rand, {"fit_s": rand_s, "wall_s": rand_s})
     rows = []
-    for label in (ITDA_OUT, TOPK, RANDOM, ITDA_IN):
+    for label in METHODS:
         tc, info = fitted[label]
         ce = spliced_ce(model, tc, heldout)
         rows.append(
@@ -314,7 +349,7 @@ def run_layer(
                 "itda_k": k,
                 "method": label,
                 "width": tc.cfg.d_sae,
-                "k": k_topk if label == TOPK else k,
+                "k": k_topk if label in (TOPK, TOPK_SKIP) else k,
                 "ce_clean": clean,
                 "ce_zero": zero,
                 "ce": ce,
@@ -337,49 +372,60 @@ def run_layer(
 
 
 def summarise(rows: list[dict[str, Any]], cache_s: float) -> dict[str, Any]:
-    """Per layer and k: ITDA / TopK time (also with the forward passes each needs: the ITDA's
-    over the tokens it read, the whole training cache's for the TopK), CE gap in nats, whether the
-    issue's goal is met; and the same over all cases."""
+    """Per layer and k: each ITDA variant's CE gap to the TopK (and, for the skip variants, to the
+    TopK with a skip term) in nats and its fit time over the TopK's; the best ITDA variant by
+    spliced CE and whether it meets the issue's goal; and the counts over all cases."""
     cases = []
     for layer, k in dict.fromkeys((r["layer"], r["itda_k"]) for r in rows):
         by = {r["method"]: r for r in rows if (r["layer"], r["itda_k"]) == (layer, k)}
-        itda, topk, rand = by[ITDA_OUT], by[TOPK], by[RANDOM]
+        topk, topk_skip, rand = by[TOPK], by[TOPK_SKIP], by[RANDOM]
+        best = min(ITDA_BUILDS, key=lambda m: by[m]["ce"])
+        itda = by[best]
         cases.append(
             {
                 "layer": layer,
                 "itda_k": k,
-                "width": itda["width"],
-                "itda_l0": itda["l0"],
+                "width": by[ITDA_OUT]["width"],
+                "itda_l0": by[ITDA_OUT]["l0"],
                 "topk_k": topk["k"],
-                "ce_gap_nats": itda["ce"] - topk["ce"],
+                "ce_gap_nats": {m: by[m]["ce"] - topk["ce"] for m in ITDA_BUILDS},
+                "skip_ce_gap_nats": {
+                    m: by[m]["ce"] - topk_skip["ce"] for m in (ITDA_SKIP, ITDA_LSQ)
+                },
+                "time_ratio": {m: by[m]["fit_s"] / topk["fit_s"] for m in ITDA_BUILDS},
                 "random_gap_nats": rand["ce"] - topk["ce"],
                 "random_ce_goal_met": rand["ce"] - topk["ce"] <= GOAL_NATS,
                 "recovered": {m: r["recovered"] for m, r in by.items()},
                 "fvu": {m: r["fvu"] for m, r in by.items()},
-                "time_ratio": itda["fit_s"] / topk["fit_s"],
-                "time_ratio_with_forward": (itda["fit_s"] + itda["forward_s"])
-                / (topk["fit_s"] + cache_s),
+                "best": best,
+                "best_ce_gap_nats": itda["ce"] - topk["ce"],
+                "best_time_ratio": itda["fit_s"] / topk["fit_s"],
                 "ce_goal_met": itda["ce"] - topk["ce"] <= GOAL_NATS,
                 "time_goal_met": itda["fit_s"] <= GOAL_TIME * topk["fit_s"],
+                "skip_beats_topk_skip": by[ITDA_LSQ]["ce"] <= topk_skip["ce"],
             }
         )
     for s in cases:
         s["goal_met"] = s["ce_goal_met"] and s["time_goal_met"]
+    gaps = [g for s in cases for g in s["ce_gap_nats"].values()]
     return {
         "cases": cases,
         "cases_goal_met": sum(s["goal_met"] for s in cases),
         "cases_ce_goal_met": sum(s["ce_goal_met"] for s in cases),
         "cases_time_goal_met": sum(s["time_goal_met"] for s in cases),
         "n_cases": len(cases),
+        "best_counts": {m: sum(s["best"] == m for s in cases) for m in ITDA_BUILDS},
         "random_cases_ce_goal_met": sum(s["random_ce_goal_met"] for s in cases),
-        "itda_beats_random": sum(s["ce_gap_nats"] < s["random_gap_nats"] for s in cases),
-        "ce_gap_range": [
-            min(s["ce_gap_nats"] for s in cases),
-            max(s["ce_gap_nats"] for s in cases),
+        "itda_beats_random": sum(s["ce_gap_nats"][ITDA_OUT] < s["random_gap_nats"] for s in cases),
+        "lsq_beats_topk_skip": sum(s["skip_beats_topk_skip"] for s in cases),
+        "ce_gap_range": [min(gaps), max(gaps)],
+        "best_ce_gap_range": [
+            min(s["best_ce_gap_nats"] for s in cases),
+            max(s["best_ce_gap_nats"] for s in cases),
         ],
-        "time_ratio_range": [
-            min(s["time_ratio"] for s in cases),
-            max(s["time_ratio"] for s in cases),
+        "best_time_ratio_range": [
+            min(s["best_time_ratio"] for s in cases),
+            max(s["best_time_ratio"] for s in cases),
         ],
     }
 
@@ -478,11 +524,10 @@ def main() -> None:
     print(table([shown(r) for r in rows], COLUMNS))
     for s in summary["cases"]:
         print(
-            f"layer {s['layer']}, k {s['itda_k']}: ITDA / TopK time {s['time_ratio']:.3f} (with forward passes "
-            f"{s['time_ratio_with_forward']:.3f}), CE gap to TopK "
-            f"{s['ce_gap_nats']:+.3f} nats (random pairs {s['random_gap_nats']:+.3f}); goal "
-            f"(<= {GOAL_NATS} nats in <= {GOAL_TIME:.0%} of the time) "
-            f"{'met' if s['goal_met'] else 'not met'}"
+            f"layer {s['layer']}, k {s['itda_k']}: best ITDA {s['best']}, ITDA / TopK time "
+            f"{s['best_time_ratio']:.3f}, CE gap to TopK {s['best_ce_gap_nats']:+.3f} nats "
+            f"(random pairs {s['random_gap_nats']:+.3f}); goal (<= {GOAL_NATS} nats in <= "
+            f"{GOAL_TIME:.0%} of the time) {'met' if s['goal_met'] else 'not met'}"
         )
     record(
         "transcoders",

@@ -180,12 +180,14 @@ def build_itda_transcoder(
         )
     )
     dt = cfg.torch_decision_dtype
+    head: list[HookBatch] = []
     sample: Pairs | None = None
     skip: tuple[Tensor, Tensor] | None = None
     search: ThresholdSearch | None = None
     if skip_connection or refit_decoder or cfg.target_atoms is not None:
         head, sample = _read_pairs(batches, hook_in, hook_out, cfg)
         batches = itertools.chain(head, batches)
+        forward_seconds = sum(hb.forward_seconds for hb in head)  # read once, whether built or not
         if skip_connection:
             skip = fit_skip(sample.x, sample.y)
         if cfg.target_atoms is not None:
@@ -209,7 +211,8 @@ def build_itda_transcoder(
             n = x.shape[0]
             if cfg.max_tokens is not None:
                 n = min(n, cfg.max_tokens - builder.tokens_seen)
-            forward_seconds += hb.forward_seconds
+            if i >= len(head):
+                forward_seconds += hb.forward_seconds
             context_size = int(hb.labels[:, 1].max()) + 1
             if bos is not None:
                 starts_with_bos &= bool((hb.token_ids[hb.labels[:, 1] == 0] == bos).all())
@@ -283,12 +286,14 @@ def fit_decoder(
     tol: float = 1e-8,
     max_iter: int = 500,
     chunk: int = 4096,
+    dense_bytes: int = 512 * 2**20,
 ) -> Float[Tensor, "m d_out"]:
     """The decoder ``D`` minimising ``|C D - targets|^2 + lam |D - init|^2`` for the codes ``C``
     (sparse, ``[n, k]`` into ``m`` atoms), with ``lam = ridge`` x the mean squared code norm per
-    used atom: atoms no code uses keep ``init``. Solved by Jacobi-preconditioned conjugate
-    gradients on the normal equations without forming ``C^T C`` (memory ``O(m d_out)``), in
-    float64, to a relative residual of ``tol``."""
+    used atom: atoms no code uses keep ``init``. In float64: while ``C^T C`` [m, m] fits
+    ``dense_bytes``, formed from the codes and solved by Cholesky; beyond, Jacobi-preconditioned
+    conjugate gradients on the normal equations without forming it (memory ``O(m d_out)``), to a
+    relative residual of ``tol``."""
     idx, val = code.indices.reshape(-1, code.indices.shape[-1]), code.values.double()
     val = val.reshape(idx.shape)
     t = targets.double()
@@ -322,6 +327,15 @@ def fit_decoder(
         return ct(c(d)) + lam * d
 
     rhs = ct(t) + lam * d0
+    if m * m * 8 <= dense_bytes:
+        gram = d0.new_zeros(m * m)
+        for s in range(0, idx.shape[0], chunk):
+            i, v = idx[s : s + chunk], val[s : s + chunk]
+            flat = (i.unsqueeze(-1) * m + i.unsqueeze(-2)).flatten()
+            gram.index_add_(0, flat, (v.unsqueeze(-1) * v.unsqueeze(-2)).flatten())
+        gram = gram.view(m, m)
+        gram.diagonal().add_(lam)
+        return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
     precond = 1 / (diag + lam)
     d = d0.clone()
     r = rhs - op(d)

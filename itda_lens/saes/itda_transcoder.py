@@ -81,7 +81,9 @@ class TranscoderBuildRecord:
     None (the stream or ``max_tokens`` ended it)."""
     excluded_token_ids: list[int]
     forward_seconds: float
+    """The model's forward passes (the sample's included, when one was read)."""
     dictionary_seconds: float
+    """The add rule's time."""
     skip_connection: bool = False
     """Whether a linear skip term was fitted on the sample (the pairs' outputs are its residual)."""
     decoder: Literal["pairs", "lstsq"] = "pairs"

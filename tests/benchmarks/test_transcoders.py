@@ -10,7 +10,16 @@ import pytest
 
 from tests.benchmarks.helpers import run_quick
 
-METHODS = ["ITDA (judge output)", "TopK (sparsify)", "random pairs, MP", "ITDA (judge input)"]
+METHODS = [
+    "ITDA (judge output)",
+    "ITDA + skip",
+    "ITDA + skip, LS decoder",
+    "ITDA (judge input)",
+    "TopK (sparsify)",
+    "TopK + skip (sparsify)",
+    "random pairs, MP",
+]
+ITDAS = [METHODS[i] for i in (0, 1, 2, 3)]
 NUMBERS = ("ce_clean", "ce_zero", "ce", "recovered", "fvu", "l0", "fit_s", "ce_gap_to_topk")
 
 
@@ -29,7 +38,9 @@ def test_transcoders_benchmark_quick(tmp_path: Path) -> None:
             assert math.isfinite(r[key]), (r["method"], key, r[key])
         assert r["ce_clean"] < r["ce_zero"]  # the MLP matters at this layer
         assert r["fvu"] >= 0 and 0 <= r["dead"] <= r["width"]
-    itda, topk, rand = (rows[m] for m in METHODS[:3])
+    itda, topk, rand = (
+        rows[m] for m in ("ITDA (judge output)", "TopK (sparsify)", "random pairs, MP")
+    )
     k = itda["itda_k"]
     # k pursuit steps give at most k distinct atoms per token (MP may pick one twice)
     assert 0 < itda["l0"] <= k and 0 < itda["train_l0"] <= k
@@ -38,5 +49,10 @@ def test_transcoders_benchmark_quick(tmp_path: Path) -> None:
     assert topk["k"] == max(1, round(itda["train_l0"])) and topk["l0"] <= topk["k"]
     assert topk["ce_gap_to_topk"] == 0 and topk["time_over_topk"] == 1
     summary = saved["data"]["summary"]["cases"][0]
-    assert summary["ce_gap_nats"] == pytest.approx(itda["ce"] - topk["ce"])
+    assert summary["ce_gap_nats"]["ITDA (judge output)"] == pytest.approx(itda["ce"] - topk["ce"])
+    assert summary["best"] == min(ITDAS, key=lambda m: rows[m]["ce"])
+    assert summary["best_ce_gap_nats"] == pytest.approx(rows[summary["best"]]["ce"] - topk["ce"])
     assert summary["goal_met"] == (summary["ce_goal_met"] and summary["time_goal_met"])
+    # the skip variants are spliced with their skip term: they beat the plain build's FVU here
+    assert rows["ITDA + skip, LS decoder"]["fvu"] < itda["fvu"]
+    assert rows["TopK + skip (sparsify)"]["k"] == topk["k"]
