@@ -15,11 +15,12 @@ METHODS = [
     "ITDA + skip",
     "ITDA + skip, LS decoder",
     "ITDA (judge input)",
+    "ITDA (judge input) + skip, LS decoder",
     "TopK (sparsify)",
     "TopK + skip (sparsify)",
     "random pairs, MP",
 ]
-ITDAS = [METHODS[i] for i in (0, 1, 2, 3)]
+ITDAS = METHODS[:5]
 NUMBERS = ("ce_clean", "ce_zero", "ce", "recovered", "fvu", "l0", "fit_s", "ce_gap_to_topk")
 
 
