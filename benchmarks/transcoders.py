@@ -26,10 +26,11 @@ At each layer L of ``kjv-4l128-s0`` (``--quick``: one layer) a transcoder maps t
 * **TopK + skip (sparsify)**: sparsify's transcoder with its ``skip_connection`` (trained the same
   way), the peer of the ITDA + skip variants.
 
-Each is spliced in with ``HookedSAETransformer.add_sae`` (and removed with ``reset_saes``); on the
-same held-out windows: clean CE, zero-ablated-MLP CE, spliced CE, the fraction of CE recovered
-``(zero - spliced) / (zero - clean)``, output FVU on held-out tokens (special tokens excluded), L0
-and dead latents (never nonzero on the held-out tokens). Wall-clock ("fit s"): the ITDA build's
+Each is scored by ``itda_lens.evals.transcoder_scores`` on the same held-out windows (spliced in
+with ``HookedSAETransformer.add_sae``, special tokens neither spliced, ablated nor scored): clean
+CE, zero-ablated-MLP CE, spliced CE (and with the error term, checked to give back the clean CE),
+the fraction of CE recovered ``(zero - spliced) / (zero - clean)``, output FVU, L0 and dead
+latents (never nonzero on the held-out tokens). Wall-clock ("fit s"): the ITDA build's
 time outside the model's forward passes (the rule, and the sample's fits), and the TopK's training
 loop; the forward passes (the ITDA's own, the TopK's shared activation cache) apart.
 
@@ -64,7 +65,7 @@ from typing_extensions import override
 
 from itda_lens import ITDATranscoder, build_itda_transcoder, zoo
 from itda_lens.activations import iter_hook_activations
-from itda_lens.analysis import fvu
+from itda_lens.evals import transcoder_scores
 from itda_lens.saes import SkipThroughDecode
 
 MODEL = "kjv-4l128-s0"
@@ -224,39 +225,6 @@ def sparse_l0(codes: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def held_out_stats(tc: Transcoder, x: Tensor, y: Tensor, chunk: int = 4096) -> dict[str, Any]:
-    """Output FVU, L0 and dead latents of ``tc`` on held-out (x, y)."""
-    recon, l0, used = [], [], torch.zeros(tc.cfg.d_sae, dtype=torch.bool)
-    for s in range(0, len(x), chunk):
-        codes = tc.encode(x[s : s + chunk])
-        recon.append(tc.decode(codes))
-        l0.append(sparse_l0(codes))
-        used |= (codes != 0).any(0)
-    dead = int((~used).sum())
-    return {
-        "fvu": fvu(y, torch.cat(recon)),
-        "l0": float(torch.cat(l0).mean()),
-        "dead": dead,
-        "dead_frac": dead / tc.cfg.d_sae,
-    }
-
-
-@torch.no_grad()
-def ce_loss(model: HookedSAETransformer, tokens: Tensor, **kw: Any) -> float:
-    """Mean next-token CE (nats) over every target of ``tokens``."""
-    return float(model.run_with_hooks(tokens, return_type="loss", **kw))
-
-
-@torch.no_grad()
-def spliced_ce(model: HookedSAETransformer, tc: Transcoder, tokens: Tensor) -> float:
-    model.add_sae(tc)
-    try:
-        return ce_loss(model, tokens)
-    finally:
-        model.reset_saes()
-
-
-@torch.no_grad()
 def l0_on(tc: ITDATranscoder, x: Tensor, chunk: int = 4096) -> float:
     """Mean distinct nonzeros per token of ``tc`` on ``x``."""
     return float(
@@ -270,7 +238,6 @@ def run_layer(
     layer: int,
     train: Tensor,
     train_pairs: tuple[Tensor, Tensor],
-    held_pairs: tuple[Tensor, Tensor],
     heldout: Tensor,
     k: int,
 ) -> list[dict[str, Any]]:
@@ -278,9 +245,6 @@ def run_layer(
     windows."""
     hook_in, hook_out = hooks(layer)
     x, y = train_pairs
-    xh, yh = held_pairs
-    clean = ce_loss(model, heldout)
-    zero = ce_loss(model, heldout, fwd_hooks=[(hook_out, lambda a, hook: torch.zeros_like(a))])
     fitted: dict[str, tuple[Transcoder, dict[str, Any]]] = {}
     for label, (judge, options) in ITDA_BUILDS.items():
         t0 = time.perf_counter()
@@ -326,8 +290,9 @@ def run_layer(
         train_s = time.perf_counter() - t0
         topk = to_sae_lens(coder, hook_in, hook_out)
         with torch.no_grad():  # the sae_lens form decodes exactly as sparsify does
-            want = coder(xh[:1024]).sae_out
-            assert torch.allclose(topk(xh[:1024]), want, atol=1e-4), "TopK conversion mismatch"
+            probe = x[-1024:]  # training pairs past the ones it saw most (any inputs would do)
+            want = coder(probe).sae_out
+            assert torch.allclose(topk(probe), want, atol=1e-4), "TopK conversion mismatch"
         fitted[label] = (
             topk,
             {
@@ -347,7 +312,10 @@ def run_layer(
     rows = []
     for label in METHODS:
         tc, info = fitted[label]
-        ce = spliced_ce(model, tc, heldout)
+        with torch.no_grad():
+            scores = transcoder_scores(tc, model, heldout, batch_size=32)
+        # the splice is right: with the error term it gives back the clean loss
+        assert abs(scores["ce_loss_with_error_term"] - scores["ce_loss_without_sae"]) < 1e-4
         rows.append(
             {
                 "layer": layer,
@@ -355,14 +323,19 @@ def run_layer(
                 "method": label,
                 "width": tc.cfg.d_sae,
                 "k": k_topk if label in (TOPK, TOPK_SKIP) else k,
-                "ce_clean": clean,
-                "ce_zero": zero,
-                "ce": ce,
-                "recovered": (zero - ce) / (zero - clean),
-                **held_out_stats(tc, xh, yh),
+                "ce_clean": scores["ce_loss_without_sae"],
+                "ce_zero": scores["ce_loss_with_ablation"],
+                "ce": scores["ce_loss_with_sae"],
+                "ce_error_term": scores["ce_loss_with_error_term"],
+                "recovered": scores["ce_loss_score"],
+                "fvu": scores["fvu"],
+                "l0": scores["l0"],
+                "dead": round(scores["dead_fraction"] * tc.cfg.d_sae),
+                "dead_frac": scores["dead_fraction"],
                 **info,
             }
         )
+    clean, zero = rows[0]["ce_clean"], rows[0]["ce_zero"]
     rows[0]["train_l0"] = itda_train_l0
     by = {r["method"]: r for r in rows}
     for r in rows:
@@ -508,7 +481,7 @@ def main() -> None:
         args.layers = args.layers if args.layers is not None else [0, 1, 2, 3]
         args.ks = args.ks or [8, 16]
         args.steps = args.steps or 300
-        args.train_windows, args.heldout_windows, args.l0_tokens = 1024, 256, 8192
+        args.train_windows, args.heldout_windows, args.l0_tokens = 1024, 128, 8192
     prepare(args)
     pin_threads(args.threads)
     t0 = time.perf_counter()
@@ -516,7 +489,6 @@ def main() -> None:
     train = zoo.load_tokens("train", args.train_windows)
     heldout = zoo.load_tokens("heldout", args.heldout_windows)
     pairs, cache_s = cache_pairs(model, train, args.layers)
-    held, _ = cache_pairs(model, heldout, args.layers)
     n_train = next(iter(pairs.values()))[0].shape[0]
     print(
         f"{MODEL}: {n_train:,} training pairs per layer cached in {cache_s:.1f} s; "
@@ -527,7 +499,7 @@ def main() -> None:
     rows = []
     for layer in args.layers:
         for k in args.ks:
-            rows += run_layer(args, model, layer, train, pairs[layer], held[layer], heldout, k)
+            rows += run_layer(args, model, layer, train, pairs[layer], heldout, k)
     summary = summarise(rows, cache_s)
     summary["cache_s"] = cache_s
     summary["train_pairs"] = n_train
