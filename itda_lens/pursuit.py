@@ -1,6 +1,6 @@
 """Pursuit kernels: sparse codes of activations over a dictionary of unit-norm atoms.
 
-Both encoders return a :class:`SparseCode` — ``(indices, values)`` of shape ``[..., k]`` — never a
+The encoders return a :class:`SparseCode` — ``(indices, values)`` of shape ``[..., k]`` — never a
 dense tokens x atoms matrix (ask for one with :meth:`SparseCode.to_dense`):
 
 * :func:`matching_pursuit` is ITDA's encoder as the paper's code runs it: exactly ``k`` iterations,
@@ -9,8 +9,15 @@ dense tokens x atoms matrix (ask for one with :meth:`SparseCode.to_dense`):
 * :func:`orthogonal_matching_pursuit` picks atoms the same way but refits all coefficients by least
   squares over the support after each step (incremental Cholesky), with scikit-learn's
   ``orthogonal_mp_gram`` semantics, including its early stop on linear dependence.
+* :func:`gradient_pursuit` is *non-negative* gradient pursuit (Blumensath & Davies 2008, as the
+  GDM team, EleutherAI sparsify's ITDA and dictionary_learning run it): each step adds the atom
+  with the largest *positive* correlation to the support, takes one exact line-search step along
+  the correlations on the support and clamps the coefficients at 0. It recomputes the
+  correlations from the residual each step (Gram rows do not apply: every step moves all of the
+  support's coefficients) and has no CPU kernel.
 
-Slots that carry no atom (OMP stopped early, or a zero input) have value 0 and index 0.
+Slots that carry no atom (OMP stopped early, a gradient-pursuit coefficient clamped to 0, or a
+zero input) have value 0 and index 0.
 
 How it is fast at any size: one matmul gives each token's correlations with every atom; each step
 then updates them with the picked atom's Gram row (n work instead of n·d). The rows are int16
@@ -32,7 +39,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from itda_lens.budget import memory_budget
@@ -44,8 +51,11 @@ except ImportError:  # pragma: no cover
     kernels = None  # type: ignore[assignment]
 
 __all__ = [
+    "ENCODERS",
     "UNIT_NORM_TOL",
     "Backend",
+    "Encoder",
+    "GPTrace",
     "OMPTrace",
     "PursuitStats",
     "SparseCode",
@@ -54,12 +64,15 @@ __all__ = [
     "chunk_tokens",
     "compute_dtype",
     "decode",
+    "gp_values",
+    "gradient_pursuit",
     "matching_pursuit",
     "mp_values",
     "omp_values",
     "orthogonal_matching_pursuit",
     "plan_rows",
     "pursue",
+    "pursue_gp",
     "reference_matching_pursuit",
 ]
 
@@ -80,6 +93,10 @@ TORCH_CANDIDATES = 8
 UNIT_NORM_TOL = 1e-2
 
 Backend = Literal["auto", "kernel", "torch"]
+#: The pursuits an ITDA may encode with: matching pursuit (ITDA's), OMP, non-negative gradient
+#: pursuit.
+Encoder = Literal["mp", "omp", "gp"]
+ENCODERS: tuple[Encoder, ...] = ("mp", "omp", "gp")
 GramArg = Tensor | GramRows | None | Literal["auto"]
 
 
@@ -94,6 +111,20 @@ class OMPTrace(NamedTuple):
 
     peaks: Float[Tensor, "*batch k"]
     coefs: Float[Tensor, "*batch k k"]
+
+
+class GPTrace(NamedTuple):
+    """Gradient pursuit's path, to replay it as a differentiable function of the input
+    (:func:`gp_values`).
+
+    Slots hold the distinct atoms picked, in the order of their first pick: ``atoms[..., s]`` is
+    slot s's atom (0 for a slot no pick reached); ``picks[..., t]`` is the slot step t picked;
+    ``alive[..., t, s]`` says whether slot s's coefficient was non-zero after step t.
+    """
+
+    atoms: Int[Tensor, "*batch k"]
+    picks: Int[Tensor, "*batch k"]
+    alive: Bool[Tensor, "*batch k k"]
 
 
 class SparseCode(NamedTuple):
@@ -245,8 +276,11 @@ def _use_kernel(backend: Backend, x: Tensor, rows: GramRows | None, kind: str) -
 
 def chunk_tokens(kind: str, k: int, n: int, item: int, device: torch.device, budget: int) -> int:
     """Tokens per chunk from the chunk share of the budget: the kernel holds [T, n] correlations;
-    the torch MP path about three [T, n] buffers; OMP also k gathered rows per token."""
-    per_token = {"kernel": n * item, "mp": 3 * n * item, "omp": (k + 4) * n * item}[kind]
+    the torch MP path about three [T, n] buffers; OMP also k gathered rows per token; gradient
+    pursuit its correlations and their argmax."""
+    per_token = {
+        "kernel": n * item, "mp": 3 * n * item, "omp": (k + 4) * n * item, "gp": 2 * n * item
+    }[kind]  # fmt: skip
     return int(min(MAX_CHUNK, max(MIN_CHUNK, _chunk_bytes(device, budget) // per_token)))
 
 
@@ -466,7 +500,7 @@ def _pursue(
 
 
 def pursue(
-    kind: Literal["mp", "omp"],
+    kind: Encoder,
     x: Float[Tensor, "*batch d"],
     atoms: Float[Tensor, "n d"],
     k: int,
@@ -478,10 +512,21 @@ def pursue(
     backend: Backend = "auto",
     stats: PursuitStats | None = None,
 ) -> tuple[SparseCode, OMPTrace | None]:
-    """MP or OMP without input validation, for callers that own their atoms (the builder).
+    """MP, OMP or gradient pursuit without input validation, for callers that own their atoms
+    (the builder).
 
-    ``trace=True`` (OMP only) also returns the per-step :class:`OMPTrace`.
+    ``trace=True`` (OMP only) also returns the per-step :class:`OMPTrace`; gradient pursuit's own
+    trace comes from :func:`pursue_gp`. Gradient pursuit ignores ``gram`` (it reads no Gram rows).
     """
+    if kind not in ENCODERS:
+        raise ValueError(f"kind must be one of {ENCODERS}, got {kind!r}")
+    if kind == "gp":
+        if trace:
+            raise ValueError("trace is for OMP; gradient pursuit's trace comes from pursue_gp")
+        if backend == "kernel":
+            raise ValueError("backend='kernel' needs numba, MP, CPU float32/float64 and Gram rows")
+        code, _ = pursue_gp(x, atoms, k, chunk_size=chunk_size, budget=budget, stats=stats)
+        return code, None
     dt = compute_dtype(x.dtype, atoms.dtype)
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
@@ -534,12 +579,23 @@ def pursue(
 
 
 class _numba_threads:
-    """Run a block with ``n`` numba threads (None: unchanged)."""
+    """Run a block with ``n`` numba threads (None: unchanged), keeping torch's intra-op thread count.
+
+    numba's OpenMP threading layer starts its pool on first use (``numba.get_num_threads()`` or the
+    first call of a ``parallel=True`` kernel) and then calls ``omp_set_num_threads(
+    NUMBA_NUM_THREADS)`` (and ``omp_set_nested(1)``) on the calling thread. torch's CPU build uses
+    the same OpenMP runtime, whose ``omp_get_max_threads()`` *is* ``torch.get_num_threads()``: a
+    user's ``torch.set_num_threads(1)`` silently became the CPU count. The block restores torch's
+    count if it changed (numba's own parallelism is unaffected: its kernels pass their thread count
+    to each parallel region).
+    """
 
     def __init__(self, n: int | None):
         self.n, self.before = n, None
+        self.torch_threads = 0
 
     def __enter__(self) -> None:
+        self.torch_threads = torch.get_num_threads()
         if self.n is not None and kernels is not None:
             import numba
 
@@ -551,6 +607,8 @@ class _numba_threads:
             import numba
 
             numba.set_num_threads(self.before)
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
 
 
 def matching_pursuit(
@@ -592,6 +650,168 @@ def orthogonal_matching_pursuit(
     atom is already in the support or linearly dependent on it. Unused slots have value 0.
     """
     return _pursue("omp", x, atoms, k, gram, chunk_size, budget, "auto", stats)
+
+
+def gradient_pursuit(
+    x: Float[Tensor, "*batch d"],
+    atoms: Float[Tensor, "n d"],
+    k: int,
+    *,
+    chunk_size: int | None = None,
+    budget: int | float | str | None = None,
+    stats: PursuitStats | None = None,
+) -> SparseCode:
+    """Non-negative gradient pursuit with exactly ``k`` steps (Blumensath & Davies, "Gradient
+    Pursuits", IEEE TSP 56(6), 2008, restricted to non-negative coefficients).
+
+    Transcribed from ``grad_pursuit_update_step`` / ``grad_pursuit`` in EleutherAI/sparsify's
+    ``sparsify/itda.py`` (branch ``optimized-encoder``, commit 854c28f, "Signum optimizer, ITDA
+    fixes"), itself the GDM mech-interp team's batched gradient pursuit (their "Progress update
+    1" post); each step, with ``w`` the coefficients over all atoms (0 at first)::
+
+        r = x - w @ atoms                  # residual
+        c = atoms @ r                      # correlations
+        S = (w != 0); S[argmax(c)] = True  # the support and the largest *positive* correlation
+        g = S * c                          # the gradient of |r|^2 / 2 restricted to S (negated)
+        u = g @ atoms
+        w = relu(w + (u . r) / (u . u) * g)  # exact line search along g, then clamp at 0
+
+    Faithful to that code: the pick is ``argmax`` of the signed correlations (the first on ties)
+    over *every* atom, so it may be an atom already in the support (the step then only refits the
+    support) or, when no correlation is positive, one whose coefficient the clamp keeps at 0; the
+    support is the atoms whose coefficient is non-zero, so a coefficient clamped to 0 leaves it
+    (and its atom may be picked again later). Two deliberate differences from sparsify: the step
+    is the exact ``(u . r) / (u . u)`` (sparsify floors ``u . u`` at 1e-3, which damps the steps of
+    small residuals and makes codes depend on the input's scale), and a step with ``u = 0`` (then
+    ``g = 0``: nothing to do) is 0 rather than 0/0. dictionary_learning's
+    ``dictionary_learning/grad_pursuit.py`` computes the same steps except that its support is
+    sticky (an atom clamped to 0 stays in it); it divides by ``u . u`` without a guard.
+
+    At most ``k`` atoms are ever non-zero. Slots hold the distinct atoms picked in the order of
+    their first pick; slots whose coefficient is 0 (never reached, or clamped) have index 0, so
+    ``decode(code, atoms)`` is the pursuit's reconstruction ``w @ atoms``. ``atoms`` must have
+    unit-norm rows; the correlations are recomputed from the residual each step (``k`` matmuls
+    per chunk of tokens), on any device.
+    """
+    _check_inputs(x, atoms, k, None)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return pursue_gp(x, atoms, k, chunk_size=chunk_size, budget=budget, stats=stats)[0]
+
+
+def pursue_gp(
+    x: Float[Tensor, "*batch d"],
+    atoms: Float[Tensor, "n d"],
+    k: int,
+    *,
+    chunk_size: int | None = None,
+    trace: bool = False,
+    budget: int | float | str | None = None,
+    stats: PursuitStats | None = None,
+) -> tuple[SparseCode, GPTrace | None]:
+    """:func:`gradient_pursuit` without input validation; ``trace=True`` also returns its
+    :class:`GPTrace` (what :func:`gp_values` replays)."""
+    dt = compute_dtype(x.dtype, atoms.dtype)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    a = atoms.to(dt)
+    T = flat.shape[0]
+    stats = stats if stats is not None else PursuitStats()
+    total = memory_budget(x.device, budget)
+    size = chunk_size or chunk_tokens("gp", k, a.shape[0], a.element_size(), x.device, total)
+    stats.chunk, stats.full_gram = size, False
+    idx = torch.empty(T, k, dtype=torch.long, device=x.device)
+    val = torch.empty(T, k, dtype=x.dtype, device=x.device)
+    tr = None
+    if trace:
+        tr = GPTrace(
+            torch.empty(T, k, dtype=torch.long, device=x.device),
+            torch.empty(T, k, dtype=torch.long, device=x.device),
+            torch.empty(T, k, k, dtype=torch.bool, device=x.device),
+        )
+    with torch.no_grad():
+        for start in range(0, T, size):
+            sl = slice(start, start + size)
+            part = None if tr is None else GPTrace(tr.atoms[sl], tr.picks[sl], tr.alive[sl])
+            i, v = _gp_chunk(flat[sl].to(dt), a, k, part)
+            idx[sl], val[sl] = i, v.to(x.dtype)
+    stats.tokens += T
+    stats.steps += T * k
+    code = SparseCode(idx.reshape(*lead, k), val.reshape(*lead, k))
+    if tr is not None:
+        tr = GPTrace(
+            tr.atoms.reshape(*lead, k), tr.picks.reshape(*lead, k), tr.alive.reshape(*lead, k, k)
+        )
+    return code, tr
+
+
+def _gp_chunk(x: Tensor, atoms: Tensor, k: int, trace: GPTrace | None) -> tuple[Tensor, Tensor]:
+    """Non-negative gradient pursuit on one chunk [T, d]: the steps of :func:`gradient_pursuit`
+    over ``k`` slots per token (the distinct atoms picked, in order of first pick) instead of a
+    dense [T, n] coefficient matrix. Fills ``trace`` when given."""
+    T = x.shape[0]
+    dev = x.device
+    rows = torch.arange(T, device=dev)
+    slots = torch.arange(k, device=dev)
+    slot_atoms = torch.zeros(T, k, dtype=torch.long, device=dev)  # unused slots: atom 0, w 0
+    used = torch.zeros(T, dtype=torch.long, device=dev)  # slots taken so far (<= steps so far)
+    w = x.new_zeros(T, k)
+    r = x.clone()
+    for t in range(k):
+        corr = r @ atoms.T
+        j = corr.argmax(dim=1)  # the largest signed correlation, first on ties
+        match = (slot_atoms == j.unsqueeze(1)) & (slots < used.unsqueeze(1))
+        seen = match.any(dim=1)
+        pos = torch.where(seen, match.int().argmax(dim=1), used)  # used <= t < k
+        slot_atoms[rows, pos] = j
+        used += (~seen).long()
+        support = w != 0
+        support[rows, pos] = True
+        g = torch.where(support, corr.gather(1, slot_atoms), 0.0)
+        u = decode(SparseCode(slot_atoms, g), atoms)
+        num, den = (u * r).sum(dim=1), (u * u).sum(dim=1)
+        ok = den > 0
+        step = torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+        w = (w + step.unsqueeze(1) * g).clamp_min(0.0)
+        r = x - decode(SparseCode(slot_atoms, w), atoms)
+        if trace is not None:
+            trace.picks[:, t] = pos
+            trace.alive[:, t] = w != 0
+    if trace is not None:
+        trace.atoms.copy_(slot_atoms)
+    return torch.where(w != 0, slot_atoms, 0), w
+
+
+def gp_values(
+    x: Float[Tensor, "*batch d"], atoms: Float[Tensor, "n d"], trace: GPTrace
+) -> Float[Tensor, "*batch k"]:
+    """Gradient pursuit's coefficients (per slot, as :func:`gradient_pursuit` returns them) as a
+    differentiable function of ``x``, for the path in ``trace``.
+
+    Replays the ``k`` steps over the slots' atoms only (their Gram matrix and correlations with
+    ``x``): each step's support and clamp pattern are the recorded ones, so for a fixed path the
+    coefficients are a smooth (rational) function of ``x`` and gradients flow through ``encode``.
+    Computed in :func:`compute_dtype` of the inputs.
+    """
+    dt = compute_dtype(x.dtype, atoms.dtype)
+    sel = atoms.to(dt)[trace.atoms]  # [*batch, k, d]
+    b = (sel @ x.to(dt).unsqueeze(-1)).squeeze(-1)  # correlations of the slots' atoms with x
+    gram = sel @ sel.transpose(-1, -2)
+    k = trace.atoms.shape[-1]
+    picked = F.one_hot(trace.picks, k).bool()  # [*batch, step, slot]
+    w = torch.zeros_like(b)
+    alive = torch.zeros_like(picked[..., 0, :])
+    for t in range(k):
+        support = alive | picked[..., t, :]
+        corr = b - (gram @ w.unsqueeze(-1)).squeeze(-1)  # correlations with the residual
+        g = torch.where(support, corr, 0.0)
+        num = (g * corr).sum(-1)  # u . r
+        den = (g * (gram @ g.unsqueeze(-1)).squeeze(-1)).sum(-1)  # u . u
+        ok = den > 0
+        step = torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+        alive = trace.alive[..., t, :]
+        w = torch.where(alive, w + step.unsqueeze(-1) * g, 0.0)
+    return w
 
 
 def decode(code: SparseCode, atoms: Float[Tensor, "n d"]) -> Float[Tensor, "*batch d"]:

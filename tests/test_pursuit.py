@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -18,10 +22,14 @@ from itda_lens.pursuit import (
     SparseCode,
     chunk_tokens,
     decode,
+    gp_values,
+    gradient_pursuit,
     matching_pursuit,
     mp_values,
     omp_values,
     orthogonal_matching_pursuit,
+    pursue,
+    pursue_gp,
     reference_matching_pursuit,
 )
 
@@ -115,7 +123,7 @@ def test_mp_can_pick_an_atom_twice_and_dense_view_sums_slots() -> None:
 
 def test_zero_vector_gives_zero_codes() -> None:
     atoms = unit_atoms(20, 8)
-    for fn in (matching_pursuit, orthogonal_matching_pursuit):
+    for fn in (matching_pursuit, orthogonal_matching_pursuit, gradient_pursuit):
         code = fn(torch.zeros(3, 8, dtype=torch.float64), atoms, 5)
         assert (code.values == 0).all()
 
@@ -214,17 +222,18 @@ def test_values_are_differentiable_and_match_autograd_through_the_literal_algori
 def test_bad_inputs_raise_clear_errors(make, match: str) -> None:
     atoms = unit_atoms(20, 8, dtype=torch.float32)
     x, a, k = make(atoms)
-    for fn in (matching_pursuit, orthogonal_matching_pursuit):
+    for fn in (matching_pursuit, orthogonal_matching_pursuit, gradient_pursuit):
         with pytest.raises(ValueError, match=match):
             fn(x, a, k)
 
 
 def test_integer_inputs_are_a_type_error() -> None:
     atoms = unit_atoms(20, 8, dtype=torch.float32)
-    with pytest.raises(TypeError, match="floating-point"):
-        matching_pursuit(torch.ones(2, 8, dtype=torch.long), atoms, 3)
-    with pytest.raises(TypeError, match="floating-point"):
-        matching_pursuit(torch.ones(2, 8), atoms.long(), 3)
+    for fn in (matching_pursuit, gradient_pursuit):
+        with pytest.raises(TypeError, match="floating-point"):
+            fn(torch.ones(2, 8, dtype=torch.long), atoms, 3)
+        with pytest.raises(TypeError, match="floating-point"):
+            fn(torch.ones(2, 8), atoms.long(), 3)
 
 
 def test_sparse_code_is_a_named_tuple() -> None:
@@ -329,3 +338,188 @@ def test_zero_and_tiny_residuals_refresh_instead_of_looping() -> None:
         code.to_dense(50), reference_matching_pursuit(x, atoms, 12), atol=1e-12, rtol=0
     )
     assert stats.refreshes > 0
+
+
+# --- non-negative gradient pursuit ----------------------------------------------------------------
+
+
+def numpy_gp(x: np.ndarray, atoms: np.ndarray, k: int) -> np.ndarray:
+    """Non-negative gradient pursuit one vector at a time in plain numpy: EleutherAI sparsify's
+    ``grad_pursuit_update_step`` (sparsify/itda.py) with the exact step (no 1e-3 floor on u.u)."""
+    out = np.zeros((x.shape[0], atoms.shape[0]))
+    for i, xi in enumerate(x):
+        w = np.zeros(atoms.shape[0])
+        for _ in range(k):
+            r = xi - w @ atoms
+            c = atoms @ r
+            support = w != 0
+            support[int(np.argmax(c))] = True
+            g = support * c
+            u = g @ atoms
+            step = (u @ r) / (u @ u) if u @ u > 0 else 0.0
+            w = np.maximum(w + step * g, 0.0)
+        out[i] = w
+    return out
+
+
+def gp_clamps(x: torch.Tensor, atoms: torch.Tensor, k: int) -> torch.Tensor:
+    """Per token and step: whether the step clamped a coefficient of its support to 0."""
+    _, trace = pursue_gp(x, atoms, k, trace=True)
+    assert trace is not None
+    alive = trace.alive.long()
+    support = torch.cat([torch.zeros_like(alive[:, :1]), alive[:, :-1]], dim=1)
+    support |= F.one_hot(trace.picks, k)
+    return (support > alive).any(dim=2)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+@pytest.mark.parametrize(
+    ("n", "d", "k"), [(64, 16, 8), (300, 24, 40), (10, 32, 12), (8, 3, 8), (5, 3, 12)]
+)
+def test_gp_matches_literal_algorithm(chunk_size: int | None, n: int, d: int, k: int) -> None:
+    atoms, x = unit_atoms(n, d), inputs(60, d)
+    code = gradient_pursuit(x, atoms, k, chunk_size=chunk_size)
+    assert code.indices.shape == code.values.shape == (60, k)
+    ref = torch.from_numpy(numpy_gp(x.numpy(), atoms.numpy(), k))
+    torch.testing.assert_close(code.to_dense(n), ref, atol=1e-10, rtol=0)
+    assert torch.equal(code.to_dense(n) != 0, ref != 0)
+    # one slot per atom: decode is the reconstruction w @ atoms; empty slots are (index 0, value 0)
+    torch.testing.assert_close(decode(code, atoms), ref @ atoms, atol=1e-10, rtol=0)
+    assert bool((code.indices[code.values == 0] == 0).all())
+    live = code.values != 0
+    assert all(
+        len(set(row[m].tolist())) == int(m.sum()) for row, m in zip(code.indices, live, strict=True)
+    )
+
+
+def test_gp_parity_covers_repicks_and_clamps() -> None:
+    """The shapes above include tokens whose steps re-pick a support atom (support < k) and steps
+    that clamp a coefficient to 0, where the support rules of sparsify and dictionary_learning
+    part ways."""
+    atoms, x = unit_atoms(8, 3), inputs(60, 3)
+    assert bool(gp_clamps(x, atoms, 8).any())
+    assert bool(((gradient_pursuit(x, atoms, 8).values != 0).sum(1) < 8).any())
+
+
+def test_gp_codes_are_non_negative() -> None:
+    atoms, x = unit_atoms(200, 16), inputs(100, 16)
+    for k in (1, 5, 30):
+        code = gradient_pursuit(x, atoms, k)
+        assert bool((code.values >= 0).all())
+    # atoms in the half-space a_0 > 0 and an input along -e_0: every correlation is negative,
+    # there is nothing to add and the code is all zeros
+    half = unit_atoms(50, 8)
+    half[:, 0] = half[:, 0].abs() + 0.1
+    half = F.normalize(half, dim=1)
+    far = torch.zeros(1, 8, dtype=torch.float64)
+    far[0, 0] = -3.0
+    assert bool(((far @ half.T) < 0).all())
+    assert bool((gradient_pursuit(far, half, 5).values == 0).all())
+
+
+def test_gp_k1_is_the_best_positive_correlation() -> None:
+    atoms, x = unit_atoms(100, 12), inputs(80, 12)
+    code = gradient_pursuit(x, atoms, 1)
+    best = (x @ atoms.T).max(dim=1)
+    torch.testing.assert_close(code.values[:, 0], best.values.clamp_min(0), atol=1e-12, rtol=0)
+    assert torch.equal(code.indices[:, 0], torch.where(best.values > 0, best.indices, 0))
+
+
+@pytest.mark.parametrize(("n", "d", "k"), [(100, 6, 12), (8, 3, 8), (200, 16, 20)])
+def test_gp_residual_never_grows_on_a_step_without_a_clamp(n: int, d: int, k: int) -> None:
+    """The exact line search minimises |r| along the step, so a step that clamps nothing never
+    increases it. A clamp can (projected steps of exact length carry no descent guarantee): the
+    field's code does this too, and numpy_gp reproduces the same codes."""
+    atoms, x = unit_atoms(n, d), inputs(300, d)
+    clamps = gp_clamps(x, atoms, k)
+    prev = x.norm(dim=1)
+    for t in range(1, k + 1):  # the first t steps of a k-step pursuit are the t-step pursuit
+        resid = (x - decode(gradient_pursuit(x, atoms, t), atoms)).norm(dim=1)
+        grew = resid > prev * (1 + 1e-12) + 1e-12
+        assert not bool((grew & ~clamps[:, t - 1]).any())
+        prev = resid
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gp_is_batch_invariant(dtype: torch.dtype) -> None:
+    atoms, x = unit_atoms(300, 24, dtype=dtype), inputs(40, 24, dtype=dtype)
+    batch = gradient_pursuit(x, atoms, 20)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    for i in range(x.shape[0]):
+        alone = gradient_pursuit(x[i : i + 1], atoms, 20)
+        assert torch.equal(alone.indices[0], batch.indices[i])
+        torch.testing.assert_close(alone.values[0], batch.values[i], atol=tol, rtol=tol)
+    split = gradient_pursuit(x, atoms, 20, chunk_size=3)
+    assert torch.equal(split.indices, batch.indices)
+
+
+def test_gp_keeps_leading_shape_and_dtype_and_accumulates_halves_in_fp32() -> None:
+    atoms = unit_atoms(30, 8, dtype=torch.float32)
+    x = torch.randn(2, 3, 5, 8)
+    code = gradient_pursuit(x, atoms, 4)
+    assert code.indices.shape == (2, 3, 5, 4) and code.indices.dtype == torch.long
+    assert code.values.dtype == torch.float32
+    torch.testing.assert_close(
+        code.values.reshape(-1, 4), gradient_pursuit(x.reshape(-1, 8), atoms, 4).values
+    )
+    half = gradient_pursuit(x.bfloat16(), atoms.bfloat16(), 4)
+    assert half.values.dtype == torch.bfloat16
+    ref = gradient_pursuit(x.bfloat16().float(), atoms.bfloat16().float(), 4)
+    assert torch.equal(half.indices, ref.indices)
+
+
+def test_gp_through_pursue_and_its_refusals() -> None:
+    atoms, x = unit_atoms(50, 8), inputs(10, 8)
+    code, trace = pursue("gp", x, atoms, 6)
+    assert trace is None
+    assert torch.equal(code.values, gradient_pursuit(x, atoms, 6).values)
+    with pytest.raises(ValueError, match="trace is for OMP"):
+        pursue("gp", x, atoms, 6, trace=True)
+    with pytest.raises(ValueError, match="backend='kernel'"):
+        pursue("gp", x, atoms, 6, backend="kernel")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pursue("lasso", x, atoms, 6)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk_size"):
+        gradient_pursuit(x, atoms, 6, chunk_size=0)
+    stats = PursuitStats()
+    gradient_pursuit(x, atoms, 6, stats=stats)
+    assert stats.tokens == 10 and stats.steps == 60
+
+
+def test_gp_values_replay_the_path_differentiably() -> None:
+    atoms, x = unit_atoms(8, 3), inputs(30, 3)  # a shape with clamps and re-picks
+    code, trace = pursue_gp(x, atoms, 8, trace=True)
+    assert trace is not None
+    torch.testing.assert_close(gp_values(x, atoms, trace), code.values, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(
+        lambda xr: gp_values(xr, atoms, trace), x.clone().requires_grad_(True)
+    )
+
+
+# --- numba's thread pool and torch's thread count ------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [8, 200], ids=["serial-chunk", "parallel-chunk"])
+def test_numba_kernel_keeps_torchs_thread_count(tokens: int) -> None:
+    """numba's OpenMP layer calls omp_set_num_threads(NUMBA_NUM_THREADS) when its pool starts
+    (first numba.get_num_threads() or parallel kernel call), which is torch's thread count too.
+    A fresh process, so that the pool starts inside the pursuit."""
+    pytest.importorskip("numba")
+    code = textwrap.dedent(
+        f"""
+        import numba, torch
+        import torch.nn.functional as F
+        want = 1 if numba.config.NUMBA_NUM_THREADS != 1 else 2
+        torch.set_num_threads(want)
+        from itda_lens.pursuit import matching_pursuit
+        atoms = F.normalize(torch.randn(500, 32), dim=1)
+        matching_pursuit(torch.randn({tokens}, 32), atoms, 8, backend="kernel")
+        print(want, torch.get_num_threads(), numba.threading_layer())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    want, got, layer = out.stdout.split()
+    assert got == want, f"torch.get_num_threads() became {got} (numba threading layer {layer})"

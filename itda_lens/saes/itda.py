@@ -2,8 +2,9 @@
 
 The decoder is the dictionary: ``W_dec`` holds unit-norm atoms ``[d_sae, d_in]``; ``W_enc`` is the
 tied transpose (a property, never zeros); ``b_dec`` is zero and unused. ``encode`` runs signed
-matching pursuit (or OMP) with ``cfg.k`` steps and returns dense codes like every sae_lens SAE;
-``encode_sparse`` returns ``(indices, values)``. Each atom's provenance — ``atom_labels``
+matching pursuit (or OMP, or non-negative gradient pursuit: ``cfg.encoder``, switched with
+:meth:`ITDABase.with_encoder`) with ``cfg.k`` steps and returns dense codes like every sae_lens
+SAE; ``encode_sparse`` returns ``(indices, values)``. Each atom's provenance — ``atom_labels``
 ``(sequence index, token position)`` in the token stream the builder read, and ``atom_token_ids`` —
 is an int64 buffer that survives ``save_model`` / ``SAE.load_from_disk``.
 
@@ -21,6 +22,7 @@ Registered with sae_lens (with the other architectures) in ``itda_lens/__init__.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -30,7 +32,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -43,15 +45,19 @@ from typing_extensions import Self, TypedDict, Unpack, override
 
 from itda_lens.gram import GramRows
 from itda_lens.pursuit import (
+    ENCODERS,
     UNIT_NORM_TOL,
+    Encoder,
     SparseCode,
     check_atoms,
     check_k,
     decode,
+    gp_values,
     mp_values,
     omp_values,
     plan_rows,
     pursue,
+    pursue_gp,
 )
 from itda_lens.saes._io import atomic_write, check_sae_folder
 from itda_lens.saes.record import BuildRecord, read_build_record
@@ -75,11 +81,12 @@ _VERIFIED_ON_DISK: ContextVar[bool] = ContextVar("itda_verified_on_disk", defaul
 @dataclass
 class ITDAConfigBase(SAEConfig):
     """What every ITDA-style config holds and checks: ``k`` pursuit steps with encoder ``"mp"``
-    (ITDA) or ``"omp"``, at least one atom, no decoder bias applied to the input, no activation
-    normalisation, and a save format this itda_lens reads."""
+    (ITDA), ``"omp"`` or ``"gp"`` (non-negative gradient pursuit), at least one atom, no decoder
+    bias applied to the input, no activation normalisation, and a save format this itda_lens
+    reads."""
 
     k: int = 40
-    encoder: Literal["mp", "omp"] = "mp"
+    encoder: Encoder = "mp"
     apply_b_dec_to_input: bool = False
 
     @override
@@ -91,8 +98,7 @@ class ITDAConfigBase(SAEConfig):
         check_k(self.k)
         if self.d_sae < 1:
             raise ValueError("empty dictionary: an ITDA needs at least one atom (d_sae >= 1)")
-        if self.encoder not in ("mp", "omp"):
-            raise ValueError(f"encoder must be 'mp' or 'omp', got {self.encoder!r}")
+        check_encoder(self.encoder)
         if self.apply_b_dec_to_input:
             raise ValueError("ITDA has no decoder bias: apply_b_dec_to_input must be False")
         if self.normalize_activations != "none":
@@ -104,12 +110,22 @@ class ITDAConfigBase(SAEConfig):
 
 @dataclass
 class ITDAConfig(ITDAConfigBase):
-    """Config of an ITDA dictionary: ``k`` pursuit steps with encoder ``"mp"`` (ITDA) or ``"omp"``."""
+    """Config of an ITDA dictionary: ``k`` pursuit steps with encoder ``"mp"`` (ITDA), ``"omp"``
+    or ``"gp"``."""
 
     @override
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
+
+
+def check_encoder(encoder: object) -> Encoder:
+    """``encoder`` must name a pursuit (:data:`~itda_lens.pursuit.ENCODERS`); returns it."""
+    if not isinstance(encoder, str) or encoder not in ENCODERS:
+        raise ValueError(
+            f"encoder must be one of {', '.join(repr(e) for e in ENCODERS)}, got {encoder!r}"
+        )
+    return encoder  # type: ignore[return-value]
 
 
 def _to_bytes(t: Tensor) -> Tensor:
@@ -132,8 +148,9 @@ class AtomOptions(TypedDict, total=False):
     """``(sequence index, token position)`` per atom (default ``-1``: unknown)."""
     token_ids: Int[Tensor, " n"] | None
     """The token each atom was read at (default ``-1``: unknown)."""
-    encoder: Literal["mp", "omp"]
-    """Pursuit: ``"mp"`` (default, ITDA's) or ``"omp"``."""
+    encoder: Encoder
+    """Pursuit: ``"mp"`` (default, ITDA's), ``"omp"`` or ``"gp"`` (non-negative gradient
+    pursuit)."""
     hook_name: str | None
     model_name: str | None
     context_size: int | None
@@ -169,6 +186,7 @@ class ITDABase(SAE[C]):
         if use_error_term:
             self.use_error_term = True
         self._gram_cache: tuple[tuple[Any, ...], GramRows] | None = None
+        self._checked_atoms: tuple[Any, ...] | None = None
 
     @classmethod
     def dims_for(cls, cfg: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
@@ -240,12 +258,55 @@ class ITDABase(SAE[C]):
         if w.device.type == "meta":
             return None
         dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        key = (w.data_ptr(), w._version, w.device, dt, w.shape)
+        key = self._atoms_version()
         if self._gram_cache is None or self._gram_cache[0] != key:
             check_atoms(w.detach())
             a = w.detach().to(dt)
             self._gram_cache = (key, plan_rows(a, w.shape[0], self.cfg.k))
         return self._gram_cache[1]
+
+    def _atoms_version(self) -> tuple[Any, ...]:
+        """Identifies one version of the pursuit atoms (see :meth:`gram_rows`)."""
+        w = self.pursuit_atoms
+        dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        return (w.data_ptr(), w._version, w.device, dt, w.shape)
+
+    def _check_atoms_once(self) -> None:
+        """Check the atoms (finite, unit norm) once per version, as :meth:`gram_rows` does, for
+        encoders that read no Gram rows."""
+        w = self.pursuit_atoms
+        if w.device.type == "meta":
+            return
+        key = self._atoms_version()
+        cached = self._gram_cache is not None and self._gram_cache[0] == key
+        if not cached and getattr(self, "_checked_atoms", None) != key:
+            check_atoms(w.detach())
+            self._checked_atoms = key
+
+    def with_encoder(self, encoder: Encoder) -> Self:
+        """A copy of this SAE that encodes with another pursuit: ``"mp"``, ``"omp"`` or ``"gp"``.
+
+        For encoding a built dictionary (the builder judges with MP or OMP) with non-negative
+        gradient pursuit: ``itda.with_encoder("gp").encode(x)``; the copy saves and loads with its
+        encoder. The copy has its own cfg, hooks and parameter objects, but its weights *share
+        storage* with this SAE's (like ``Tensor.detach``: nothing is copied; an in-place edit of
+        either one's weights shows in both, assigning new weights to one leaves the other as it
+        was), and it reuses the Gram rows already planned for them. Setting ``sae.cfg.encoder``
+        in place also works (nothing cached depends on the encoder); it is checked at the next
+        encode.
+        """
+        cfg = type(self.cfg).from_dict({**self.cfg.to_dict(), "encoder": check_encoder(encoder)})
+        memo: dict[int, Any] = {id(self.cfg): cfg}
+        for p in self.parameters():
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+        for b in self.buffers():
+            memo[id(b)] = b.detach()
+        for value in vars(self).values():  # other tensors held (a transcoder's pending input)
+            if isinstance(value, Tensor) and id(value) not in memo:
+                memo[id(value)] = value
+        if self._gram_cache is not None:  # keyed by the shared storage and version counter
+            memo[id(self._gram_cache)] = self._gram_cache
+        return copy.deepcopy(self, memo)
 
     @override
     def process_sae_in(self, sae_in: Tensor) -> Tensor:
@@ -276,15 +337,22 @@ class ITDABase(SAE[C]):
             )
         if not bool(torch.isfinite(sae_in).all()):
             raise ValueError("activations contain NaN or Inf")
+        encoder = check_encoder(self.cfg.encoder)  # cfg.encoder may have been set in place
+        grad = torch.is_grad_enabled() and sae_in.requires_grad
+        if encoder == "gp":
+            self._check_atoms_once()
+            code, trace = pursue_gp(sae_in.detach(), atoms, k, trace=grad)
+            if trace is not None:  # the same path replayed as a differentiable function of x
+                vals = gp_values(sae_in, atoms, trace)
+                code = SparseCode(code.indices, vals.to(sae_in.dtype))
+            return code
         rows = self.gram_rows()  # checks the atoms once per version of them
-        code, _ = pursue(self.cfg.encoder, sae_in.detach(), atoms, k, gram=rows)
-        if torch.is_grad_enabled() and sae_in.requires_grad:
+        code, _ = pursue(encoder, sae_in.detach(), atoms, k, gram=rows)
+        if grad:
             # Same picks, coefficients recomputed as a differentiable function of the input.
             x = sae_in.to(atoms.dtype)
             vals = (
-                mp_values(x, atoms, code.indices)
-                if self.cfg.encoder == "mp"
-                else omp_values(x, atoms, code)
+                mp_values(x, atoms, code.indices) if encoder == "mp" else omp_values(x, atoms, code)
             )
             code = SparseCode(code.indices, vals.to(sae_in.dtype))
         return code
@@ -613,7 +681,7 @@ class ITDA(ITDABase[ITDAConfig]):
         k: int,
         *,
         seed: int = 0,
-        encoder: Literal["mp", "omp"] = "mp",
+        encoder: Encoder = "mp",
         metadata: Mapping[str, Any] | None = None,
     ) -> ITDA:
         """The project's central control: ``n_atoms`` of ``acts`` drawn at random (no repeats,

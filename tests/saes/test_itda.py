@@ -21,8 +21,13 @@ from sae_lens.training.activations_store import ActivationsStore
 
 import itda_lens
 from itda_lens import ITDA, build_itda
-from itda_lens.pursuit import matching_pursuit, orthogonal_matching_pursuit
-from itda_lens.saes import register_architecture
+from itda_lens.pursuit import (
+    decode,
+    gradient_pursuit,
+    matching_pursuit,
+    orthogonal_matching_pursuit,
+)
+from itda_lens.saes import ITDATranscoder, register_architecture
 from tests.helpers import BOS, PAD, SEQ, make_tokens, truncated_save
 
 HOOK = "blocks.1.hook_resid_post"
@@ -254,6 +259,128 @@ def test_omp_encoder_option(acts: torch.Tensor) -> None:
     code = itda.encode_sparse(acts)
     ref = orthogonal_matching_pursuit(acts, itda.W_dec, 5)
     torch.testing.assert_close(code.values, ref.values, atol=1e-4, rtol=1e-4)
+
+
+def test_gp_encoder_encodes_and_decodes(acts: torch.Tensor) -> None:
+    atoms = torch.randn(40, acts.shape[-1], generator=torch.Generator().manual_seed(0))
+    itda = ITDA.from_atoms(atoms, k=6, encoder="gp")
+    code = itda.encode_sparse(acts)
+    ref = gradient_pursuit(acts, itda.W_dec, 6)
+    assert torch.equal(code.indices, ref.indices)
+    torch.testing.assert_close(code.values, ref.values)
+    dense = itda.encode(acts)
+    assert dense.shape == (*acts.shape[:-1], 40) and bool((dense >= 0).all())
+    assert bool(((dense != 0).sum(-1) <= 6).all())
+    torch.testing.assert_close(dense, code.to_dense(40))
+    recon = itda.decode_sparse(code)
+    torch.testing.assert_close(recon, decode(ref, itda.W_dec))
+    torch.testing.assert_close(itda.decode(dense), recon, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(itda(acts), recon, atol=1e-5, rtol=1e-5)
+    x = acts.detach().clone().requires_grad_(True)
+    out = itda(x)  # grad enabled: the values are replayed as a function of x
+    torch.testing.assert_close(out.detach(), recon, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and x.grad.abs().sum() > 0
+    assert (itda.encode(torch.zeros(2, acts.shape[-1])) == 0).all()
+
+
+def test_gp_gradients_match_finite_differences(itda: ITDA, acts: torch.Tensor) -> None:
+    sae = itda.with_encoder("gp").crop(itda.cfg.d_sae).to(torch.float64)
+    assert sae.cfg.encoder == "gp"
+    x0 = acts[0, 3:7].detach().double()
+    g = torch.Generator().manual_seed(0)
+    u, w = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    u, w = u.double(), w.double()
+    x = x0.clone().requires_grad_(True)
+    (sae(x) * w).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    eps = 1e-6  # small enough that no pick or clamp changes
+    fd = ((sae(x0 + eps * u) * w).sum() - (sae(x0 - eps * u) * w).sum()) / (2 * eps)
+    torch.testing.assert_close((x.grad * u).sum(), fd, rtol=1e-5, atol=1e-8)
+
+
+def test_with_encoder_switches_a_built_itda(itda: ITDA, acts: torch.Tensor, tmp_path: Path) -> None:
+    mp = itda.encode(acts)
+    gp = itda.with_encoder("gp")
+    assert type(gp) is ITDA and gp is not itda
+    assert itda.cfg.encoder == "mp" and gp.cfg.encoder == "gp", "a copy; the original keeps mp"
+    assert gp.W_dec.data_ptr() == itda.W_dec.data_ptr(), "weights share storage"
+    assert torch.equal(gp.atom_labels, itda.atom_labels)
+    assert gp.gram_rows() is itda.gram_rows(), "and the Gram rows planned for them"
+    assert (
+        gp.cfg.metadata.hook_name == HOOK
+        and gp.require_build_record() == itda.require_build_record()
+    )
+    code = gp.encode_sparse(acts)
+    ref = gradient_pursuit(acts, itda.W_dec, itda.cfg.k)
+    assert torch.equal(code.indices, ref.indices)
+    torch.testing.assert_close(code.values, ref.values)
+    torch.testing.assert_close(itda.encode(acts), mp)
+    # saving and loading keep the encoder
+    gp.save_model(tmp_path / "gp")
+    back = SAE.load_from_disk(tmp_path / "gp")
+    assert type(back) is ITDA and back.cfg.encoder == "gp"
+    assert json.loads((tmp_path / "gp" / "cfg.json").read_text())["encoder"] == "gp"
+    torch.testing.assert_close(back.encode(acts), gp.encode(acts))
+    torch.testing.assert_close(back.with_encoder("mp").encode(acts), mp)
+    # in place works too (nothing cached depends on the encoder); a bad name is refused
+    copy = itda.crop(itda.cfg.d_sae)
+    copy.cfg.encoder = "gp"
+    torch.testing.assert_close(copy.encode(acts), gp.encode(acts))
+    copy.cfg.encoder = "lasso"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        copy.encode(acts)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        itda.with_encoder("lasso")  # type: ignore[arg-type]
+
+
+def test_gp_checks_the_atoms_once_per_version(acts: torch.Tensor) -> None:
+    itda = ITDA.from_atoms(torch.randn(30, acts.shape[-1]), k=4, encoder="gp")
+    itda.encode(acts)
+    assert itda._gram_cache is None, "gradient pursuit reads no Gram rows"
+    with torch.no_grad():
+        itda.W_dec.mul_(2.0)
+    with pytest.raises(ValueError, match="unit L2 norm"):
+        itda.encode(acts)
+
+
+def test_with_encoder_shares_storage_not_parameters(acts: torch.Tensor) -> None:
+    itda = ITDA.from_atoms(torch.randn(30, acts.shape[-1]), k=4)
+    gp = itda.with_encoder("gp")
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        itda.W_dec.copy_(itda.W_dec[perm].clone())  # in place: both see it
+    assert torch.equal(gp.W_dec, itda.W_dec)
+    torch.testing.assert_close(gp.encode(acts), itda.with_encoder("gp").encode(acts))
+    before = itda.W_dec.detach().clone()
+    gp.W_dec.data = torch.roll(before, 1, 0)  # assigned: only gp changes
+    assert torch.equal(itda.W_dec, before) and not torch.equal(gp.W_dec, before)
+
+
+def test_with_encoder_on_a_transcoder() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 12, generator=g) * 3, torch.randn(24, 7, generator=g)
+    tc = ITDATranscoder.from_pairs(x, y, k=5)
+    gp = tc.with_encoder("gp")
+    assert type(gp) is ITDATranscoder and gp.cfg.encoder == "gp" and tc.cfg.encoder == "mp"
+    assert gp.W_in.data_ptr() == tc.W_in.data_ptr()
+    inp = torch.randn(6, 12, generator=g)
+    code = gp.encode_sparse(inp)
+    ref = gradient_pursuit(inp, tc.W_in, 5)
+    assert torch.equal(code.indices, ref.indices)
+    torch.testing.assert_close(code.values, ref.values)
+    torch.testing.assert_close(gp(inp), decode(ref, tc.W_dec), atol=1e-5, rtol=1e-5)
+    # a skip connection added to a copy stays on the copy
+    W_skip, bias = torch.randn(7, 12, generator=g), torch.randn(7, generator=g)
+    skip = tc.with_encoder("omp").with_skip(W_skip, bias)
+    assert not tc.cfg.skip_connection and bool((tc.b_dec == 0).all())
+    skip.encode(inp)  # holds its input for the next decode; with_encoder copies that state
+    gp_skip = skip.with_encoder("gp")
+    assert gp_skip.cfg.skip_connection and torch.equal(gp_skip.W_skip, W_skip)
+    want = decode(ref, tc.W_dec) + inp @ W_skip.T + bias
+    torch.testing.assert_close(gp_skip.decode(gp_skip.encode(inp)), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gp_skip(inp), want, atol=1e-5, rtol=1e-5)
 
 
 def test_encode_bad_input(itda: ITDA) -> None:
