@@ -23,6 +23,8 @@ At each layer L of ``kjv-4l128-s0`` (``--quick``: one layer) a transcoder maps t
   leaves; **ITDA + skip, LS decoder**: also ``refit_decoder=True`` (the output atoms refitted by
   least squares on that sample's codes); **ITDA (judge input) + skip, LS decoder**: the input
   judge's pairs (the rule in the CPU kernel) with both;
+* **ITDA, OMP encoder** / **ITDA, GP encoder**: the judge-output build's pairs encoded with OMP
+  or non-negative gradient pursuit (``with_encoder``; sparsify's experimental ITDA encoder);
 * **TopK + skip (sparsify)**: sparsify's transcoder with its ``skip_connection`` (trained the same
   way), the peer of the ITDA + skip variants.
 
@@ -81,10 +83,26 @@ ITDA_BUILDS: dict[str, tuple[str, dict[str, bool]]] = {
     ITDA_LSQ: ("output", {"skip_connection": True, "refit_decoder": True}),
     ITDA_IN_LSQ: ("input", {"skip_connection": True, "refit_decoder": True}),
 }
+#: the judge-output build's pairs encoded by the field's other encoders (no rebuild)
+ITDA_OMP, ITDA_GP = "ITDA, OMP encoder", "ITDA, GP encoder"
+ENCODERS = {ITDA_OMP: "omp", ITDA_GP: "gp"}
+#: every ITDA variant
+ITDAS = [*ITDA_BUILDS, *ENCODERS]
 #: the variants with a skip term (compared with the TopK that has one)
 SKIP_ITDAS = [ITDA_SKIP, ITDA_LSQ, ITDA_IN_LSQ]
 #: the table's order
-METHODS = [ITDA_OUT, ITDA_SKIP, ITDA_LSQ, ITDA_IN, ITDA_IN_LSQ, TOPK, TOPK_SKIP, RANDOM]
+METHODS = [
+    ITDA_OUT,
+    ITDA_OMP,
+    ITDA_GP,
+    ITDA_SKIP,
+    ITDA_LSQ,
+    ITDA_IN,
+    ITDA_IN_LSQ,
+    TOPK,
+    TOPK_SKIP,
+    RANDOM,
+]
 #: cos_threshold judged on the output; on the input, per k: high enough that the build fills the
 #: width within the training windows (a better input reconstruction at larger k adds fewer pairs)
 THRESHOLD_OUT, THRESHOLD_IN = 0.8, {8: 0.9, 16: 0.95}
@@ -278,6 +296,8 @@ def run_layer(
             },
         )
     itda = fitted[ITDA_OUT][0]
+    for label, encoder in ENCODERS.items():
+        fitted[label] = (itda.with_encoder(encoder), dict(fitted[ITDA_OUT][1]))
     width = itda.cfg.d_sae
     itda_train_l0 = l0_on(itda, x[-args.l0_tokens :])  # training pairs the build did not read
     k_topk = max(1, round(itda_train_l0))
@@ -357,7 +377,7 @@ def summarise(rows: list[dict[str, Any]], cache_s: float) -> dict[str, Any]:
     for layer, k in dict.fromkeys((r["layer"], r["itda_k"]) for r in rows):
         by = {r["method"]: r for r in rows if (r["layer"], r["itda_k"]) == (layer, k)}
         topk, topk_skip, rand = by[TOPK], by[TOPK_SKIP], by[RANDOM]
-        best = min(ITDA_BUILDS, key=lambda m: by[m]["ce"])
+        best = min(ITDAS, key=lambda m: by[m]["ce"])
         itda = by[best]
         cases.append(
             {
@@ -366,9 +386,9 @@ def summarise(rows: list[dict[str, Any]], cache_s: float) -> dict[str, Any]:
                 "width": by[ITDA_OUT]["width"],
                 "itda_l0": by[ITDA_OUT]["l0"],
                 "topk_k": topk["k"],
-                "ce_gap_nats": {m: by[m]["ce"] - topk["ce"] for m in ITDA_BUILDS},
+                "ce_gap_nats": {m: by[m]["ce"] - topk["ce"] for m in ITDAS},
                 "skip_ce_gap_nats": {m: by[m]["ce"] - topk_skip["ce"] for m in SKIP_ITDAS},
-                "time_ratio": {m: by[m]["fit_s"] / topk["fit_s"] for m in ITDA_BUILDS},
+                "time_ratio": {m: by[m]["fit_s"] / topk["fit_s"] for m in ITDAS},
                 "random_gap_nats": rand["ce"] - topk["ce"],
                 "random_ce_goal_met": rand["ce"] - topk["ce"] <= GOAL_NATS,
                 "recovered": {m: r["recovered"] for m, r in by.items()},
@@ -396,7 +416,7 @@ def summarise(rows: list[dict[str, Any]], cache_s: float) -> dict[str, Any]:
         "cases_ce_goal_met": sum(s["ce_goal_met"] for s in cases),
         "cases_time_goal_met": sum(s["time_goal_met"] for s in cases),
         "n_cases": len(cases),
-        "best_counts": {m: sum(s["best"] == m for s in cases) for m in ITDA_BUILDS},
+        "best_counts": {m: sum(s["best"] == m for s in cases) for m in ITDAS},
         "random_cases_ce_goal_met": sum(s["random_ce_goal_met"] for s in cases),
         "itda_beats_random": sum(s["ce_gap_nats"][ITDA_OUT] < s["random_gap_nats"] for s in cases),
         "lsq_beats_topk_skip": sum(s["skip_beats_topk_skip"] for s in cases),

@@ -12,6 +12,8 @@ from tests.benchmarks.helpers import run_quick
 
 METHODS = [
     "ITDA (judge output)",
+    "ITDA, OMP encoder",
+    "ITDA, GP encoder",
     "ITDA + skip",
     "ITDA + skip, LS decoder",
     "ITDA (judge input)",
@@ -20,7 +22,7 @@ METHODS = [
     "TopK + skip (sparsify)",
     "random pairs, MP",
 ]
-ITDAS = METHODS[:5]
+ITDAS = METHODS[:7]
 NUMBERS = ("ce_clean", "ce_zero", "ce", "recovered", "fvu", "l0", "fit_s", "ce_gap_to_topk")
 
 
