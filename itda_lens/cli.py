@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from sae_lens.saes.transcoder import Transcoder
 from simple_parsing import ArgumentParser, DashVariant
 from tqdm.auto import tqdm
 from transformer_lens import HookedRootModule
@@ -58,7 +59,7 @@ from itda_lens.resolve import (
     resolve_model,
     resolve_tokens,
 )
-from itda_lens.saes import ITDA, ITDATranscoder, check_sae_folder, load_itdas
+from itda_lens.saes import ITDA, ITDABase, ITDATranscoder, check_sae_folder, load_itdas
 from itda_lens.similarity import compare_layers, model_jaccard
 from itda_lens.trainers import TRAINERS
 from itda_lens.warmstart import as_source
@@ -359,12 +360,21 @@ def _cmd_inspect(args: Any) -> int:
     return 0
 
 
+def _load_sae(folder: Path, device: str = "cpu") -> SAE[Any]:
+    """Any saved SAE folder: an ITDA or ITDA transcoder by its own class (which checks the folder
+    byte for byte, with clear errors), any other by sae_lens."""
+    cfg = check_sae_folder(folder)
+    cls = INSPECTABLE.get(cfg.get("architecture", ""))
+    if cls is not None:
+        return cls.load_from_disk(folder, device=device)
+    return SAE.load_from_disk(folder, device=device)
+
+
 def _cmd_dashboard(args: Any) -> int:
     cmd = args.cmd
     folder = Path(cmd.dir)
-    check_sae_folder(folder)
     device = cmd.device or default_device()
-    sae = SAE.load_from_disk(folder, device=device)
+    sae = _load_sae(folder, device)
     meta = sae.cfg.metadata
     name = cmd.model or meta.model_name
     if name is None:
@@ -379,7 +389,7 @@ def _cmd_dashboard(args: Any) -> int:
     tokenizer = getattr(model, "tokenizer", None)
     tokens = next(token_batches(source, cmd.seqs, context_size=context, tokenizer=tokenizer))
     provenance = None
-    if isinstance(sae, ITDA):
+    if isinstance(sae, ITDABase):  # an ITDA or ITDA transcoder: atoms read at tokens
         try:
             provenance = build_stream(sae, model)
         except Exception as err:  # the dashboard still works, without the atoms' own passages
@@ -396,21 +406,31 @@ def _cmd_dashboard(args: Any) -> int:
         batch_size=cmd.batch_size,
         overwrite=cmd.overwrite,
     )
-    print(f"wrote {index} ({sae.cfg.d_sae:,} latents over {tokens.numel():,} tokens)")
+    sides = (
+        f" read at {meta.hook_name}, output atoms at {meta.hook_name_out}"
+        if isinstance(sae, Transcoder)
+        else ""
+    )
+    print(f"wrote {index} ({sae.cfg.d_sae:,} latents{sides} over {tokens.numel():,} tokens)")
     print(f"next: open file://{index.resolve()} in a browser (no server needed)")
     return 0
 
 
 def _cmd_eval(args: Any) -> int:
+    """sae_lens ``run_evals`` (+ probing, + SAEBench core) of an SAE folder; a transcoder folder
+    gets ``transcoder_scores`` (the transcoder spliced in between its two hooks) instead."""
     args = args.cmd
     folder = Path(args.dir)
-    cfg = check_sae_folder(folder)
-    sae = (
-        ITDA.load_from_disk(folder)
-        if cfg.get("architecture") == "itda"
-        else SAE.load_from_disk(folder)
-    )
-    name = args.model or sae.cfg.metadata.model_name
+    sae = _load_sae(folder)
+    meta = sae.cfg.metadata
+    transcoder = isinstance(sae, Transcoder)
+    if transcoder and args.core:
+        raise ValueError(
+            f"--core runs SAEBench's core eval, which scores an SAE's reconstruction of the hook "
+            f"it reads; {folder} holds a transcoder ({meta.hook_name} -> {meta.hook_name_out}), "
+            "scored spliced into its model: run itda-lens eval without --core"
+        )
+    name = args.model or meta.model_name
     if name not in zoo.list_models(include_checkpoints=True):
         raise ValueError(
             f"{folder}'s model {name!r} is not a zoo model; pass --model (one of {zoo.list_models()})"
@@ -426,21 +446,26 @@ def _cmd_eval(args: Any) -> int:
     result = evaluate_all(sae, model, heldout, probe=probe, core=args.core)
     stages.update(stages.total - stages.n)
     stages.close()
+    hooks = {"hook_name": meta.hook_name, "hook_name_out": meta.hook_name_out} if transcoder else {}
     result = {
         "sae": str(folder),
-        "architecture": cfg.get("architecture"),
+        "architecture": sae.cfg.architecture(),
         "model": name,
         "d_sae": sae.cfg.d_sae,
+        **hooks,
         "heldout_tokens": heldout.numel(),
         **result,
     }
     out = Path(args.out) if args.out else folder / "eval.json"
     out.write_text(json.dumps(result, indent=2))
-    ev = result["run_evals"]
-    print(
-        f"CE-loss score {ev['ce_loss_score']:.3f}, KL score {ev['kl_div_score']:.3f}, "
-        f"explained variance {ev['explained_variance']:.3f}, L0 {ev['l0']:.1f}"
-    )
+    if transcoder:
+        _print_transcoder_scores(result["transcoder_scores"], meta)
+    else:
+        ev = result["run_evals"]
+        print(
+            f"CE-loss score {ev['ce_loss_score']:.3f}, KL score {ev['kl_div_score']:.3f}, "
+            f"explained variance {ev['explained_variance']:.3f}, L0 {ev['l0']:.1f}"
+        )
     if probe is not None:
         print(
             "probing (mean over tasks): "
@@ -448,6 +473,22 @@ def _cmd_eval(args: Any) -> int:
         )
     print(f"wrote {out}")
     return 0
+
+
+def _print_transcoder_scores(ts: dict[str, float], meta: Any) -> None:
+    print(
+        f"transcoder {meta.hook_name} -> {meta.hook_name_out} spliced in, on "
+        f"{int(ts['n_tokens']):,} scored tokens:"
+    )
+    print(
+        f"  CE loss clean {ts['ce_loss_without_sae']:.4f}, spliced {ts['ce_loss_with_sae']:.4f}, "
+        f"zero-ablated {ts['ce_loss_with_ablation']:.4f}, "
+        f"with error term {ts['ce_loss_with_error_term']:.4f}"
+    )
+    print(
+        f"  CE loss recovered {ts['ce_loss_score']:.3f}, output FVU {ts['fvu']:.3f}, "
+        f"L0 {ts['l0']:.1f}, dead latents {ts['dead_fraction']:.1%}"
+    )
 
 
 def _leading_sequences(data: Any, model: Any, n_seq: int, context_size: int | None) -> torch.Tensor:
@@ -664,9 +705,11 @@ def build_parser() -> ArgumentParser:
         sub, "inspect", "summarise a saved ITDA or ITDA transcoder and show its atoms in context"
     )
     p.add_arguments(InspectCommand, dest="cmd")
-    p = _parser(sub, "dashboard", "write a browsable dashboard of a saved SAE or ITDA folder")
+    p = _parser(
+        sub, "dashboard", "write a browsable dashboard of a saved SAE, ITDA or transcoder folder"
+    )
     p.add_arguments(DashboardCommand, dest="cmd")
-    p = _parser(sub, "eval", "evaluate a saved sae_lens SAE or ITDA folder (offline)")
+    p = _parser(sub, "eval", "evaluate a saved sae_lens SAE, ITDA or transcoder folder (offline)")
     p.add_arguments(EvalCommand, dest="cmd")
     train = _parser(sub, "train", "train a comparison SAE on a hook's cached activations")
     archs = train.add_subparsers(dest="arch", required=True)

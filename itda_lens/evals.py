@@ -1,7 +1,10 @@
 """Thin, offline wrappers around sae_lens's ``run_evals`` (and SAEBench's core eval), and the
 scores of a transcoder spliced into its model (:func:`transcoder_scores`).
 
-All are fed from an in-memory token tensor, so nothing touches the hub. Metrics come back flat
+All are fed from an in-memory token tensor, so nothing touches the hub. A transcoder (a sae_lens
+``Transcoder``: it reads ``hook_name`` and writes ``hook_name_out``) is scored by
+:func:`transcoder_scores`; ``run_evals`` and SAEBench's core eval, which score an SAE's
+reconstruction of the hook it reads, refuse it. Metrics come back flat
 (``ce_loss_score``, ``kl_div_score``, ``explained_variance``, ``l0``, ...). sae_lens >= 6.54 counts
 L0/L1/density with ``!= 0`` / ``abs``, so signed ITDA codes are measured correctly.
 """
@@ -104,6 +107,18 @@ def require_hook_name(sae: SAE[Any]) -> str:
     )
 
 
+def refuse_transcoder(sae: SAE[Any], what: str) -> None:
+    """A clear error where ``what`` (an SAE eval: a reconstruction of the hook it reads) is given a
+    transcoder, which reads one hook and writes another."""
+    if isinstance(sae, Transcoder):
+        meta = sae.cfg.metadata
+        raise ValueError(
+            f"{what} scores an SAE's reconstruction of the hook it reads; this "
+            f"{type(sae).__name__} is a transcoder ({meta.hook_name} -> {meta.hook_name_out}): "
+            "score it with itda_lens.evals.transcoder_scores (evaluate_all does, without core)"
+        )
+
+
 def evaluate(
     sae: SAE[Any],
     model: HookedRootModule,
@@ -116,8 +131,10 @@ def evaluate(
     """sae_lens ``run_evals`` on all of ``tokens``: CE-loss score, KL score, explained variance, L0, ...
 
     Reconstructions are spliced in only at positions whose token is not excluded (default: the
-    tokenizer's BOS/EOS/PAD), and only those positions count in the metrics.
+    tokenizer's BOS/EOS/PAD), and only those positions count in the metrics. A transcoder is
+    refused (:func:`transcoder_scores` scores it).
     """
+    refuse_transcoder(sae, "evaluate (sae_lens run_evals)")
     n_batches = max(1, tokens.shape[0] // batch_size_prompts)
     cfg = EvalConfig(
         batch_size_prompts=batch_size_prompts,
@@ -155,6 +172,7 @@ def saebench_core(
     SAEBench counts L1 as a signed sum and density / alive latents with ``> 0``, so for signed ITDA
     codes prefer sae_lens's numbers for L1 and density; L0, CE and variance metrics agree.
     """
+    refuse_transcoder(sae, "SAEBench's core eval")
     if saebench_core_main is None:
         raise ImportError("SAEBench is not installed: pip install 'itda_lens[saebench]'")
     missing = [k for k in ("model_name", "hook_name") if not getattr(sae.cfg.metadata, k, None)]
@@ -205,8 +223,18 @@ def evaluate_all(
     probe: ProbeData | None = None,
     core: bool = False,
 ) -> dict[str, Any]:
-    """sae_lens ``run_evals`` on held-out text, k-sparse probing and (optionally) SAEBench core."""
-    out: dict[str, Any] = {"run_evals": evaluate(sae, model, heldout_tokens)}
+    """sae_lens ``run_evals`` on held-out text, k-sparse probing and (optionally) SAEBench core.
+
+    A transcoder gets :func:`transcoder_scores` (under ``"transcoder_scores"``) instead of
+    ``run_evals``, and probing of its codes at its input hook; ``core`` is refused for it.
+    """
+    if isinstance(sae, Transcoder):
+        if core:
+            refuse_transcoder(sae, "SAEBench's core eval (core=True)")
+        scores = transcoder_scores(sae, model, heldout_tokens)  # type: ignore[arg-type]
+        out: dict[str, Any] = {"transcoder_scores": scores}
+    else:
+        out = {"run_evals": evaluate(sae, model, heldout_tokens)}
     if probe is not None:
         hook = sae.cfg.metadata.hook_name
         feats = pooled_features(sae.encode, model, probe.tokens, hook)

@@ -436,6 +436,7 @@ def test_build_help_lists_exactly_the_config_fields(
     flag = {f"--{f.name.replace('_', '-')}" for f in fields(BuildConfig)}
     own = {f"--{f.name.replace('_', '-')}" for f in fields(BuildCommand)}
     extras = {"--help", "--dataset", "--noexclude-special-tokens", "--noresume"}  # aliases
+    extras |= {"--noskip-connection", "--norefit-decoder"}
     assert flag <= listed, f"BuildConfig fields missing from --help: {flag - listed}"
     assert listed - extras == flag | own, (
         f"flags that are not config fields: {listed - extras - flag - own}"
@@ -771,3 +772,86 @@ def test_inspect_refuses_other_saes(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["inspect", str(tmp_path / "topk")]) == 2
     err = capsys.readouterr().err
     assert "holds a 'topk' SAE" in err and "itda-lens dashboard" in err
+
+
+@pytest.fixture(scope="module")
+def tc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ITDA transcoder of the zoo's default model's layer-1 MLP, built by the CLI."""
+    out = tmp_path_factory.mktemp("tc") / "tc"
+    argv = ["build", "--hook", TC_IN, "--hook-out", TC_OUT, "--max-tokens", "1024", "--k", "8"]
+    assert main([*argv, "--cos-threshold", "0.8", "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_command_scores_a_transcoder_spliced_in(
+    tc_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`eval` on a transcoder folder reports transcoder_scores (not run_evals at one hook), the
+    same numbers as the library call, printed and saved; probing reads its codes at the input
+    hook; --core is refused with what to do instead."""
+    from itda_lens import ITDATranscoder
+    from itda_lens.evals import transcoder_scores
+
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tc_dir), "--heldout-seqs", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["architecture"] == "itda_transcoder" and "run_evals" not in result
+    assert (result["hook_name"], result["hook_name_out"]) == (TC_IN, TC_OUT)
+    tc = ITDATranscoder.load_from_disk(tc_dir)
+    heldout = zoo.load_tokens(
+        "heldout", 8, 128, tokenizer=zoo.model_card(zoo.DEFAULT_MODEL)["tokenizer"]
+    )
+    assert result["heldout_tokens"] == heldout.numel()
+    want = transcoder_scores(tc, zoo.load_model(), heldout)
+    got = result["transcoder_scores"]
+    assert set(got) == set(want) >= {"ce_loss_score", "ce_loss_with_error_term", "fvu", "l0"}
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert 0 < got["ce_loss_score"] <= 1 and 0 < got["l0"] <= 8
+    ce = f"CE loss clean {want['ce_loss_without_sae']:.4f}, spliced {want['ce_loss_with_sae']:.4f}"
+    assert f"transcoder {TC_IN} -> {TC_OUT} spliced in" in printed and ce in printed
+    assert f"CE loss recovered {want['ce_loss_score']:.3f}, output FVU {want['fvu']:.3f}" in printed
+    assert set(result["probing"]["mean"]) == {"1", "2", "5", "all"}
+    assert "probing (mean over tasks)" in printed and f"wrote {out}" in printed
+    # misuse: SAEBench core scores one hook's reconstruction
+    capsys.readouterr()
+    assert main(["eval", str(tc_dir), "--core", "--out", str(tmp_path / "core.json")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a transcoder" in err and "without --core" in err
+    assert not (tmp_path / "core.json").exists()
+    assert main(["eval", str(tc_dir), "--model", "kjv-nope"]) == 2
+    assert "not a zoo model" in capsys.readouterr().err
+
+
+def test_dashboard_command_on_a_transcoder(
+    tc_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`dashboard` on a transcoder folder reads its input hook, names both hooks, shows each
+    atom's provenance from its build stream; a damaged folder gets the ITDA folder check's
+    error."""
+    import shutil
+
+    from itda_lens import ITDATranscoder
+
+    capsys.readouterr()
+    site = tmp_path / "dash"
+    assert main(["dashboard", str(tc_dir), "--seqs", "4", "--out", str(site)]) == 0
+    printed = capsys.readouterr().out
+    assert f"latents read at {TC_IN}, output atoms at {TC_OUT}" in printed
+    text = (site / "data" / "index.js").read_text()
+    meta = json.loads(text[len("DASH.setIndex(") : -2])["meta"]
+    assert (meta["hook"], meta["hook_out"], meta["is_transcoder"]) == (TC_IN, TC_OUT, True)
+    tc = ITDATranscoder.load_from_disk(tc_dir)
+    shard = (site / "data" / "shard_00000.js").read_text()
+    items = json.loads(shard[len("DASH.addShard(0,") : -2])
+    for a, item in enumerate(items):  # provenance: the build stream (kjv:train) replayed
+        assert [item["src"]["s"], item["src"]["p"]] == tc.atom_labels[a].tolist()
+        assert item["src"]["t"][item["src"]["c"]] == int(tc.atom_token_ids[a])
+        assert len(item["up"]) == 10
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tc_dir, damaged)
+    weights = damaged / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["dashboard", str(damaged), "--seqs", "4"]) == 2
+    assert re.search(r"corrupt|truncated|checksum", capsys.readouterr().err)

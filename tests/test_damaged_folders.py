@@ -272,8 +272,8 @@ CASES = [
     pytest.param(set_cfg("k", 50), K50, K50, id="cfg-k-above-d_sae-is-valid"),
     pytest.param(
         set_cfg("encoder", "lasso"),
-        (ValueError, "encoder must be 'mp' or 'omp'"),
-        (ValueError, "encoder must be 'mp' or 'omp'"),
+        (ValueError, "encoder must be one of 'mp', 'omp', 'gp'"),
+        (ValueError, "encoder must be one of 'mp', 'omp', 'gp'"),
         id="cfg-encoder",
     ),
     pytest.param(set_cfg("dtype", "float16"), FLOAT16, FLOAT16, id="cfg-dtype-is-the-load-dtype"),

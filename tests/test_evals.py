@@ -112,3 +112,23 @@ def test_bad_input_is_refused(
             transcoder_scores(built, lm, heldout)
     finally:
         lm.reset_saes()
+
+
+def test_evaluate_all_scores_a_transcoder_and_the_sae_evals_refuse_one(
+    lm: HookedSAETransformer, built: ITDATranscoder, heldout: torch.Tensor
+) -> None:
+    """evaluate_all gives a transcoder transcoder_scores (not run_evals at its input hook);
+    run_evals and SAEBench's core eval, which score one hook's reconstruction, refuse it."""
+    from itda_lens.evals import evaluate, evaluate_all, saebench_core
+
+    result = evaluate_all(built, lm, heldout)
+    assert set(result) == {"transcoder_scores"}
+    assert result["transcoder_scores"] == pytest.approx(
+        transcoder_scores(built, lm, heldout), rel=1e-6, abs=1e-9
+    )
+    for run in (evaluate, saebench_core):
+        with pytest.raises(ValueError, match=r"is a transcoder .*transcoder_scores"):
+            run(built, lm, heldout)
+    with pytest.raises(ValueError, match=r"core eval \(core=True\)"):
+        evaluate_all(built, lm, heldout, core=True)
+    assert lm.acts_to_saes == {}

@@ -1,5 +1,11 @@
 """Write a static dashboard site for any sae_lens SAE or ITDA: index, one panel per latent.
 
+A transcoder's latents (an ITDA transcoder's, or any sae_lens ``Transcoder``'s) are read at its
+input hook (``hook_name``: the top contexts and histograms are of its codes there) and write its
+output hook (``hook_name_out``): the promoted and suppressed tokens are those of each latent's
+output atom ``W_dec[i]``. An ITDA transcoder's atoms, like an ITDA's, each show the token and
+passage the pair was read at.
+
 The site is plain files (HTML, one JS app, CSS, data as JS shards loaded by ``<script>`` tags, so
 it opens from disk with no server, CDN or network). Statistics stream over the tokens in bounded
 memory (:mod:`itda_lens.dashboard.stats`).
@@ -17,6 +23,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE
+from sae_lens.saes.transcoder import Transcoder
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -25,7 +32,7 @@ from itda_lens.analysis import replay_sequences
 from itda_lens.dashboard.stats import LatentStats, Reservoir, SparseEntries, coalesce
 from itda_lens.evals import require_hook_name
 from itda_lens.resolve import output_folder
-from itda_lens.saes import ITDA
+from itda_lens.saes import ITDABase
 
 #: Latents per data shard (one JS file each).
 SHARD = 256
@@ -36,13 +43,19 @@ LOGIT_NOTE = (
     "Decoder direction times the unembedding W_U, with the final layer norm's scale folded into "
     "W_U and its normalisation ignored, as sae-dashboard and Neuronpedia do."
 )
+TRANSCODER_LOGIT_NOTE = (
+    "The latent's output atom W_dec[i] (what it writes at {hook_out}) times the unembedding W_U, "
+    "with the final layer norm's scale folded into W_U and its normalisation ignored, as "
+    "sae-dashboard and Neuronpedia do."
+)
 
 
 def sparse_codes(sae: SAE[Any], x: Float[Tensor, "n d"]) -> SparseEntries:
-    """Non-zero codes of ``x`` as (row, latent, value) entries: ITDAs by their sparse pursuit,
-    other SAEs by their dense ``encode`` in row blocks (never the whole tokens x latents matrix)."""
+    """Non-zero codes of ``x`` as (row, latent, value) entries: ITDAs and ITDA transcoders by
+    their sparse pursuit, other SAEs by their dense ``encode`` in row blocks (never the whole
+    tokens x latents matrix)."""
     d_sae = sae.cfg.d_sae
-    if isinstance(sae, ITDA):
+    if isinstance(sae, ITDABase):
         code = sae.encode_sparse(x)
         return coalesce(code.indices.cpu(), code.values.float().cpu(), d_sae)
     step = max(1, DENSE_BUDGET // d_sae)
@@ -64,8 +77,8 @@ def collect(
     progress: bool = True,
     **stats: Any,
 ) -> LatentStats:
-    """Stream ``tokens`` through ``model`` to the SAE's hook and accumulate :class:`LatentStats`
-    (special tokens are read but never coded)."""
+    """Stream ``tokens`` through ``model`` to the SAE's hook (a transcoder's input hook) and
+    accumulate :class:`LatentStats` (special tokens are read but never coded)."""
     hook = require_hook_name(sae)
     result = LatentStats(sae.cfg.d_sae, **stats)
     seq_len = tokens.shape[1]
@@ -119,6 +132,20 @@ def logit_effects(
         ups.append(top.indices), upv.append(top.values)
         downs.append(bot.indices), downv.append(bot.values)
     return torch.cat(ups), torch.cat(upv), torch.cat(downs), torch.cat(downv)
+
+
+def output_hook(sae: SAE[Any]) -> str | None:
+    """The hook a transcoder writes (``hook_name_out``), or None for an SAE (it writes the hook it
+    reads)."""
+    if not isinstance(sae, Transcoder):
+        return None
+    hook_out = sae.cfg.metadata.hook_name_out
+    if not hook_out:
+        raise ValueError(
+            f"this {type(sae).__name__} has no hook_name_out (the hook its output atoms write): "
+            "set sae.cfg.metadata.hook_name_out, e.g. 'blocks.1.hook_mlp_out'"
+        )
+    return hook_out
 
 
 def _r(t: Tensor, digits: int = 3) -> list[Any]:
@@ -206,9 +233,12 @@ def write_dashboard(
     progress: bool = True,
 ) -> Path:
     """Compute every latent's statistics over ``tokens`` (held-out text) and write the site to
-    ``out``; returns the path of its ``index.html``. For an ITDA, ``provenance_tokens`` (the token
-    input it was built from) lets each atom show the passage it was read at."""
+    ``out``; returns the path of its ``index.html``. For an ITDA or an ITDA transcoder,
+    ``provenance_tokens`` (the token input it was built from) lets each atom show the passage it
+    was read at. A transcoder is read at its input hook and its promoted tokens are its output
+    atoms' (module doc)."""
     final = Path(out)
+    hook_out = output_hook(sae)
     output_folder(final, overwrite)  # the old site is replaced only once the new one is complete
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.numel() == 0:
         raise ValueError("tokens must be a non-empty [n_seq, seq_len] tensor of token ids")
@@ -231,7 +261,7 @@ def write_dashboard(
     freq = stats.count.double() / max(1, stats.n_tokens)
     mean_abs = stats.abs_sum / stats.count.clamp_min(1)
     max_abs = stats.top.key[:, 0].clamp_min(0)
-    is_itda = isinstance(sae, ITDA)
+    is_itda = isinstance(sae, ITDABase)  # atoms read at tokens: an ITDA or an ITDA transcoder
     if is_itda:
         label = sae.atom_token_ids.cpu().long()
     else:  # the token at each latent's strongest activation
@@ -250,15 +280,19 @@ def write_dashboard(
         "meta": {
             "architecture": sae.cfg.architecture(),
             "hook": require_hook_name(sae),
+            "hook_out": hook_out,
             "model": getattr(meta, "model_name", None),
             "d_in": sae.cfg.d_in,
+            "d_out": sae.W_dec.shape[1],
             "d_sae": d_sae,
             "n_tokens": stats.n_tokens,
             "data": data_name,
             "is_itda": is_itda,
+            "is_transcoder": hook_out is not None,
             "shard": SHARD,
             "cofire_tokens": stats.co_tokens,
-            "logit_note": LOGIT_NOTE if logits is not None else None,
+            "logit_note": _logit_note(hook_out) if logits is not None else None,
+            "no_logits": None if logits is not None else _no_logits(sae, model, hook_out),
             "label_kind": "own token" if is_itda else "top token",
         },
         "vocab": _vocab(tokenizer, d_vocab),
@@ -308,8 +342,27 @@ def write_dashboard(
     return final / "index.html"
 
 
+def _logit_note(hook_out: str | None) -> str:
+    return LOGIT_NOTE if hook_out is None else TRANSCODER_LOGIT_NOTE.format(hook_out=hook_out)
+
+
+def _no_logits(sae: SAE[Any], model: Any, hook_out: str | None) -> str:
+    """Why no latent shows promoted tokens (``logit_effects`` gave None)."""
+    if getattr(model, "W_U", None) is None:
+        return "No promoted tokens: the model has no unembedding W_U."
+    if hook_out is None:
+        return (
+            f"No promoted tokens: the decoder writes {require_hook_name(sae)}, which is not "
+            "added to the residual stream the unembedding reads."
+        )
+    return (
+        f"No promoted tokens: the output atoms write {hook_out}, which is not added to the "
+        "residual stream the unembedding reads."
+    )
+
+
 def _provenance(
-    sae: ITDA, source: Any, tokenizer: Any, before: int, after: int
+    sae: ITDABase[Any], source: Any, tokenizer: Any, before: int, after: int
 ) -> dict[int, dict[str, Any]]:
     """Each atom's own context in the stream it was built from (when that stream is given)."""
     labels = sae.atom_labels.cpu()

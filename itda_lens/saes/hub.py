@@ -1,9 +1,10 @@
-"""Loading ITDAs from a Hugging Face repository the sae_lens way.
+"""Loading ITDAs and ITDA transcoders from a Hugging Face repository the sae_lens way.
 
 :func:`itda_hub_loader` is a sae_lens ``PretrainedSaeHuggingfaceLoader``: pass it as
 ``converter=`` to ``SAE.from_pretrained(repo_id, folder)`` and the folder may hold either a
-sae_lens save (``cfg.json`` + ``sae_weights.safetensors``: an ITDA, or any registered
-architecture) or the reference code's three files (``atoms.pt``, ``atom_indices.pt``,
+sae_lens save (``cfg.json`` + ``sae_weights.safetensors``: an ITDA, an ITDA transcoder, or any
+registered architecture; the first two are checked byte for byte as their ``load_from_disk``
+does) or the reference code's three files (``atoms.pt``, ``atom_indices.pt``,
 ``metadata.yaml``). Files come through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``,
 ``force_download``), or straight from disk when ``repo_id`` is a local folder laid out like the
 repository. :func:`load_itda_from_hub` is the one-liner.
@@ -19,8 +20,14 @@ from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 
-from itda_lens.saes.itda import ARCHITECTURE, ITDA, check_itda_folder
+from itda_lens.saes.itda import ITDA, ITDABase, check_itda_folder
+from itda_lens.saes.itda_transcoder import ITDATranscoder
 from itda_lens.saes.reference import ATOMS_FILE, LABELS_FILE, METADATA_FILE
+
+#: the architectures whose save folders are checked (format, save id, checksum) before loading
+CHECKED: dict[str, type[ITDABase[Any]]] = {
+    cls.CONFIG.architecture(): cls for cls in (ITDA, ITDATranscoder)
+}
 
 
 def _fetch(repo_id: str, folder_name: str, filename: str, force_download: bool) -> Path | None:
@@ -57,8 +64,9 @@ def itda_hub_loader(
                 f"{repo_id}/{folder_name} has {SAE_CFG_FILENAME} but no {SAE_WEIGHTS_FILENAME}"
             )
         folder = cfg_path.parent
-        if _architecture(cfg_path) == ARCHITECTURE:
-            check_itda_folder(folder)  # the bytes against cfg.json, with clear errors
+        cls = CHECKED.get(_architecture(cfg_path) or "")
+        if cls is not None:
+            check_itda_folder(folder, cls)  # the bytes against cfg.json, with clear errors
         cfg_dict, state = sae_lens_disk_loader(folder, device, cfg_overrides=overrides or None)
         return cfg_dict, state, None
     meta = _fetch(repo_id, folder_name, METADATA_FILE, force_download)
@@ -89,9 +97,9 @@ def _architecture(cfg_path: Path) -> str | None:
 
 def load_itda_from_hub(
     repo_id: str, folder_name: str = "", device: str = "cpu", force_download: bool = False
-) -> ITDA:
+) -> ITDA | ITDATranscoder:
     """``SAE.from_pretrained(repo_id, folder_name, converter=itda_hub_loader)``, checked to be an
-    ITDA."""
+    ITDA or an ITDA transcoder."""
     sae = SAE.from_pretrained(
         repo_id,
         folder_name,
@@ -99,10 +107,10 @@ def load_itda_from_hub(
         force_download=force_download,
         converter=itda_hub_loader,
     )
-    if not isinstance(sae, ITDA):
+    if not isinstance(sae, ITDA | ITDATranscoder):
         raise ValueError(
-            f"{repo_id}/{folder_name} holds a {type(sae).__name__}, not an ITDA: load it with "
-            "SAE.from_pretrained(..., converter=itda_hub_loader)"
+            f"{repo_id}/{folder_name} holds a {type(sae).__name__}, not an ITDA or ITDA "
+            "transcoder: load it with SAE.from_pretrained(..., converter=itda_hub_loader)"
         )
     return sae
 

@@ -63,7 +63,8 @@ function shown(id) {
 function start() {
   const m = DASH.index.meta;
   document.getElementById("subtitle").textContent =
-    `${m.architecture} · ${m.model || "model"} · ${m.hook} · ${m.d_sae.toLocaleString()} latents · ` +
+    `${m.architecture} · ${m.model || "model"} · ${m.hook}${m.hook_out ? " \u2192 " + m.hook_out : ""} · ` +
+    `${m.d_sae.toLocaleString()} latents · ` +
     `${m.n_tokens.toLocaleString()} tokens${m.data ? " of " + m.data : ""}`;
   window.addEventListener("hashchange", route);
   route();
@@ -189,6 +190,10 @@ function renderIndex() {
       el("div", { class: "card" }, el("b", {}, m.d_sae.toLocaleString()), "latents"),
       el("div", { class: "card" }, el("b", {}, d.freq.filter((f) => f > 0).length.toLocaleString()), "fired"),
       el("div", { class: "card" }, el("b", {}, m.n_tokens.toLocaleString()), "tokens read")),
+    ...(m.is_transcoder ? [el("p", { class: "note", id: "sides" },
+      `A transcoder: each latent is read at its input hook ${m.hook} (contexts, frequencies and ` +
+      `activations here are its codes there) and writes its output atom at ${m.hook_out} ` +
+      "(promoted and suppressed tokens on its page).")] : []),
     freqHistogram(),
     el("h3", {}, "Latents"),
     search, count, table, more);
@@ -224,7 +229,7 @@ function signedHistogram(h) {
 }
 
 function tokenPills(list, cls) {
-  return el("div", { class: "tokens" }, ...list.map(([id, v]) =>
+  return el("div", { class: "tokens", id: cls }, ...list.map(([id, v]) =>
     el("span", { class: "pill " + cls, title: fmt(v) }, `${shown(id)} ${v > 0 ? "+" : ""}${fmt(v)}`)));
 }
 
@@ -241,14 +246,18 @@ function renderLatent(i) {
     const scale = d.max_abs[i];
     const left = el("div", {});
     const right = el("div", {});
+    const tc = d.meta.is_transcoder;
     if (it.src) {
-      left.append(el("h3", {}, `Provenance: read at sequence ${it.src.s}, position ${it.src.p} of the build stream`),
+      const what = tc ? `the atom's pair (input at ${d.meta.hook}, output at ${d.meta.hook_out}) was read`
+        : "read";
+      left.append(el("h3", {}, `Provenance: ${what} at sequence ${it.src.s}, position ${it.src.p} of the build stream`),
         el("div", { id: "provenance" }, context(it.src, 0, "atom")));
     } else if (d.meta.is_itda) {
       left.append(el("h3", {}, "Provenance"), el("p", { class: "note" },
         "The build stream was not available: own token \u201c" + shown(d.label[i]) + "\u201d."));
     }
-    left.append(el("h3", {}, `Top activations (of ${d.meta.n_tokens.toLocaleString()} held-out tokens)`));
+    const where = tc ? ` at the input hook ${d.meta.hook}` : "";
+    left.append(el("h3", {}, `Top activations${where} (of ${d.meta.n_tokens.toLocaleString()} held-out tokens)`));
     const top = el("div", { id: "top" });
     if (!it.top.length) top.append(el("p", { class: "muted" }, "Never fired on these tokens."));
     it.top.forEach((c) => top.append(context(c, scale, fmt(c.v))));
@@ -260,10 +269,13 @@ function renderLatent(i) {
       left.append(low);
     }
     right.append(el("h3", {}, "Activation histogram"), signedHistogram(it.hist));
+    const side = tc ? ` by the output atom (at ${d.meta.hook_out})` : "";
     if (it.up) {
-      right.append(el("h3", {}, "Promoted tokens"), tokenPills(it.up, "up"),
-        el("h3", {}, "Suppressed tokens"), tokenPills(it.down, "down"),
+      right.append(el("h3", {}, "Promoted tokens" + side), tokenPills(it.up, "up"),
+        el("h3", {}, "Suppressed tokens" + side), tokenPills(it.down, "down"),
         el("p", { class: "note" }, d.meta.logit_note));
+    } else if (d.meta.no_logits) {
+      right.append(el("p", { class: "note", id: "no-logits" }, d.meta.no_logits));
     }
     right.append(el("h3", {}, "Co-fires with (Jaccard)"));
     const co = el("div", { id: "cofire" });
