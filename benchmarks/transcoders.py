@@ -398,6 +398,13 @@ def summarise(rows: list[dict[str, Any]], cache_s: float) -> dict[str, Any]:
                 "best_time_ratio": itda["fit_s"] / topk["fit_s"],
                 "ce_goal_met": itda["ce"] - topk["ce"] <= GOAL_NATS,
                 "time_goal_met": itda["fit_s"] <= GOAL_TIME * topk["fit_s"],
+                # every ITDA variant that meets both halves of the goal
+                "goal_variants": [
+                    m
+                    for m in ITDAS
+                    if by[m]["ce"] - topk["ce"] <= GOAL_NATS
+                    and by[m]["fit_s"] <= GOAL_TIME * topk["fit_s"]
+                ],
                 "skip_beats_topk_skip": by[ITDA_LSQ]["ce"] <= topk_skip["ce"],
                 "skip_best": (sb := min(SKIP_ITDAS, key=lambda m: by[m]["ce"])),
                 "skip_best_ce_gap_nats": by[sb]["ce"] - topk_skip["ce"],
@@ -405,7 +412,7 @@ def summarise(rows: list[dict[str, Any]], cache_s: float) -> dict[str, Any]:
             }
         )
     for s in cases:
-        s["goal_met"] = s["ce_goal_met"] and s["time_goal_met"]
+        s["goal_met"] = bool(s["goal_variants"])
         s["skip_goal_met"] = (
             s["skip_best_ce_gap_nats"] <= GOAL_NATS and s["skip_best_time_ratio"] <= GOAL_TIME
         )
@@ -530,7 +537,7 @@ def main() -> None:
             f"layer {s['layer']}, k {s['itda_k']}: best ITDA {s['best']}, ITDA / TopK time "
             f"{s['best_time_ratio']:.3f}, CE gap to TopK {s['best_ce_gap_nats']:+.3f} nats "
             f"(random pairs {s['random_gap_nats']:+.3f}); goal (<= {GOAL_NATS} nats in <= "
-            f"{GOAL_TIME:.0%} of the time) {'met' if s['goal_met'] else 'not met'}; with skip "
+            f"{GOAL_TIME:.0%} of the time) met by {s['goal_variants'] or 'none'}; with skip "
             f"terms: best {s['skip_best']}, {s['skip_best_ce_gap_nats']:+.3f} nats to TopK + skip "
             f"in {s['skip_best_time_ratio']:.3f} of its time"
         )

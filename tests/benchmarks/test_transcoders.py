@@ -55,7 +55,11 @@ def test_transcoders_benchmark_quick(tmp_path: Path) -> None:
     assert summary["ce_gap_nats"]["ITDA (judge output)"] == pytest.approx(itda["ce"] - topk["ce"])
     assert summary["best"] == min(ITDAS, key=lambda m: rows[m]["ce"])
     assert summary["best_ce_gap_nats"] == pytest.approx(rows[summary["best"]]["ce"] - topk["ce"])
-    assert summary["goal_met"] == (summary["ce_goal_met"] and summary["time_goal_met"])
+    topk_s = topk["fit_s"]
+    meets = [
+        m for m in ITDAS if rows[m]["ce"] - topk["ce"] <= 0.05 and rows[m]["fit_s"] <= 0.05 * topk_s
+    ]
+    assert summary["goal_variants"] == meets and summary["goal_met"] == bool(meets)
     # the skip variants are spliced with their skip term: they beat the plain build's FVU here
     assert rows["ITDA + skip, LS decoder"]["fvu"] < itda["fvu"]
     assert rows["TopK + skip (sparsify)"]["k"] == topk["k"]
