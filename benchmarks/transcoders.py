@@ -19,10 +19,10 @@ At each layer L of ``kjv-4l128-s0`` (``--quick``: one layer) a transcoder maps t
   with the same pursuit and k (the control: what the add rule's choice of pairs is worth);
 * **ITDA (judge input)**: the same build judged on the input's reconstruction, same width and k;
 * **ITDA + skip**: ``skip_connection=True``: a linear term ``x @ W_skip.T + b`` fitted by least
-  squares on the first 65,536 training tokens, the pairs' outputs (and the output judge) what it
+  squares on the first 16,384 training tokens, the pairs' outputs (and the output judge) what it
   leaves; **ITDA + skip, LS decoder**: also ``refit_decoder=True`` (the output atoms refitted by
-  least squares on that sample's codes); **ITDA (judge input) + skip, LS decoder**: the input
-  judge's pairs (the rule in the CPU kernel) with both;
+  least squares on that sample's codes); **ITDA (judge input) + skip** (**, LS decoder**): the
+  input judge's pairs (the rule in the CPU kernel) with the skip term (and the LS decoder);
 * **ITDA, OMP encoder** / **ITDA, GP encoder**: the judge-output build's pairs encoded with OMP
   or non-negative gradient pursuit (``with_encoder``; sparsify's experimental ITDA encoder);
 * **TopK + skip (sparsify)**: sparsify's transcoder with its ``skip_connection`` (trained the same
@@ -73,7 +73,7 @@ from itda_lens.saes import SkipThroughDecode
 MODEL = "kjv-4l128-s0"
 ITDA_OUT, ITDA_IN = "ITDA (judge output)", "ITDA (judge input)"
 ITDA_SKIP, ITDA_LSQ = "ITDA + skip", "ITDA + skip, LS decoder"
-ITDA_IN_LSQ = "ITDA (judge input) + skip, LS decoder"
+ITDA_IN_SKIP, ITDA_IN_LSQ = "ITDA (judge input) + skip", "ITDA (judge input) + skip, LS decoder"
 TOPK, TOPK_SKIP, RANDOM = "TopK (sparsify)", "TopK + skip (sparsify)", "random pairs, MP"
 #: the ITDA builds: label -> (judge, build_itda_transcoder options)
 ITDA_BUILDS: dict[str, tuple[str, dict[str, bool]]] = {
@@ -81,15 +81,19 @@ ITDA_BUILDS: dict[str, tuple[str, dict[str, bool]]] = {
     ITDA_IN: ("input", {}),
     ITDA_SKIP: ("output", {"skip_connection": True}),
     ITDA_LSQ: ("output", {"skip_connection": True, "refit_decoder": True}),
+    ITDA_IN_SKIP: ("input", {"skip_connection": True}),
     ITDA_IN_LSQ: ("input", {"skip_connection": True, "refit_decoder": True}),
 }
+#: tokens at the start of the stream the skip term and the LS decoder are fitted on
+#: (``target_sample_tokens``): ~128 pairs per input dimension of this model
+SKIP_SAMPLE_TOKENS = 16_384
 #: the judge-output build's pairs encoded by the field's other encoders (no rebuild)
 ITDA_OMP, ITDA_GP = "ITDA, OMP encoder", "ITDA, GP encoder"
 ENCODERS = {ITDA_OMP: "omp", ITDA_GP: "gp"}
 #: every ITDA variant
 ITDAS = [*ITDA_BUILDS, *ENCODERS]
 #: the variants with a skip term (compared with the TopK that has one)
-SKIP_ITDAS = [ITDA_SKIP, ITDA_LSQ, ITDA_IN_LSQ]
+SKIP_ITDAS = [ITDA_SKIP, ITDA_LSQ, ITDA_IN_SKIP, ITDA_IN_LSQ]
 #: the table's order
 METHODS = [
     ITDA_OUT,
@@ -98,6 +102,7 @@ METHODS = [
     ITDA_SKIP,
     ITDA_LSQ,
     ITDA_IN,
+    ITDA_IN_SKIP,
     ITDA_IN_LSQ,
     TOPK,
     TOPK_SKIP,
@@ -276,6 +281,7 @@ def run_layer(
             max_atoms=args.width,
             judge=judge,
             progress=False,
+            target_sample_tokens=args.skip_sample_tokens,
             **options,
         )
         wall = time.perf_counter() - t0
@@ -486,6 +492,12 @@ def main() -> None:
     parser = bench_parser(__doc__, "bench_out/transcoders")
     parser.add_argument("--ks", type=int, nargs="*", default=None, help="ITDA pursuit steps")
     parser.add_argument("--width", type=int, default=1024, help="max_atoms (ITDA width)")
+    parser.add_argument(
+        "--skip-sample-tokens",
+        type=int,
+        default=SKIP_SAMPLE_TOKENS,
+        help="tokens the skip term and LS decoder are fitted on",
+    )
     parser.add_argument(
         "--threshold", type=float, default=THRESHOLD_OUT, help="cos_threshold, judge output"
     )

@@ -17,12 +17,13 @@ METHODS = [
     "ITDA + skip",
     "ITDA + skip, LS decoder",
     "ITDA (judge input)",
+    "ITDA (judge input) + skip",
     "ITDA (judge input) + skip, LS decoder",
     "TopK (sparsify)",
     "TopK + skip (sparsify)",
     "random pairs, MP",
 ]
-ITDAS = METHODS[:7]
+ITDAS = METHODS[:8]
 NUMBERS = ("ce_clean", "ce_zero", "ce", "recovered", "fvu", "l0", "fit_s", "ce_gap_to_topk")
 
 
