@@ -9,11 +9,16 @@ A zero reconstruction (or a zero target) has cosine 0, so it is always poor. The
 token with a non-zero ``x`` starts the dictionary; excluded tokens (BOS and PAD unless
 ``exclude_special_tokens=False``) and zero inputs never become atoms but count as tokens read.
 
-Tokens are judged one at a time, in ``decision_dtype`` (float64 by default), over the atoms added
-before them: batches only group the forward pass, so the dictionary does not depend on
-``batch_size``. This is the plain form of the rule (one pursuit per token); the ITDA builder's
-sub-batch scoring (:mod:`itda_lens.builder.rule`) would apply unchanged, since a verdict depends
-on the dictionary only through the token's pursuit path.
+Each token is judged, in ``decision_dtype`` (float64 by default), over the atoms added before it:
+batches only group the forward pass, so the dictionary does not depend on ``batch_size``. The work
+is the ITDA builder's (:class:`TranscoderBuilder` subclasses :class:`~itda_lens.builder.rule.
+ITDABuilder`): sub-batches are scored in one pass and a token is pursued again only if an atom
+added after its scoring enters its pursuit path, since a verdict depends on the dictionary only
+through that path; judged on the input, the rule runs in the ITDA's CPU kernel.
+
+Sizing (``target_atoms``), the skip term (``skip_connection``) and the refitted decoder
+(``refit_decoder``) are fitted on a sample: the first ``target_sample_tokens`` tokens of the
+stream, read once and then streamed again by the build.
 """
 
 from __future__ import annotations

@@ -3,10 +3,17 @@
 Atom ``i`` is a pair of a model's own activations read at one token: ``x_i`` at the input hook and
 ``y_i`` at the output hook. The input atoms ``x_i / |x_i|`` (``W_in`` [d_sae, d_in], unit norm) are
 what pursuit runs over, and ``W_enc`` is their tied transpose; the output atoms ``y_i / |x_i|``
-(``W_dec`` [d_sae, d_out]) are what codes decode through; ``b_dec`` [d_out] is zero. Both sides are
-divided by ``|x_i|`` so that a coefficient means the same on both: ``c = |x_i|`` rebuilds ``x_i`` at
-the input and ``y_i`` at the output. Encoding is the ITDA's pursuit (signed MP or OMP, ``cfg.k``
-steps, :class:`~itda_lens.saes.itda.ITDABase`); decoding is ``codes @ W_dec``.
+(``W_dec`` [d_sae, d_out]) are what codes decode through. Both sides are divided by ``|x_i|`` so
+that a coefficient means the same on both: ``c = |x_i|`` rebuilds ``x_i`` at the input and ``y_i``
+at the output. Encoding is the ITDA's pursuit (signed MP, OMP or non-negative gradient pursuit,
+``cfg.k`` steps, :class:`~itda_lens.saes.itda.ITDABase`); decoding is ``codes @ W_dec``.
+
+With ``cfg.skip_connection`` (``SkipTranscoder``'s form) the output is ``codes @ W_dec + b_dec +
+x @ W_skip.T``, the linear term fitted by least squares on a sample and the output atoms holding
+what it leaves; the term is carried from ``encode`` to the next ``decode``
+(:class:`SkipThroughDecode`), which is how ``HookedSAETransformer`` splices. Without one ``b_dec``
+[d_out] is zero. A build may also refit ``W_dec`` by least squares (then the output atoms are no
+longer the pairs' outputs; the record says so).
 
 ``cfg.metadata.hook_name`` is the input hook and ``hook_name_out`` the output hook, which is what
 ``HookedSAETransformer.add_sae`` reads: attached, the transcoder replaces the output hook's
