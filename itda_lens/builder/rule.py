@@ -418,22 +418,25 @@ class ITDABuilder:
 
     # --- results ------------------------------------------------------------------------------
 
-    def to_itda(self, **from_atoms_kwargs: Any) -> ITDA:
-        """The dictionary as an ITDA (an sae_lens SAE) in the config's dtype."""
+    def atom_options(self) -> dict[str, Any]:
+        """What an SAE made of these atoms takes besides them (provenance, encoder, the config's
+        dtype); refuses an empty dictionary."""
         if len(self.store) == 0:
             raise ValueError(
                 "empty dictionary: no activation was eligible to become an atom "
                 "(all inputs were excluded tokens or zero vectors?)"
             )
-        return ITDA.from_atoms(
-            self.store.atoms,
-            self.cfg.k,
-            labels=self.store.labels,
-            token_ids=self.store.token_ids,
-            encoder=self.cfg.encoder,
-            dtype=self.cfg.torch_dtype,
-            **from_atoms_kwargs,
-        )
+        return {
+            "labels": self.store.labels,
+            "token_ids": self.store.token_ids,
+            "encoder": self.cfg.encoder,
+            "dtype": self.cfg.torch_dtype,
+        }
+
+    def to_itda(self, **from_atoms_kwargs: Any) -> ITDA:
+        """The dictionary as an ITDA (an sae_lens SAE) in the config's dtype."""
+        options = self.atom_options()
+        return ITDA.from_atoms(self.store.atoms, self.cfg.k, **options, **from_atoms_kwargs)
 
     def growth(self) -> list[list[int]]:
         """(tokens read, atoms) after each atom (thinned geometrically) and at the end."""

@@ -110,20 +110,9 @@ class TranscoderBuilder(ITDABuilder):
 
     def to_transcoder(self, **options: Any) -> ITDATranscoder:
         """The built pairs as an :class:`~itda_lens.saes.ITDATranscoder` in the config's dtype."""
-        if len(self.store) == 0:
-            raise ValueError(
-                "empty dictionary: no activation was eligible to become an atom (the token input "
-                "is empty, or all its tokens are excluded or have zero input activations)"
-            )
+        common = self.atom_options()
         return ITDATranscoder.from_pairs(
-            self.store.atoms,
-            self.outputs,
-            self.cfg.k,
-            labels=self.store.labels,
-            token_ids=self.store.token_ids,
-            encoder=self.cfg.encoder,
-            dtype=self.cfg.torch_dtype,
-            **options,
+            self.store.atoms, self.outputs, self.cfg.k, **common, **options
         )
 
 
