@@ -59,6 +59,18 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / name / "dashboard" for name in KINDS}
 
 
+def _open_index(p: Any, binary: str, site: Path, errors: list[str]) -> tuple[Any, Any]:
+    """Chromium on the site's index, once its latent table is drawn; page errors and console
+    errors go to ``errors``. Returns (browser, page)."""
+    browser = p.chromium.launch(executable_path=binary)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto((site / "index.html").resolve().as_uri())
+    page.wait_for_selector("#latents tr.row")
+    return browser, page
+
+
 def _index(site: Path) -> dict[str, Any]:
     text = (site / "data" / "index.js").read_text()
     return json.loads(text[len("DASH.setIndex(") : -2])
@@ -78,12 +90,7 @@ def test_dashboard_renders_in_chromium(kind: str, sites: dict[str, Path]) -> Non
     errors: list[str] = []
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=binary)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto((site / "index.html").resolve().as_uri())
-        page.wait_for_selector("#latents tr.row")
+        browser, page = _open_index(p, binary, site, errors)
         assert page.locator("svg rect").count() > 0, "no frequency histogram"
         page.screenshot(path=str(ARTIFACTS / f"dashboard_{kind}_index.png"))
         page.fill("#search", word)
@@ -133,12 +140,7 @@ def test_transcoder_dashboard_shows_both_sides_in_chromium(sites: dict[str, Path
     vocab = index["vocab"]
     errors: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=binary)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto((site / "index.html").resolve().as_uri())
-        page.wait_for_selector("#latents tr.row")
+        browser, page = _open_index(p, binary, site, errors)
         subtitle = page.inner_text("#subtitle")
         assert "itda_transcoder" in subtitle and f"{TC_IN} \u2192 {TC_OUT}" in subtitle
         sides = page.inner_text("#sides")
